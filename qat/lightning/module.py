@@ -1,0 +1,129 @@
+"""The LightningModule around any causal LM, with fake quantization already swapped in."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from qat.lightning.schedule import lr_multiplier
+from qat.quant import fake_quant_modules, set_fake_quant_enabled
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """AdamW with its own parameter group for quantizer scales, warmup then cosine decay."""
+
+    lr: float = 2e-5  # weights: a small step keeps the pretrained function while the grid settles
+    scale_lr: float = 1e-3  # learned (LSQ) scales move on their own, much larger, scale
+    weight_decay: float = 0.0  # decay pulls weights off the grid they were trained for
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak lr
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "scale_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"optim.{name}={value!r} must be a positive finite number")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay!r} must be >= 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps!r} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+
+def window_nll(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL (float32) of independent windows (B, T) and the count predicted."""
+    logits = model(input_ids=windows, use_cache=False).logits  # (B, T, V)
+    nll = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                      windows[:, 1:].flatten(), reduction="sum")
+    return nll, windows[:, 1:].numel()
+
+
+class QATModule(L.LightningModule):
+    """Causal-LM training of a (fake-quantized) model.
+
+    Args:
+        model: a Hugging Face causal LM, already passed through `qat.quant.prepare` (or not, for a
+            float baseline).
+        optim: optimizer and schedule settings.
+        quant_start_step: fake quantization is off before this optimizer step.
+        run_config: the resolved run config, stored in every checkpoint so a checkpoint alone can
+            rebuild the model (the exporter relies on it).
+    """
+
+    def __init__(self, model: nn.Module, optim: OptimSpec, quant_start_step: int = 0,
+                 run_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.quant_start_step = quant_start_step
+        self.run_config = run_config or {}
+        self.val_prefix = "val"
+        self._val_nll = 0.0
+        self._val_tokens = 0
+        self.loss_history: list[float] = []  # per optimizer step, for the summary and tests
+        set_fake_quant_enabled(self.model, quant_start_step == 0)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ids = batch["input_ids"]  # (B, T)
+        loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=ids.shape[0])
+        self.loss_history.append(loss.item())
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.quant_start_step and self.global_step == self.quant_start_step:
+            # Scales learned from the float warm-up weights, not the ones at step 0.
+            for m in fake_quant_modules(self.model):
+                m.weight_fake_quant.reset_scale(m.weight)
+            set_fake_quant_enabled(self.model, True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_nll, self._val_tokens = 0.0, 0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        nll, count = window_nll(self.model, batch["input_ids"])
+        self._val_nll += nll.item()
+        self._val_tokens += count
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_tokens:
+            return
+        loss = self._val_nll / self._val_tokens
+        self.log(f"{self.val_prefix}/loss", loss, sync_dist=True)
+        self.log(f"{self.val_prefix}/ppl", math.exp(loss), sync_dist=True)
+
+    def configure_optimizers(self):
+        scales, decay, no_decay = [], [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.endswith("weight_fake_quant.scale"):
+                scales.append(p)
+            elif p.ndim >= 2 and "embed" not in name:
+                decay.append(p)
+            else:
+                no_decay.append(p)
+        groups = [{"params": decay, "lr": self.optim.lr, "weight_decay": self.optim.weight_decay},
+                  {"params": no_decay, "lr": self.optim.lr, "weight_decay": 0.0}]
+        if scales:
+            groups.append({"params": scales, "lr": self.optim.scale_lr, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=self.optim.betas)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1000
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, self.optim.warmup_steps, total,
+                                                  self.optim.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["qat"] = {"config": self.run_config}

@@ -1,0 +1,106 @@
+"""Fake quantizer modules: built from a spec, with an `enabled` switch."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qat.quant.grid import (DTYPES, compute_qparams, dequantize, group_view, minmax, quantize,
+                            qrange)
+from qat.quant.observers import build_observer
+from qat.quant.spec import ActivationSpec, WeightSpec
+from qat.quant.ste import fake_quantize, round_ste, scale_gradient
+
+
+class FakeQuantWeight(nn.Module):
+    """Fake-quantizes a (out, in) weight on the spec's grid.
+
+    With `learnable_scale` the scales are parameters (LSQ), initialised from the weight's min/max at
+    construction; otherwise the observer gives them every call.
+    """
+
+    def __init__(self, spec: WeightSpec, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.enabled = True
+        self.observer = build_observer(spec)
+        if spec.learnable_scale:
+            if weight is None:
+                raise ValueError("learnable_scale needs the weight to initialise its scales")
+            scale, zp = self._minmax_qparams(weight)
+            self.scale = nn.Parameter(scale)
+            self.register_buffer("zero_point", zp)
+
+    def _grouped(self, w: torch.Tensor) -> torch.Tensor:
+        return group_view(w, self.spec.granularity, self.spec.group_size)
+
+    def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) shaped (rows, groups, 1), exactly as the forward pass uses them."""
+        spec = self.spec
+        if spec.learnable_scale:
+            return round_ste(self.scale, DTYPES[spec.scale_dtype]), self.zero_point
+        lo, hi = self.observer(self._grouped(w))
+        return compute_qparams(lo, hi, spec.bits, spec.symmetric, spec.scale_dtype)
+
+    @torch.no_grad()
+    def _minmax_qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = minmax(self._grouped(w.detach()))
+        return compute_qparams(lo, hi, self.spec.bits, self.spec.symmetric, self.spec.scale_dtype)
+
+    @torch.no_grad()
+    def reset_scale(self, w: torch.Tensor) -> None:
+        """Re-initialise learned scales from `w` in place (the optimizer keeps its reference)."""
+        if self.spec.learnable_scale:
+            scale, zp = self._minmax_qparams(w)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zp)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        grouped = self._grouped(w)
+        scale, zp = self.qparams(w)
+        if self.spec.learnable_scale:
+            per_scale = grouped.shape[-1] if self.spec.granularity != "tensor" else grouped.numel()
+            scale = scale_gradient(scale, 1.0 / math.sqrt(per_scale * qrange(self.spec.bits)[1]))
+        return fake_quantize(grouped, scale, zp, self.spec.bits).reshape(w.shape)
+
+    @torch.no_grad()
+    def quantized(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer codes (int32, shape of w) and (scale, zero_point) as (rows, groups), for export."""
+        scale, zp = self.qparams(w)
+        scale, zp = scale.detach(), zp.detach()
+        q = quantize(self._grouped(w), scale, zp, self.spec.bits)
+        return q.reshape(w.shape).to(torch.int32), scale.squeeze(-1), zp.squeeze(-1)
+
+    @torch.no_grad()
+    def dequantized(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight exactly as the enabled forward pass sees it, with no autograd."""
+        scale, zp = self.qparams(w)
+        q = quantize(self._grouped(w), scale.detach(), zp, self.spec.bits)
+        return dequantize(q, scale.detach(), zp).reshape(w.shape).to(w.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.describe()}, enabled={self.enabled}"
+
+
+class FakeQuantActivation(nn.Module):
+    """Dynamic activation fake quantization: scales from each input's own range, per token."""
+
+    def __init__(self, spec: ActivationSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        grouped = x.reshape(-1, 1, x.shape[-1]) if self.spec.granularity == "token" \
+            else x.reshape(1, 1, -1)
+        lo, hi = minmax(grouped.detach())
+        scale, zp = compute_qparams(lo, hi, self.spec.bits, self.spec.symmetric, "float32")
+        return fake_quantize(grouped, scale, zp, self.spec.bits).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.describe()}, enabled={self.enabled}"

@@ -1,0 +1,45 @@
+"""The swapped layer: a Linear whose weight (and optionally input) pass through fake quantizers."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.quant.fake_quant import FakeQuantActivation, FakeQuantWeight
+from qat.quant.spec import ActivationSpec, WeightSpec
+
+
+class FakeQuantLinear(nn.Linear):
+    """nn.Linear with fake-quantized weight; shares the original weight and bias Parameters."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_spec: WeightSpec,
+                 activation_spec: ActivationSpec | None = None, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_fake_quant = FakeQuantWeight(weight_spec, self.weight)
+        self.input_fake_quant = FakeQuantActivation(activation_spec) if activation_spec else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_spec: WeightSpec,
+                    activation_spec: ActivationSpec | None = None) -> "FakeQuantLinear":
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                      weight_spec, activation_spec, dtype=linear.weight.dtype)
+        new.weight = linear.weight  # same Parameter: optimizer state and tying survive the swap
+        new.bias = linear.bias
+        new.weight_fake_quant = FakeQuantWeight(weight_spec, linear.weight)  # real scales, not meta
+        return new
+
+    def to_linear(self, bake: bool = True) -> nn.Linear:
+        """A plain Linear; with `bake` its weight is the fake-quantized weight (what export stores)."""
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                               dtype=self.weight.dtype)
+        weight = self.weight_fake_quant.dequantized(self.weight) if bake else self.weight.detach()
+        linear.weight = nn.Parameter(weight.clone(), requires_grad=self.weight.requires_grad)
+        linear.bias = self.bias
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_fake_quant is not None:
+            x = self.input_fake_quant(x)
+        return F.linear(x, self.weight_fake_quant(self.weight), self.bias)

@@ -1,0 +1,145 @@
+"""`prepare` swaps chosen Linears for fake-quantized ones; `convert` gives plain Linears back."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from qat.quant.modules import FakeQuantLinear
+from qat.quant.spec import QuantConfig, WeightSpec
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Shell-style match on a dotted module name; `re:` prefixes a regular expression."""
+    if pattern.startswith("re:"):
+        import re
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    spec: WeightSpec
+    activation: str | None
+
+    @property
+    def scheme(self) -> str:
+        return self.spec.describe() + (f" + {self.activation}" if self.activation else "")
+
+
+@dataclass
+class PrepareReport:
+    """Which module got which scheme: the record a user checks before spending compute."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # Linears left in float
+
+    def schemes(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            counts[layer.scheme] = counts.get(layer.scheme, 0) + 1
+        return counts
+
+    def __str__(self) -> str:
+        lines = [f"quantized {len(self.layers)} Linear layers, {len(self.skipped)} left in float"]
+        lines += [f"  {n:4d} x {scheme}" for scheme, n in self.schemes().items()]
+        if self.skipped:
+            lines.append("  float: " + ", ".join(self.skipped[:6])
+                         + (" ..." if len(self.skipped) > 6 else ""))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"layers": {l.name: l.scheme for l in self.layers}, "float": list(self.skipped)}
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _check_patterns(config: QuantConfig, names: list[str]) -> None:
+    sample = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+    for field_name, patterns in (("include", config.include),
+                                 ("overrides", tuple(config.overrides))):
+        for pattern in patterns:
+            if not any(matches(n, pattern) for n in names):
+                raise ValueError(f"quant.{field_name} pattern {pattern!r} matches no Linear module; "
+                                 f"Linear names look like: {sample}")
+
+
+def plan(model: nn.Module, config: QuantConfig) -> PrepareReport:
+    """Decide each Linear's scheme and check it fits, without changing the model."""
+    if config.weight is None:
+        raise ValueError("quant.weight is null: nothing to quantize")
+    names = _linear_names(model)
+    _check_patterns(config, names)
+    report = PrepareReport()
+    modules = dict(model.named_modules())
+    for name in names:
+        chosen = any(matches(name, p) for p in config.include) and \
+            not any(matches(name, p) for p in config.exclude)
+        if not chosen:
+            report.skipped.append(name)
+            continue
+        linear = modules[name]
+        spec = config.spec_for(name, matches)
+        if spec.granularity == "group" and linear.in_features % spec.group_size:
+            raise ValueError(
+                f"quant.weight.group_size={spec.group_size} does not divide in_features="
+                f"{linear.in_features} of layer {name!r}; choose a group size that divides it "
+                "(e.g. 32 or 64), granularity=channel, or add an override for that layer")
+        activation = config.activation.describe() if config.activation else None
+        report.layers.append(LayerReport(name, linear.in_features, linear.out_features, spec,
+                                         activation))
+    if not report.layers:
+        raise ValueError("quant.include/exclude select no Linear module to quantize")
+    return report
+
+
+def prepare(model: nn.Module, config: QuantConfig) -> PrepareReport:
+    """Swap the chosen nn.Linear modules of `model` in place for FakeQuantLinear.
+
+    Returns the report of which module got which scheme. Raises ValueError before touching the
+    model when a pattern matches nothing or a group size does not fit a layer.
+    """
+    report = plan(model, config)
+    for layer in report.layers:
+        parent, child = _parent(model, layer.name)
+        setattr(parent, child, FakeQuantLinear.from_linear(getattr(parent, child), layer.spec,
+                                                          config.activation))
+    return report
+
+
+def convert(model: nn.Module, bake: bool = True) -> nn.Module:
+    """Replace every FakeQuantLinear by a plain nn.Linear, in place.
+
+    With `bake` the new weights are the fake-quantized weights, so the plain model computes what the
+    weight-quantized model computed; without it, the float weights come back.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FakeQuantLinear):
+            parent, child = _parent(model, name)
+            setattr(parent, child, module.to_linear(bake=bake))
+    return model
+
+
+def fake_quant_modules(model: nn.Module):
+    for module in model.modules():
+        if isinstance(module, FakeQuantLinear):
+            yield module
+
+
+def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every fake quantizer on or off (e.g. float warm-up before `quant.start_step`)."""
+    for module in fake_quant_modules(model):
+        module.weight_fake_quant.enabled = enabled
+        if module.input_fake_quant is not None:
+            module.input_fake_quant.enabled = enabled
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child

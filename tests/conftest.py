@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny Llama built in-process, and Hydra configs composed from conf/."""
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_llama():
+    """A 2-layer Llama with widths that are multiples of 128, random but seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tests share one cache dir (built once per session), never the user's ~/.cache."""
+    cache = tmp_path_factory.getbasetemp() / "qat-cache"
+    monkeypatch.setenv("QAT_CACHE", str(cache))
