@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from qat.eval.perplexity import window_nll
 from qat.lightning.schedule import lr_multiplier
 from qat.quant import fake_quant_modules, set_fake_quant_enabled
 
@@ -36,14 +37,6 @@ class OptimSpec:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         object.__setattr__(self, "betas", tuple(self.betas))
-
-
-def window_nll(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL (float32) of independent windows (B, T) and the count predicted."""
-    logits = model(input_ids=windows, use_cache=False).logits  # (B, T, V)
-    nll = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                      windows[:, 1:].flatten(), reduction="sum")
-    return nll, windows[:, 1:].numel()
 
 
 class QATModule(L.LightningModule):

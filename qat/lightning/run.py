@@ -18,6 +18,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from qat.io import atomic_path, write_json
 from qat.lightning.data import DataSpec, TextDataModule
@@ -47,6 +48,9 @@ def build_specs(cfg: DictConfig) -> Specs:
         except InstantiationException as err:
             cause = err.__cause__ or err
             raise ConfigError(str(cause)) from err
+        except MissingMandatoryValue as err:
+            raise ConfigError(f"{err.full_key} is required (it is ??? in the config): set "
+                              f"{err.full_key}=VALUE on the command line") from err
     max_steps = cfg.trainer.get("max_steps", -1)
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer >= 0")
@@ -131,7 +135,7 @@ def _build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
 def _save_checkpoint(trainer: L.Trainer, module: QATModule, path: Path) -> None:
     with atomic_path(path) as tmp:
         if trainer.global_step > 0:
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)
         else:  # nothing was fitted: weights and config are all there is to keep
             torch.save({"state_dict": module.state_dict(), "global_step": 0,
                         "qat": {"config": module.run_config}}, tmp)

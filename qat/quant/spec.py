@@ -107,6 +107,10 @@ class QuantConfig:
     start_step: int = 0  # fake quantization switches on at this optimizer step
 
     def __post_init__(self) -> None:
+        if isinstance(self.weight, Mapping):  # filled without _target_ (plain dict config)
+            object.__setattr__(self, "weight", WeightSpec(**self.weight))
+        if isinstance(self.activation, Mapping):
+            object.__setattr__(self, "activation", ActivationSpec(**self.activation))
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):

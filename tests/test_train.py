@@ -1,0 +1,100 @@
+"""End-to-end runs through Hydra's compose API on the tiny model and corpus."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from qat.lightning.run import ConfigError, train
+from qat.quant import FakeQuantLinear
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TINY = ["model=tiny", "data=tiny", "logger=csv", "trainer.enable_progress_bar=false"]
+
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_tiny_qat_run_lowers_the_loss_and_writes_its_outputs(tmp_path):
+    cfg = compose_train(TINY + ["recipe=w4g128", "trainer.max_steps=25", "optim.lr=3e-3",
+                                "optim.warmup_steps=2"])
+    metrics = train(cfg, run_dir=tmp_path)
+    assert metrics["last_loss"] < metrics["first_loss"] - 0.5
+    assert metrics["steps"] == 25
+    assert metrics["ppl"] < metrics["fp_ppl"]  # trained on the same distribution
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["ppl"] == pytest.approx(metrics["ppl"]) and "fp_ppl" in written
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "logs" / "metrics.csv").is_file()
+    report = json.loads((tmp_path / "quant_report.json").read_text())
+    assert set(report["layers"].values()) == {"W4 g128 sym"} and report["float"] == ["lm_head"]
+
+
+def test_checkpoint_loads_safely_and_holds_config_and_scales(tmp_path):
+    cfg = compose_train(TINY + ["recipe=w2g64", "trainer.max_steps=3"])
+    train(cfg, run_dir=tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["qat"]["config"]["quant"]["weight"]["bits"] == 2
+    scales = [k for k in ckpt["state_dict"] if k.endswith("weight_fake_quant.scale")]
+    assert len(scales) == 14  # LSQ scales are parameters, saved with the weights
+
+
+def test_learned_scales_move_and_get_their_own_lr(tmp_path):
+    from qat.export.checkpoint import model_from_checkpoint
+
+    cfg = compose_train(TINY + ["recipe=w2g64", "trainer.max_steps=4", "optim.scale_lr=1e-2"])
+    train(cfg, run_dir=tmp_path)
+    model, _, _ = model_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    layer = next(m for m in model.modules() if isinstance(m, FakeQuantLinear))
+    initial = layer.weight_fake_quant._minmax_qparams(layer.weight)[0]
+    assert not torch.allclose(layer.weight_fake_quant.scale, initial)
+
+
+def test_float_baseline_and_zero_steps(tmp_path):
+    metrics = train(compose_train(TINY + ["recipe=float", "trainer.max_steps=2"]), run_dir=tmp_path / "f")
+    assert metrics["scheme"] == "float"
+    metrics = train(compose_train(TINY + ["trainer.max_steps=0"]), run_dir=tmp_path / "q")
+    assert metrics["steps"] == 0 and metrics["ppl"] > 0
+    assert (tmp_path / "q" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_quant_start_step_trains_in_float_first(tmp_path):
+    cfg = compose_train(TINY + ["quant.start_step=2", "trainer.max_steps=4", "quant.weight.group_size=32"])
+    metrics = train(cfg, run_dir=tmp_path)
+    assert metrics["steps"] == 4
+
+
+@pytest.mark.parametrize("override,message", [
+    ("quant.weight.group_size=96", r"group_size=96 does not divide in_features=128 of layer 'model\.layers\.0"),
+    ("quant.include=[nothing.*]", r"quant\.include pattern 'nothing\.\*' matches no Linear"),
+    ("model.path=/nonexistent/model", r"model\.path"),
+    ("quant.weight.bits=9", r"quant\.weight\.bits"),
+])
+def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, override, message):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()  # as Hydra creates it before the job starts
+    with pytest.raises(ConfigError, match=message):
+        train(compose_train(TINY + [override]), run_dir=run_dir)
+    assert not run_dir.exists()
+
+
+def test_train_py_runs_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = CONF.parent
+    out = subprocess.run([sys.executable, str(root / "train.py"), *TINY, "trainer.max_steps=2",
+                          f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "== qat summary ==" in out.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 2
+    bad = subprocess.run([sys.executable, str(root / "train.py"), *TINY, "quant.weight.bits=12",
+                          f"hydra.run.dir={tmp_path}/bad"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert bad.returncode == 2 and "quant.weight.bits=12" in bad.stderr
+    assert not (tmp_path / "bad").exists()
