@@ -20,5 +20,12 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def _expand_shorthands(argv: list[str]) -> list[str]:
+    """`export=true` reads better than `export.enabled=true`; Hydra cannot take both forms."""
+    return [f"export.enabled={a.split('=', 1)[1]}" if a.lstrip("+~").split("=", 1)[0] == "export"
+            and "=" in a else a for a in argv]
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = _expand_shorthands(sys.argv[1:])
     main()

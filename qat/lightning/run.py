@@ -68,6 +68,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         data = TextDataModule(specs.data, tokenizer,
                               max_positions=getattr(model.config, "max_position_embeddings", None))
         data.setup("fit")
+        if report is not None:
+            _check_serving(report, strict=cfg.export.strict)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         _remove_run_dir(run_dir)
         raise ConfigError(str(err)) from err
@@ -102,9 +104,43 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     _save_checkpoint(trainer, module, run_dir / "checkpoints" / "last.ckpt")
     if report is not None:
         write_json(run_dir / "quant_report.json", report.to_dict())
+    if cfg.export.enabled and report is not None:
+        metrics.update(_export(model, tokenizer, data, run_dir / "export", cfg.export))
     write_json(run_dir / "metrics.json", metrics)
     print(summary(metrics, run_dir))
     return metrics
+
+
+def _check_serving(report: PrepareReport, strict: bool) -> None:
+    from qat.export.compressed_tensors import describe_serving_issues, serving_issues
+
+    issues = serving_issues(report.layers)
+    if not issues:
+        return
+    message = describe_serving_issues(issues)
+    if strict:
+        raise ValueError(message + "\n(export.strict=true; set it false to export anyway)")
+    print("warning: " + message)
+
+
+def _export(model, tokenizer, data: TextDataModule, out_dir: Path, options) -> dict[str, Any]:
+    """Write the export, reload it with the fused kernels and measure what it weighs and scores."""
+    from qat.eval.perplexity import perplexity
+    from qat.export.load import load_quantized, weight_bytes
+    from qat.export.writer import export_model
+
+    dtype = getattr(torch, options.dtype)
+    export_model(model, tokenizer, out_dir, dtype=dtype)
+    result: dict[str, Any] = {"export_dir": str(out_dir),
+                              "export_bytes": sum(f.stat().st_size for f in out_dir.iterdir())}
+    served = load_quantized(out_dir, dtype=dtype)
+    result["export_weight_bytes"] = weight_bytes(served)["total"]
+    if options.evaluate:
+        spec = data.spec
+        result["export_ppl"] = perplexity(served, data.eval_ids, window=spec.eval_window,
+                                          max_windows=spec.eval_windows,
+                                          batch_size=spec.eval_batch_size).ppl
+    return result
 
 
 def _evaluate(trainer: L.Trainer, module: QATModule, data: TextDataModule, prefix: str,
@@ -146,7 +182,7 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
             ("scheme", metrics["scheme"]), ("steps", metrics["steps"]),
             ("train time", f"{metrics['train_seconds']:.0f} s")]
     for key, label in (("fp_ppl", "float ppl"), ("ptq_ppl", "quantized ppl before training"),
-                       ("ppl", "ppl after training")):
+                       ("ppl", "ppl after training"), ("export_ppl", "exported model ppl")):
         if key in metrics:
             rows.append((label, f"{metrics[key]:.3f}"))
     if "fp_ppl" in metrics:

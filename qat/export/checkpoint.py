@@ -1,0 +1,44 @@
+"""Rebuild the fake-quantized model from a run checkpoint alone (the run config lives inside it)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint written by train.py, loaded without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt {path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupted, or not a torch file
+        raise ValueError(f"--ckpt {path}: cannot be read as a checkpoint ({err})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "qat" not in ckpt:
+        raise ValueError(f"--ckpt {path}: not a qat run checkpoint (no state_dict / qat config)")
+    return ckpt
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(fake-quantized model with the trained weights, tokenizer, run config)."""
+    from hydra.utils import instantiate
+
+    from qat.models import load_model
+    from qat.quant import prepare
+
+    ckpt = read_checkpoint(path)
+    config = ckpt["qat"]["config"]
+    model, tokenizer = load_model(instantiate(config["model"]))
+    quant = instantiate(config["quant"])
+    if quant.weight is not None:
+        prepare(model, quant)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
+    if missing or unexpected:
+        raise ValueError(f"--ckpt {path}: weights do not match the model built from its config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), tokenizer, config

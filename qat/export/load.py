@@ -1,0 +1,173 @@
+"""`load_quantized(DIR)`: a compressed-tensors export as a model whose Linears hold packed integers.
+
+The quantized Linears become `qat.kernels.QuantizedLinear` (fused kernels: Triton on GPU, torch's
+weight-only int4/int8 kernels on CPU, a dequantize fallback otherwise); nothing is dequantized into a
+float weight, so the parameter memory really shrinks.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat.export.compressed_tensors import WEIGHTS_FILE, read_config, spec_from_args
+from qat.export.pack import packed_words, unpack_zero_points
+from qat.kernels import QuantizedLinear
+from qat.quant.spec import WeightSpec
+
+
+def _matches(name: str, module: nn.Module, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return name == target or type(module).__name__ == target
+
+
+def layer_specs(model: nn.Module, qconfig: dict[str, Any], where: str) -> dict[str, WeightSpec]:
+    """Which Linear gets which scheme, resolved as compressed-tensors does (ignore wins)."""
+    groups = [(g.get("targets", []), spec_from_args(g["weights"], f"{where} {name}"))
+              for name, g in qconfig.get("config_groups", {}).items() if g.get("weights")]
+    ignore = qconfig.get("ignore", [])
+    specs = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or any(_matches(name, module, t) for t in ignore):
+            continue
+        for targets, spec in groups:
+            if any(_matches(name, module, t) for t in targets):
+                specs[name] = spec
+                break
+    return specs
+
+
+def _tensor(f, key: str, path: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except Exception as err:
+        raise ValueError(f"{path}: tensor {key!r} is missing or unreadable ({err})") from err
+
+
+def _quantized_linear(f, name: str, module: nn.Linear, spec: WeightSpec, path: Path,
+                      keys: set[str]) -> QuantizedLinear:
+    shape = _tensor(f, f"{name}.weight_shape", path).tolist()
+    if shape != [module.out_features, module.in_features]:
+        raise ValueError(f"{path}: tensor '{name}.weight_shape' is {shape} but config.json gives "
+                         f"[{module.out_features}, {module.in_features}]")
+    out_f, in_f = shape
+    packed = _tensor(f, f"{name}.weight_packed", path)
+    if tuple(packed.shape) != (out_f, packed_words(in_f, spec.bits)) or packed.dtype != torch.int32:
+        raise ValueError(f"{path}: tensor '{name}.weight_packed' has shape {tuple(packed.shape)} "
+                         f"{packed.dtype}; expected ({out_f}, {packed_words(in_f, spec.bits)}) int32")
+    scale = _tensor(f, f"{name}.weight_scale", path)
+    group_size = spec.effective_group_size
+    if spec.granularity == "tensor":  # one scale: serve it as per-channel
+        scale = scale.reshape(1, 1).expand(out_f, 1).contiguous()
+    n_groups = 1 if group_size is None else in_f // group_size
+    if tuple(scale.shape) != (out_f, n_groups):
+        raise ValueError(f"{path}: tensor '{name}.weight_scale' has shape {tuple(scale.shape)}; "
+                         f"expected ({out_f}, {n_groups})")
+    zero_point = None
+    if not spec.symmetric:
+        zp = _tensor(f, f"{name}.weight_zero_point", path)
+        if spec.granularity == "tensor":
+            zero_point = zp.reshape(1, 1).expand(out_f, 1).contiguous()
+        else:
+            zero_point = unpack_zero_points(zp, spec.bits, out_f)
+    bias = _tensor(f, f"{name}.bias", path) if f"{name}.bias" in keys else None
+    return QuantizedLinear(packed, scale, zero_point, in_f, spec.bits, group_size, bias)
+
+
+BACKENDS = ("auto", "reference")
+
+
+def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
+                   device: str | torch.device = "cpu", backend: str = "auto") -> nn.Module:
+    """Load an export written by `qat.export` (or any compressed-tensors pack-quantized model).
+
+    Args:
+        directory: the export directory (config.json, model.safetensors, tokenizer files).
+        dtype: dtype of the non-quantized parameters (embeddings, norms) and of the activations.
+        device: where the model goes.
+        backend: "auto" uses the fused kernels; "reference" dequantizes in float32 on the fly
+            (exact, slow: for checking that served equals trained).
+    Returns:
+        The model in eval mode; quantized Linears are `QuantizedLinear` modules.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not allowed; choose one of {list(BACKENDS)}")
+    directory = Path(directory)
+    config_dict = read_config(directory)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the export is incomplete")
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # we build the quantized layers ourselves
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    specs = layer_specs(model, config_dict["quantization_config"], str(directory / "config.json"))
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    keys = set(f.keys())
+    for name, spec in specs.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = _quantized_linear(f, name, getattr(parent, child), spec, path, keys)
+        if backend == "reference":  # float32 scales (exact copies) keep the layer off the kernels
+            layer.weight_scale = layer.weight_scale.float()
+        setattr(parent, child, layer)
+    state = {}
+    for key, param in list(model.state_dict(keep_vars=True).items()):
+        owner = key.rpartition(".")[0]
+        if owner in specs:
+            continue
+        if key not in keys:
+            if key.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False):
+                continue
+            if param.device.type == "meta" and not key.endswith(("inv_freq", "original_inv_freq")):
+                raise ValueError(f"{path}: tensor {key!r} is missing")
+            continue
+        value = _tensor(f, key, path)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}; config.json "
+                             f"gives {tuple(param.shape)}")
+        state[key] = value.to(dtype) if value.is_floating_point() else value
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _materialise_buffers(model, config)
+    return model.to(device).eval()
+
+
+def _materialise_buffers(model: nn.Module, config) -> None:
+    """Non-persistent buffers (rotary inv_freq) are not in the file: rebuild their modules off meta."""
+    for name, module in list(model.named_modules()):
+        if not any(b.device.type == "meta" for b in module.buffers(recurse=False)):
+            continue
+        if not hasattr(module, "config"):
+            raise ValueError(f"cannot rebuild the buffers of {name} ({type(module).__name__})")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, type(module)(config=module.config))
+    leftover = [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    leftover += [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise ValueError(f"export is missing tensors for {leftover[:5]}")
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by quantized Linear weights, by the rest of the parameters, and in total."""
+    quantized = sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
+    seen, other = set(), 0
+    for p in list(model.parameters()) + [m.bias for m in model.modules()
+                                         if isinstance(m, QuantizedLinear) and m.bias is not None]:
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            other += p.numel() * p.element_size()
+    return {"quantized_linear": quantized, "other": other, "total": quantized + other}

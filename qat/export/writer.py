@@ -1,0 +1,57 @@
+"""`export_model`: a Hugging Face model directory in compressed-tensors `pack-quantized` format.
+
+Written into a temporary directory, re-opened and checked, then renamed: a crash leaves no half
+export under the real name.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from qat.export.compressed_tensors import WEIGHTS_FILE, compressed_state_dict, quantization_config
+from qat.io import atomic_path
+
+
+def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
+                 dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write `model` (with FakeQuantLinear layers) and `tokenizer` to `out_dir`.
+
+    Quantized Linears are stored packed with their scales (and zero points); every other tensor in
+    `dtype`. Returns the directory.
+    """
+    out_dir = Path(out_dir)
+    tensors, specs, ignore = compressed_state_dict(model, dtype)
+    if not specs:
+        raise ValueError("export: the model has no fake-quantized Linear; run qat.quant.prepare first")
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config(specs, ignore)
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        verify_export(tmp, expected=tensors)
+    return out_dir
+
+
+def verify_export(directory: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Re-open what was written and compare every tensor, so a bad write never gets renamed."""
+    from safetensors import safe_open
+
+    path = directory / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        missing = sorted(set(expected) - keys)
+        if missing:
+            raise OSError(f"{path}: tensors missing after write: {missing[:5]}")
+        for key, value in expected.items():
+            if not torch.equal(f.get_tensor(key), value.cpu()):
+                raise OSError(f"{path}: tensor {key!r} differs after write")
