@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # no OpenMP busy-waiting on shared cores
 . "${QAT_VENV:-.venv}/bin/activate"
 exec python -m pytest -q "$@"

@@ -3,12 +3,16 @@
 compose (Hydra) -> validate -> load model and data -> prepare (fake quantization) -> fit -> eval ->
 checkpoint + metrics.json (+ export). See conf/train.yaml for every knob.
 """
+import os
 import sys
 
-import hydra
-from omegaconf import DictConfig
+# With 2 cores shared, OpenMP's busy-waiting threads stall each other (5x slower eval under load).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from qat.lightning.run import ConfigError, train
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from qat.lightning.run import ConfigError, train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

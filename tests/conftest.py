@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny Llama built in-process, and Hydra configs composed from conf/."""
+import os
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no busy-waiting on shared cores
 
 import pytest
 import torch

@@ -21,7 +21,7 @@ def compose_train(overrides=()):
 
 def test_a_required_value_left_unset_is_named():
     with pytest.raises(ConfigError, match=r"data\.path is required"):
-        build_specs(compose_train(["data=local"]))
+        build_specs(compose_train(["data=local", "data.path=???"]))
 
 
 def test_the_required_recipes_exist():

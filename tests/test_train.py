@@ -98,3 +98,21 @@ def test_train_py_runs_from_the_command_line(tmp_path):
                          cwd=tmp_path)
     assert bad.returncode == 2 and "quant.weight.bits=12" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_float_ppl_is_cached_per_weights_and_tokens(tmp_path):
+    import os
+
+    cache = Path(os.environ["QAT_CACHE"]) / "fp_ppl"
+    first = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=7"]), run_dir=tmp_path / "a")
+    entries = {p: json.loads(p.read_text()) for p in cache.glob("*.json")}
+    ours = [p for p, v in entries.items() if v["fp_ppl"] == first["fp_ppl"]]
+    assert len(ours) == 1
+    ours[0].write_text(json.dumps({"fp_ppl": 123.0}))  # the next run must read, not recompute
+    again = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=7"]), run_dir=tmp_path / "b")
+    assert again["fp_ppl"] == 123.0
+    other = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=8"]), run_dir=tmp_path / "c")
+    assert other["fp_ppl"] != 123.0  # other weights, other entry
+    fresh = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=7", "eval.cache_fp_ppl=false"]),
+                  run_dir=tmp_path / "d")
+    assert fresh["fp_ppl"] == pytest.approx(first["fp_ppl"])

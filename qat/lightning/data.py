@@ -1,13 +1,14 @@
 """Text corpora as fixed-length token blocks for training and protocol windows for evaluation.
 
-One code path for every source: a builtin name becomes a cached jsonl, a user file is read as is, and
-both go through `datasets.load_dataset`. The held-out split is the last `eval_fraction` of ENTRIES (not
-tokens) in file order, joined with "\\n\\n" and tokenized once without special tokens, exactly as
-eval-protocol.md prescribes for the reference numbers.
+One code path for every source: a builtin name becomes a cached jsonl, a user file is read as is,
+and both go through `datasets.load_dataset`. The held-out split is the last `eval_fraction` of
+ENTRIES (not tokens) in file order, joined with "\\n\\n" and tokenized once without special
+tokens, exactly as eval-protocol.md prescribes for the reference numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from qat.assets import cache_dir
 from qat.data.corpora import BUILTIN_CORPORA, builtin_jsonl
 from qat.eval.perplexity import eval_windows
+from qat.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class DataSpec:
     ood_windows: int = 32
 
     def __post_init__(self) -> None:
+        if isinstance(self.path, str) and not self.path.strip():
+            raise ValueError("data.path must be a file path, a non-empty list of them, or null")
         if self.path is not None and not isinstance(self.path, str):
             object.__setattr__(self, "path", tuple(str(p) for p in self.path))  # Hydra ListConfig
             if not self.path:
@@ -52,7 +57,8 @@ class DataSpec:
             raise ValueError(f"set data.name (one of {sorted(BUILTIN_CORPORA)} or a hub dataset id) "
                              f"or data.path (a local .txt/.json/.jsonl file)")
         if not isinstance(self.text_field, str) or not self.text_field:
-            raise ValueError(f"data.text_field must be a non-empty column name, got {self.text_field!r}")
+            raise ValueError(f"data.text_field must be a non-empty column name, "
+                             f"got {self.text_field!r}")
         for field in ("eval_fraction", "ood_fraction"):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
@@ -98,8 +104,14 @@ def load_texts(source: str | tuple[str, ...], text_field: str = "text", field: s
         return _column(ds, text_field, f"{field}={source!r}")
     else:
         files, fmt = _local_files(source, field)
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise ValueError(f"{field}={source!r} has no non-empty entries (empty file)")
     kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
-    ds = datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
+    try:
+        ds = datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
+    except datasets.exceptions.DatasetGenerationError as err:  # malformed json and the like
+        raise ValueError(f"{field}={source!r} could not be read as {fmt}: "
+                         f"{err.__cause__ or err}") from err
     return _column(ds, "text" if fmt == "text" else text_field, f"{field}={source!r}")
 
 
@@ -131,10 +143,36 @@ def _column(ds, text_field: str, what: str) -> list[str]:
     return texts
 
 
-def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    """Join entries with a blank line and tokenize once, without BOS/EOS: (N,) int64."""
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+def tokenize(tokenizer, texts: list[str], cache: bool = True) -> torch.Tensor:
+    """Join entries with a blank line and tokenize once, without BOS/EOS: (N,) int64.
+
+    A single string cannot be tokenized in parallel (the wiki train split takes ~10 s), so with a fast
+    tokenizer the ids are cached under `cache_dir()/tokens/`, keyed by the tokenizer's full
+    serialisation and the text itself.
+    """
+    text = "\n\n".join(texts)
+    path = _token_cache_path(tokenizer, text) if cache else None
+    if path is not None and path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as err:  # a damaged cache entry is rebuilt, never trusted
+            log.warning("ignoring unreadable token cache %s: %s", path, err)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"],
+                       dtype=torch.long)
+    if path is not None:
+        with atomic_path(path) as tmp:
+            torch.save(ids, tmp)
+    return ids
+
+
+def _token_cache_path(tokenizer, text: str) -> Path | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or len(text) < 100_000:  # slow tokenizers: no reliable key; short: no need
+        return None
+    key = hashlib.sha256()
+    for part in (type(tokenizer).__name__, backend.to_str(), text):
+        key.update(part.encode("utf-8") + b"\0")
+    return cache_dir() / "tokens" / f"{key.hexdigest()[:32]}.pt"
 
 
 class _Blocks(Dataset):

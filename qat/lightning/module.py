@@ -54,7 +54,7 @@ class QATModule(L.LightningModule):
     def __init__(self, model: nn.Module, optim: OptimSpec, quant_start_step: int = 0,
                  run_config: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode; observers update in train
         self.optim = optim
         self.quant_start_step = quant_start_step
         self.run_config = run_config or {}

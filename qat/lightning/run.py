@@ -84,7 +84,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     metrics: dict[str, Any] = {"recipe": _recipe_name(cfg), "model": _model_name(specs.model),
                                "scheme": _scheme(report)}
     if cfg.eval.fp_ppl:
-        metrics["fp_ppl"] = _evaluate(trainer, module, data, "fp", quantized=False)
+        metrics["fp_ppl"] = _float_ppl(trainer, module, data, cached=cfg.eval.cache_fp_ppl)
     if cfg.eval.quantized_before and report is not None:
         metrics["ptq_ppl"] = _evaluate(trainer, module, data, "ptq", quantized=True)
     set_fake_quant_enabled(model, specs.quant.start_step == 0)
@@ -141,6 +141,38 @@ def _export(model, tokenizer, data: TextDataModule, out_dir: Path, options) -> d
                                           max_windows=spec.eval_windows,
                                           batch_size=spec.eval_batch_size).ppl
     return result
+
+
+def _fingerprint(model: torch.nn.Module, eval_blocks: torch.Tensor) -> str:
+    """Digest of the float weights, the eval tokens and the software that computes on them."""
+    import hashlib
+
+    import transformers
+
+    digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if "fake_quant" in name:
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(eval_blocks.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _float_ppl(trainer: L.Trainer, module: QATModule, data: TextDataModule, cached: bool) -> float:
+    """The float model's protocol perplexity; remembered per (weights, eval tokens), since the
+    default run would otherwise spend two minutes re-measuring the same number every time."""
+    import json
+
+    from qat.assets import cache_dir
+
+    path = cache_dir() / "fp_ppl" / f"{_fingerprint(module.model, data.eval_blocks)}.json"
+    if cached and path.is_file():
+        return float(json.loads(path.read_text())["fp_ppl"])
+    value = _evaluate(trainer, module, data, "fp", quantized=False)
+    if cached:
+        write_json(path, {"fp_ppl": value})
+    return value
 
 
 def _evaluate(trainer: L.Trainer, module: QATModule, data: TextDataModule, prefix: str,

@@ -1,0 +1,123 @@
+"""Perplexity over non-overlapping windows: the protocol of eval-protocol.md.
+
+Each window of `window` tokens is an independent forward pass (no BOS, no cache); positions
+1..window-1 are predicted from their prefix; PPL = exp(summed NLL / predicted tokens), never a mean
+of per-window perplexities. Log-softmax runs in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# rows of logits turned into losses at once: (CHUNK, V) float32 at V=49152 is 48 MiB, so the
+# log-softmax of a window never materialises a second (B, T, V) float32 copy of the logits
+CE_CHUNK_ROWS = 256
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity with its parts, so results over several sets can be pooled exactly."""
+
+    ppl: float  # exp(nll_sum / n_tokens)
+    nll_sum: float  # summed negative log-likelihood, nats
+    n_tokens: int  # predicted tokens: n_windows * (window - 1)
+    n_windows: int
+    seconds: float = 0.0  # wall time of the forward passes
+
+
+def eval_windows(ids: torch.Tensor, window: int, max_windows: int | None = None) -> torch.Tensor:
+    """Cut a 1-D token tensor into its first non-overlapping windows.
+
+    Args:
+        ids: (N,) token ids.
+        window: tokens per window.
+        max_windows: keep at most this many (None: all complete windows).
+
+    Returns:
+        (W, window) int64, W = min(max_windows, N // window); the ragged tail is dropped.
+
+    Raises:
+        ValueError: fewer than `window` tokens, or bad `window` / `max_windows`.
+    """
+    if ids.dim() != 1:
+        raise ValueError(f"ids must be 1-D token ids, got shape {tuple(ids.shape)}")
+    if window < 2:
+        raise ValueError(f"window must be >= 2 (one context + one predicted token), got {window}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
+    n = ids.numel() // window
+    if n == 0:
+        raise ValueError(f"{ids.numel()} tokens are fewer than one eval window of {window}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * window].view(n, window).long()
+
+
+def window_nll(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed float32 NLL of positions 1..T-1 of every row, one forward pass, no grad bookkeeping.
+
+    The building block of `perplexity`; a LightningModule's validation_step can sum these to get the
+    same numbers.
+
+    Args:
+        model: a causal LM returning `.logits` (B, T, V).
+        input_ids: (B, T) windows; each row is scored independently.
+
+    Returns:
+        (nll_sum, n_predicted): a float32 scalar tensor and B * (T - 1).
+    """
+    logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V), a view
+    targets = input_ids[:, 1:].reshape(-1).to(logits.device)  # (B*(T-1),)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, targets.numel(), CE_CHUNK_ROWS):
+        rows = logits[start : start + CE_CHUNK_ROWS].float()
+        total += F.cross_entropy(rows, targets[start : start + CE_CHUNK_ROWS], reduction="sum")
+    return total, targets.numel()
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512,
+               max_windows: int | None = 64, batch_size: int = 4,
+               progress: bool = False) -> PerplexityResult:
+    """Perplexity of `model` on the first `max_windows` non-overlapping windows of `ids`.
+
+    Runs in eval mode and restores the model's training mode afterwards. `batch_size` windows share a
+    forward pass (faster GEMMs); it does not change which tokens are scored.
+
+    Args:
+        model: a causal LM (Hugging Face style: `model(input_ids=...).logits`).
+        ids: (N,) token ids of the eval text, tokenized without special tokens.
+        window: tokens per window (the protocol uses 512).
+        max_windows: score at most this many windows (protocol: 64 wiki, 32 Shakespeare).
+        batch_size: windows per forward pass.
+        progress: print a line per batch with the running perplexity.
+
+    Returns:
+        A `PerplexityResult`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    windows = eval_windows(ids, window, max_windows)  # (W, window)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count, start = 0.0, 0, time.perf_counter()
+    try:
+        for b in range(0, windows.shape[0], batch_size):
+            batch_nll, n = window_nll(model, windows[b : b + batch_size].to(device))
+            nll += float(batch_nll)  # accumulate across batches in float64
+            count += n
+            if progress:
+                done = min(b + batch_size, windows.shape[0])
+                print(f"[ppl] {done}/{windows.shape[0]} windows  ppl {math.exp(nll / count):.4f}  "
+                      f"{time.perf_counter() - start:.1f}s", flush=True)
+    finally:
+        model.train(was_training)
+    return PerplexityResult(ppl=math.exp(nll / count), nll_sum=nll, n_tokens=count,
+                            n_windows=windows.shape[0], seconds=time.perf_counter() - start)

