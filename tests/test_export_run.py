@@ -1,0 +1,90 @@
+"""export=true at the end of a run, `python -m qat.export` from a checkpoint, and the generate CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from qat.lightning.run import ConfigError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false"]
+
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_train(TINY + ["recipe=w4g128", "trainer.max_steps=6", "export.enabled=true",
+                                "export.dtype=float32"])
+    return run_dir, train(cfg, run_dir=run_dir)
+
+
+def test_export_ppl_matches_the_run(exported_run):
+    run_dir, metrics = exported_run
+    assert (run_dir / "export" / "config.json").is_file()
+    assert (run_dir / "export" / "tokenizer.json").is_file()
+    # float32 embeddings, bf16 activations in the int4 kernel: within 1% of the fake-quant ppl.
+    assert metrics["export_ppl"] == pytest.approx(metrics["ppl"], rel=1e-2)
+    assert json.loads((run_dir / "metrics.json").read_text())["export_ppl"] == metrics["export_ppl"]
+
+
+def test_export_cli_from_checkpoint_matches_the_run_export(exported_run, tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir, _ = exported_run
+    out = subprocess.run([sys.executable, "-m", "qat.export", "--ckpt",
+                          str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "e")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ours = load_file(tmp_path / "e" / "model.safetensors")
+    theirs = load_file(run_dir / "export" / "model.safetensors")
+    packed = [k for k in ours if k.endswith(("weight_packed", "weight_scale"))]
+    assert len(packed) == 28 and all((ours[k] == theirs[k]).all() for k in packed)
+
+
+def test_export_cli_bad_checkpoint(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    out = subprocess.run([sys.executable, "-m", "qat.export", "--ckpt", str(bad), "--out",
+                          str(tmp_path / "e")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "bad.ckpt" in out.stderr and not (tmp_path / "e").exists()
+
+
+def test_generate_cli_on_export(exported_run):
+    run_dir, _ = exported_run
+    out = subprocess.run([sys.executable, "-m", "qat.generate", str(run_dir / "export"), "The",
+                          "--max-new-tokens", "8"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tokens/s" in out.stderr and "resident" in out.stderr
+
+
+def test_marlin_constraints_reported_and_strict_fails(tmp_path, capsys):
+    cfg = compose_train(TINY + ["recipe=w4g64", "trainer.max_steps=0", "eval.fp_ppl=false",
+                                "quant.weight.bits=3"])
+    train(cfg, run_dir=tmp_path / "warn")
+    assert "3-bit weights" in capsys.readouterr().out
+    cfg = compose_train(TINY + ["recipe=w3g64", "export.strict=true"])
+    with pytest.raises(ConfigError, match=r"(?s)Marlin.*3-bit weights"):
+        train(cfg, run_dir=tmp_path / "strict")
+    assert not (tmp_path / "strict").exists()
+
+
+@pytest.mark.slow
+def test_default_model_576_wide_layers_are_flagged_for_marlin():
+    from qat.export.compressed_tensors import serving_issues
+    from qat.models import ModelSpec, load_model
+    from qat.quant import QuantConfig, WeightSpec, plan
+
+    model, _ = load_model(ModelSpec())
+    issues = serving_issues(plan(model, QuantConfig(weight=WeightSpec(bits=4, group_size=64))).layers)
+    flagged = issues["in_features 576 not divisible by 128"]
+    assert len(flagged) == 6 * 30  # q k v o gate up; down_proj has in_features 1536
+    assert "model.layers.0.self_attn.q_proj" in flagged
+    assert not any("1536" in reason for reason in issues)
