@@ -93,7 +93,8 @@ def _pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
         for e in range(1, per):  # over the 2 or 4 slots of a byte, each a whole-tensor op
             packed |= u[..., e] << (e * bits)
         u = packed
-    return u.contiguous().view(torch.int32)
+    # through 1-D: a (1, n) tensor may be "contiguous" with an odd row stride that view() refuses
+    return u.contiguous().reshape(-1).view(torch.int32).view(rows, words)
 
 
 def _pack_blocks(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -141,7 +142,7 @@ def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
 
 def _unpack_bytes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     rows = packed.shape[0]
-    u = packed.contiguous().view(torch.uint8)  # (rows, 4 * words)
+    u = packed.contiguous().reshape(-1).view(torch.uint8).view(rows, -1)  # (rows, 4 * words)
     if bits < 8:
         mask = (1 << bits) - 1
         u = torch.stack([(u >> (e * bits)) & mask for e in range(8 // bits)], dim=-1).view(rows, -1)

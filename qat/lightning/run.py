@@ -133,9 +133,11 @@ def _export(model, tokenizer, data: TextDataModule, out_dir: Path, options) -> d
     export_model(model, tokenizer, out_dir, dtype=dtype)
     result: dict[str, Any] = {"export_dir": str(out_dir),
                               "export_bytes": sum(f.stat().st_size for f in out_dir.iterdir())}
-    served = load_quantized(out_dir, dtype=dtype)
-    result["export_weight_bytes"] = weight_bytes(served)["total"]
+    result["export_weight_bytes"] = weight_bytes(load_quantized(out_dir, dtype=dtype))["total"]
     if options.evaluate:
+        # Stored tensors upcast exactly to float32 for the non-quantized layers: CPUs without
+        # native bf16 run a bf16 lm_head many times slower. Quantized layers use their kernels.
+        served = load_quantized(out_dir, dtype=torch.float32)
         spec = data.spec
         result["export_ppl"] = perplexity(served, data.eval_ids, window=spec.eval_window,
                                           max_windows=spec.eval_windows,
