@@ -138,7 +138,7 @@ def linear_int4(x: torch.Tensor, weight: torch.Tensor, scale_zeros: torch.Tensor
     Returns:
         (..., N) in x.dtype.
     """
-    x2 = x.reshape(-1, x.shape[-1]).to(scale_zeros.dtype).contiguous()
+    x2 = _as_2d(x, scale_zeros.dtype)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, kernel_group, scale_zeros)
     return _finish(y, bias, x)
 
@@ -153,7 +153,7 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     Returns:
         (..., N) in x.dtype.
     """
-    x2 = x.reshape(-1, x.shape[-1]).to(scale.dtype).contiguous()
+    x2 = _as_2d(x, scale.dtype)
     y = torch.ops.aten._weight_int8pack_mm(x2, weight, scale.reshape(-1))
     if zero_point is not None:  # subtract x @ (zp * scale).T, one zero point per channel, in float32
         zero_term = (zero_point.float() * scale.float()).t()  # (1, N)
@@ -161,7 +161,17 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return _finish(y, bias, x)
 
 
+def _as_2d(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., K) -> contiguous (M, K) in the kernel dtype; decode-sized calls skip the no-op conversions
+    (each costs microseconds, as much as a small layer's whole kernel)."""
+    if x.dim() == 2 and x.dtype == dtype and x.is_contiguous():
+        return x
+    return x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+
+
 def _finish(y: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     if bias is not None:
         y = y.float() + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])

@@ -72,7 +72,8 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scale_zeros", None, persistent=False)  # CPU int4 only: replaces weight_scale
         self.layout = CANONICAL
         self.kernel_group = None
-        self.backend = "auto"  # "reference": always dequantize in float32 (exact, slow), on any device
+        self._cpu_call = None  # (kernel fn, its tensors) as plain attributes: a buffer lookup costs ~1.5 us
+        self._backend = "auto"
 
     @classmethod
     def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -93,21 +94,31 @@ class QuantizedLinear(nn.Module):
         return cls(pack(q, bits), scale_bf16, zero_point, q.shape[1], bits, group_size, bias)
 
     # ---- dispatch ---------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """"auto" (fastest kernel for the device) or "reference" (float32 dequantize, exact, slow)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in ("auto", "reference"):
+            raise ValueError(f"backend={value!r} is not allowed; choose 'auto' or 'reference'")
+        self._backend = value
+        self._restore()  # drops any CPU layout; "auto" rebuilds it on the next CPU forward
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "reference":
-            self._restore()
-        elif x.is_cuda:
+        cpu_call = self._cpu_call
+        if cpu_call is not None and x.is_cpu:  # the decode hot path first: microseconds count there
+            return cpu_call[0](x, *cpu_call[1])
+        if self._backend == "auto" and x.is_cuda:
             self._restore()
             if self.triton_supported() and triton_available():
                 return self._forward_triton(x)
-        elif x.device.type == "cpu":
-            if self.layout == CANONICAL:
-                self.prepare()
-            if self.layout == CPU_INT4:
-                return cpu.linear_int4(x, self.weight_packed, self.scale_zeros, self.kernel_group, self.bias)
-            if self.layout == CPU_INT8:
-                return cpu.linear_int8(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
-                                       self.bias)
+        elif self._backend == "auto" and x.is_cpu:
+            self.prepare()
+            if self._cpu_call is not None:
+                return self._cpu_call[0](x, *self._cpu_call[1])
+        self._restore()
         return linear_reference(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                 self.bits, self.group_size, self.in_features, self.bias)
 
@@ -136,8 +147,8 @@ class QuantizedLinear(nn.Module):
 
     @torch.no_grad()
     def prepare(self) -> None:
-        """Convert to the CPU kernel's layout now (a no-op off CPU or when already done)."""
-        if self.layout != CANONICAL or self.weight_packed.device.type != "cpu":
+        """Convert to the CPU kernel's layout now (a no-op off CPU, when done, or for "reference")."""
+        if self.layout != CANONICAL or self.weight_packed.device.type != "cpu" or self._backend != "auto":
             return
         backend = self.cpu_backend()
         if backend == CPU_INT4:
@@ -145,8 +156,12 @@ class QuantizedLinear(nn.Module):
                 self.weight_packed, self.weight_scale, self.weight_zero_point, self.in_features,
                 self.group_size)
             self.weight_scale = None
+            self._cpu_call = (cpu.linear_int4, (self.weight_packed, self.scale_zeros, self.kernel_group,
+                                                self.bias))
         elif backend == CPU_INT8:
             self.weight_packed = cpu.prepare_int8(self.weight_packed, self.in_features)
+            self._cpu_call = (cpu.linear_int8, (self.weight_packed, self.weight_scale,
+                                                self.weight_zero_point, self.bias))
         self.layout = backend
 
     @torch.no_grad()
@@ -162,6 +177,7 @@ class QuantizedLinear(nn.Module):
         if self.layout != CANONICAL:
             self.weight_packed, self.weight_scale = self.canonical_tensors()
             self.scale_zeros, self.kernel_group, self.layout = None, None, CANONICAL
+        self._cpu_call = None
 
     def weight_bytes(self) -> int:
         """Bytes held for the weight (codes in whatever layout, scales, zero points); bias not counted."""
