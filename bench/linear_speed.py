@@ -4,13 +4,14 @@ Claim measured: on the default model's Linear shapes (SmolLM2-135M) and a 4096x4
 and 32 tokens, how long one forward takes with W4 g64 (symmetric, asymmetric) and W8 per-channel weights,
 relative to bf16 F.linear in the same run. fp32 F.linear is reported too: on CPUs without native bf16 it
 is the faster float baseline. Timings are interleaved (one call of every variant per round) and the
-median is kept, so background load hits every variant alike.
+median is kept, so background load hits every variant alike (the order is shuffled per round).
 
 Writes bench/results/linear_speed.json and the `linear_speed` section of BENCHMARKS.md.
 Run: python bench/linear_speed.py  [--threads 2] [--min-time 0.3]
 """
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -47,14 +48,21 @@ def make_layer(out_features, in_features, bits, group_size, symmetric, gen):
 
 
 def time_interleaved(fns: dict, min_time: float, min_rounds: int = 10, max_rounds: int = 500) -> tuple:
-    """Median and minimum seconds per call of each fn, calling every fn once per round."""
+    """Median and minimum seconds per call of each fn, calling every fn once per round.
+
+    The order is shuffled every round: whichever variant runs right after the fp32 baseline (which
+    evicts the caches) would otherwise always pay for it.
+    """
     for fn in fns.values():  # warm-up
         fn(), fn()
     samples = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(0)
     start = time.perf_counter()
     rounds = 0
     while rounds < min_rounds or (time.perf_counter() - start < min_time * len(fns) and rounds < max_rounds):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
