@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from qat.quant.grid import (DTYPES, compute_qparams, dequantize, group_view, minmax, quantize,
-                            qrange)
+                            qrange, round_scale)
 from qat.quant.observers import build_observer
 from qat.quant.spec import ActivationSpec, WeightSpec
 from qat.quant.ste import fake_quantize, round_ste, scale_gradient
@@ -17,7 +17,8 @@ class FakeQuantWeight(nn.Module):
     """Fake-quantizes a (out, in) weight on the spec's grid.
 
     With `learnable_scale` the scales are parameters (LSQ), initialised from the weight's min/max at
-    construction; otherwise the observer gives them every call.
+    construction; otherwise the observer gives them every call, unless `set_qparams` fixed them
+    (post-training quantization chose a grid that re-observing the weight would not reproduce).
     """
 
     def __init__(self, spec: WeightSpec, weight: torch.Tensor | None = None) -> None:
@@ -35,11 +36,55 @@ class FakeQuantWeight(nn.Module):
     def _grouped(self, w: torch.Tensor) -> torch.Tensor:
         return group_view(w, self.spec.granularity, self.spec.group_size)
 
+    @property
+    def static(self) -> bool:
+        """True when `set_qparams` fixed the grid of an observer-driven quantizer."""
+        return not self.spec.learnable_scale and "scale" in self._buffers
+
+    @torch.no_grad()
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Fix (scale, zero_point), shaped (rows, groups, 1), as this quantizer's grid.
+
+        Learned scales are overwritten in place (the optimizer keeps its reference); otherwise they
+        become persistent buffers that `qparams` returns instead of observing the weight, so a grid
+        chosen by GPTQ or AWQ's clipping survives later calls and checkpoints.
+        """
+        scale = round_scale(scale.detach().float(), self.spec.scale_dtype)
+        zero_point = zero_point.detach().float()
+        if scale.ndim != 3 or scale.shape[-1] != 1 or zero_point.shape != scale.shape:
+            raise ValueError(f"set_qparams wants (rows, groups, 1) scale and zero_point, got "
+                             f"{tuple(scale.shape)} and {tuple(zero_point.shape)}")
+        if self.spec.learnable_scale or self.static:
+            if self.scale.shape != scale.shape:
+                raise ValueError(f"set_qparams: scale shape {tuple(scale.shape)} differs from the "
+                                 f"quantizer's {tuple(self.scale.shape)}")
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+            return
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("zero_point", zero_point.clone())
+
+    def clear_qparams(self) -> None:
+        """Back to observing the weight (no-op for learned scales)."""
+        if self.static:
+            del self._buffers["scale"], self._buffers["zero_point"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A fresh quantizer has no static buffers yet; take them when the checkpoint has them.
+        if not self.spec.learnable_scale and prefix + "scale" in state_dict and not self.static:
+            self.register_buffer("scale", torch.empty_like(state_dict[prefix + "scale"]))
+            self.register_buffer("zero_point", torch.empty_like(state_dict[prefix + "zero_point"]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) shaped (rows, groups, 1), exactly as the forward pass uses them."""
         spec = self.spec
         if spec.learnable_scale:
             return round_ste(self.scale, DTYPES[spec.scale_dtype]), self.zero_point
+        if self.static:
+            if self.scale.device != w.device:  # loaded from a CPU state dict after .to(device)
+                self.scale, self.zero_point = self.scale.to(w.device), self.zero_point.to(w.device)
+            return self.scale, self.zero_point
         lo, hi = self.observer(self._grouped(w))
         return compute_qparams(lo, hi, spec.bits, spec.symmetric, spec.scale_dtype)
 
