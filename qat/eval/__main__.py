@@ -1,0 +1,60 @@
+"""python -m qat.eval SOURCE [--data wiki] [--ood shakespeare|none] [--json PATH]
+
+Perplexity on the protocol of eval-protocol.md (wiki: last 5% of entries, 64 windows of 512 tokens;
+Shakespeare: last 5% of plays, 32 windows) for SOURCE, which is any of:
+  a run directory (checkpoints/last.ckpt) or a .ckpt file: the trained fake-quantized model;
+  an export directory (config.json with quantization_config): packed weights, fused kernels;
+  a float model: a Hugging Face model dir or a builtin name (smollm2-135m, tiny) or a hub id.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qat.eval.evaluate import evaluate, protocol_sets
+from qat.eval.tables import text_table
+
+
+def format_results(out: dict) -> str:
+    rows = [(name, r["corpus"], r["n_windows"], f"{r['n_tokens']:,}", f"{r['ppl']:.4f}",
+             f"{r['seconds']:.1f}")
+            for name, r in out["results"].items()]
+    head = f"{out['source']} ({out['kind']}), windows of {out['window']} tokens"
+    return head + "\n" + text_table(("set", "corpus", "windows", "tokens", "ppl", "seconds"), rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qat.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="run dir, .ckpt, export dir, model dir or builtin name")
+    parser.add_argument("--data", default="wiki", help="in-domain corpus (builtin, file or hub id)")
+    parser.add_argument("--ood", default="shakespeare", help="out-of-domain corpus, or 'none'")
+    parser.add_argument("--window", type=int, default=512, help="tokens per window")
+    parser.add_argument("--windows", type=int, default=64, help="in-domain windows scored")
+    parser.add_argument("--ood-windows", type=int, default=32, help="out-of-domain windows scored")
+    parser.add_argument("--fraction", type=float, default=0.05, help="held-out fraction (entries)")
+    parser.add_argument("--ood-fraction", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    parser.add_argument("--backend", default="auto", choices=("auto", "reference"),
+                        help="export kernels: fused (auto) or exact float32 dequantization")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--progress", action="store_true", help="print a line per batch")
+    args = parser.parse_args(argv)
+    sets = protocol_sets(args.data, None if args.ood.lower() == "none" else args.ood, args.windows,
+                         args.ood_windows, args.fraction, args.ood_fraction)
+    try:
+        out = evaluate(args.source, sets, window=args.window, batch_size=args.batch_size,
+                       backend=args.backend, progress=args.progress)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_results(out))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Protocol perplexity of anything we produce: a float model, a training run, or an export.
+
+The token ids are built by the very functions `qat.lightning.data.TextDataModule` uses (same split,
+same join, same tokenization), without tokenizing a training split nobody scores here; the windows
+and the NLL pooling are `qat.eval.perplexity`'s. So a run's `ppl` in metrics.json and this module's
+number for the same run directory agree.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat.eval.perplexity import PerplexityResult, perplexity
+
+KINDS = ("float", "run", "export")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One scored text: a corpus, its held-out fraction and how many windows of it count."""
+
+    name: str  # the label in tables and JSON: "eval" (in-domain) or "ood"
+    corpus: str  # builtin (wiki | shakespeare | tiny), a local .txt/.json/.jsonl, or a hub id
+    fraction: float = 0.05  # the last fraction of entries is held out
+    windows: int = 64
+    text_field: str = "text"
+
+
+def protocol_sets(data: str = "wiki", ood: str | None = "shakespeare", windows: int = 64,
+                  ood_windows: int = 32, fraction: float = 0.05,
+                  ood_fraction: float = 0.05) -> list[EvalSet]:
+    """eval-protocol.md's two sets by default: 64 wiki windows and 32 Shakespeare windows."""
+    sets = [EvalSet("eval", data, fraction, windows)]
+    if ood is not None:
+        sets.append(EvalSet("ood", ood, ood_fraction, ood_windows))
+    return sets
+
+
+def held_out_ids(tokenizer, eval_set: EvalSet) -> torch.Tensor:
+    """(N,) ids of the held-out entries joined by blank lines, as TextDataModule builds them."""
+    from qat.lightning.data import load_texts, split_entries, tokenize
+
+    texts = load_texts(eval_set.corpus, eval_set.text_field, f"{eval_set.name} corpus", hub=True)
+    _, held_out = split_entries(texts, eval_set.fraction)
+    if not held_out:
+        raise ValueError(f"{eval_set.name} corpus {eval_set.corpus!r}: {len(texts)} entries leave "
+                         f"nothing to hold out at fraction {eval_set.fraction}")
+    return tokenize(tokenizer, held_out)
+
+
+def source_kind(source: str | Path) -> str:
+    """"run" (a run dir or .ckpt), "export" (config.json with quantization_config) or "float"."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".ckpt" or (path / "checkpoints" / "last.ckpt").is_file():
+        return "run"
+    config = path / "config.json"
+    if config.is_file() and "quantization_config" in json.loads(config.read_text()):
+        return "export"
+    if path.is_dir() and not config.is_file():
+        raise FileNotFoundError(f"{path}: neither a run dir (checkpoints/last.ckpt), an export nor a "
+                                "model dir (config.json)")
+    return "float"
+
+
+def load_for_eval(source: str | Path, backend: str = "auto") -> tuple[nn.Module, Any, Any, str]:
+    """(model, tokenizer, context manager to evaluate under, kind) for any source.
+
+    A run's fake-quantized model is evaluated with its float tensors rounded to the run's export
+    dtype (`as_exported`), exactly as train.py measured its final `ppl`; an export loads with the
+    fused kernels and float32 for the non-quantized layers, as train.py measures `export_ppl`.
+    """
+    kind = source_kind(source)
+    path = Path(source).expanduser()
+    if kind == "run":
+        from qat.export.checkpoint import model_from_checkpoint
+        from qat.export.compressed_tensors import as_exported
+        from qat.quant import fake_quant_modules
+
+        ckpt = path if path.is_file() else path / "checkpoints" / "last.ckpt"
+        model, tokenizer, config = model_from_checkpoint(ckpt)
+        dtype = (config.get("export") or {}).get("dtype", "bfloat16")
+        quantized = any(True for _ in fake_quant_modules(model))
+        context = as_exported(model, getattr(torch, dtype)) if quantized else nullcontext()
+        return model, tokenizer, context, kind
+    if kind == "export":
+        from transformers import AutoTokenizer
+
+        from qat.export.load import load_quantized
+
+        model = load_quantized(path, dtype=torch.float32, backend=backend)
+        return model, AutoTokenizer.from_pretrained(str(path)), nullcontext(), kind
+    from qat.models import ModelSpec, load_model
+
+    name = {"smollm2": "smollm2-135m"}.get(str(source), str(source))
+    spec = ModelSpec(path=str(path)) if path.is_dir() else ModelSpec(name=name)
+    model, tokenizer = load_model(spec)
+    return model, tokenizer, nullcontext(), kind
+
+
+def evaluate(source: str | Path, sets: list[EvalSet], window: int = 512, batch_size: int = 4,
+             backend: str = "auto", progress: bool = False) -> dict[str, Any]:
+    """Perplexity of `source` on every set.
+
+    Returns:
+        {"source", "kind", "window", "results": {set name: {"corpus", "ppl", "nll_sum",
+        "n_tokens", "n_windows", "seconds"}}}: JSON-ready.
+    """
+    model, tokenizer, context, kind = load_for_eval(source, backend)
+    out: dict[str, Any] = {"source": str(source), "kind": kind, "window": window, "results": {}}
+    with context:
+        for eval_set in sets:
+            ids = held_out_ids(tokenizer, eval_set)
+            result: PerplexityResult = perplexity(model, ids, window=window,
+                                                  max_windows=eval_set.windows,
+                                                  batch_size=batch_size, progress=progress)
+            out["results"][eval_set.name] = {"corpus": eval_set.corpus, **asdict(result)}
+    return out

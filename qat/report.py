@@ -1,0 +1,29 @@
+"""python -m qat.report SWEEP_DIR: report.md (table) and report.png (perplexity vs size) of a sweep.
+
+SWEEP_DIR is a Hydra multirun directory (or any directory) whose run dirs hold metrics.json; they
+are found recursively. report.json beside them holds the same numbers for scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qat.eval.report import write_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qat.report", description=__doc__)
+    parser.add_argument("sweep_dir", help="directory holding run dirs with metrics.json")
+    args = parser.parse_args(argv)
+    try:
+        md, png = write_report(args.sweep_dir)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(md.read_text())
+    print(f"wrote {md} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
