@@ -11,7 +11,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY_CORPUS = CONF.parent / "qat" / "models" / "tiny_corpus.txt"
 RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))
-          for g in ("model", "data", "trainer", "logger", "quant")}
+          for g in ("model", "data", "trainer", "logger", "quant", "distill")}
 
 
 def compose_train(overrides=()):
@@ -26,6 +26,15 @@ def test_a_required_value_left_unset_is_named():
 
 def test_the_required_recipes_exist():
     assert {"w8", "w4g64", "w4g128", "w3g64", "w2g64"} <= set(RECIPES)
+    assert {"w4g64_kd", "w3g64_kd", "w2g64_kd", "w4g128_kd", "w3g128_kd", "w2g128_kd"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.endswith("_kd")])
+def test_kd_recipes_enable_distillation_from_the_float_model(recipe):
+    specs = build_specs(compose_train([f"recipe={recipe}"]))
+    assert specs.distill.enabled and specs.distill.teacher.is_self
+    assert not build_specs(compose_train([f"recipe={recipe.removesuffix('_kd')}"])).distill.enabled \
+        if recipe.removesuffix("_kd") in RECIPES else True
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -40,7 +49,7 @@ def test_recipe_composes_and_instantiates(recipe):
 def test_group_option_composes(group, option):
     extra = [f"data.path={TINY_CORPUS}"] if (group, option) == ("data", "local") else []
     cfg = compose_train([f"{group}={option}", *extra])
-    if group in ("model", "data", "quant"):
+    if group in ("model", "data", "quant", "distill"):
         build_specs(cfg)
     elif group == "trainer":
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
@@ -71,7 +80,17 @@ def test_recipe_values_win_over_train_yaml_and_cli_wins_over_recipe():
     ("optim.lr=-1", "optim.lr"),
     ("trainer.max_steps=-5", "trainer.max_steps"),
     ("model.dtype=int8", "model.dtype"),
+    ("distill=kd", None),
+    ("distill.loss=kl", "distill.loss"),
+    ("distill.temperature=0", "distill.temperature"),
+    ("distill.teacher.dtype=int4", "distill.teacher.dtype"),
+    ("data.generated_samples=-1", "data.generated_samples"),
+    ("export.dtype=int8", "export.dtype"),
 ])
 def test_bad_values_name_the_field(override, field):
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    if field is None:  # a valid group choice, here so that the ones after it compose
         build_specs(compose_train([override]))
+        return
+    group = ["distill=kd"] if override.startswith("distill.") else []
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build_specs(compose_train([*group, override]))

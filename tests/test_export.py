@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qat.export.compressed_tensors import read_config
+from qat.export.compressed_tensors import as_exported, read_config
 from qat.export.load import load_quantized, weight_bytes
 from qat.export.writer import export_model
 from qat.kernels import QuantizedLinear
@@ -65,6 +65,23 @@ def test_bf16_export_with_fast_kernels_is_close(peaked_llama, tmp_path):
     # bf16 activations and embeddings: relative error of a few bf16 ulps accumulated over 2 layers.
     rel = (logits - trained).norm() / trained.norm()
     assert rel < 2e-2, rel
+
+
+def test_as_exported_computes_the_bf16_export_and_restores(peaked_llama, tmp_path):
+    """Inside `as_exported` the fake-quant model equals the bf16 export reloaded in float32."""
+    prepare(peaked_llama, QuantConfig(weight=WeightSpec(bits=4, group_size=64)))
+    before = {k: v.clone() for k, v in peaked_llama.state_dict().items()}
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    export_model(peaked_llama, None, tmp_path / "export")  # bf16 for everything not packed
+    served = load_quantized(tmp_path / "export", dtype=torch.float32, backend="reference")
+    with torch.no_grad():
+        with as_exported(peaked_llama, torch.bfloat16):
+            trained = peaked_llama(ids).logits
+        full = peaked_llama(ids).logits
+        torch.testing.assert_close(served(ids).logits, trained, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full, trained, rtol=1e-5, atol=1e-5)  # the rounding is real
+    for key, value in peaked_llama.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_config_json_is_compressed_tensors_pack_quantized(tiny_llama, tmp_path):

@@ -21,8 +21,7 @@ def compose_train(overrides):
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_train(TINY + ["recipe=w4g128", "trainer.max_steps=6", "export.enabled=true",
-                                "export.dtype=float32"])
+    cfg = compose_train(TINY + ["recipe=w4g128", "trainer.max_steps=6", "export.enabled=true"])
     return run_dir, train(cfg, run_dir=run_dir)
 
 
@@ -30,8 +29,10 @@ def test_export_ppl_matches_the_run(exported_run):
     run_dir, metrics = exported_run
     assert (run_dir / "export" / "config.json").is_file()
     assert (run_dir / "export" / "tokenizer.json").is_file()
-    # float32 embeddings, bf16 activations in the int4 kernel: within 1% of the fake-quant ppl.
-    assert metrics["export_ppl"] == pytest.approx(metrics["ppl"], rel=1e-2)
+    # The run's ppl is measured as exported (bf16 embeddings and norms); the reload unpacks the
+    # stored codes and computes in float32: equal up to float32 summation order.
+    assert metrics["export_eval_backend"] == "reference"
+    assert metrics["export_ppl"] == pytest.approx(metrics["ppl"], rel=1e-5)
     assert json.loads((run_dir / "metrics.json").read_text())["export_ppl"] == metrics["export_ppl"]
 
 

@@ -32,6 +32,12 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Any, dict[str, A
     ckpt = read_checkpoint(path)
     config = ckpt["qat"]["config"]
     model, tokenizer = load_model(instantiate(config["model"]))
+    if config.get("model_shrink"):  # structured pruning cut heads / channels: rebuild smaller
+        from transformers import AutoModelForCausalLM
+
+        for key, value in config["model_shrink"].items():
+            setattr(model.config, key, value)
+        model = AutoModelForCausalLM.from_config(model.config).to(model.dtype)
     quant = instantiate(config["quant"])
     if quant.weight is not None:
         prepare(model, quant)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,36 @@ def compressed_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16
     ignore = [n for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and not isinstance(m, FakeQuantLinear)]
     return {k: v.contiguous() for k, v in tensors.items()}, specs, ignore
+
+
+@contextmanager
+def as_exported(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Iterator[nn.Module]:
+    """Temporarily round every tensor the export stores in `dtype` (all but the quantized weights).
+
+    Inside the block the fake-quantized model computes what the exported model computes, so the
+    run's final perplexity is the deployed model's and not that of a float32 model nobody ships.
+    The original values are restored on exit.
+    """
+    quantized = {n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: set[int] = set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        owner, _, leaf = key.rpartition(".")
+        if (owner in quantized and leaf == "weight") or ".weight_fake_quant." in key \
+                or ".input_fake_quant." in key or not value.is_floating_point():
+            continue
+        if value.data_ptr() in seen or value.dtype == dtype:
+            continue
+        seen.add(value.data_ptr())
+        saved.append((value, value.detach().clone()))
+        with torch.no_grad():
+            value.copy_(value.detach().to(dtype))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for value, original in saved:
+                value.copy_(original)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:

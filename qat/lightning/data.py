@@ -45,6 +45,8 @@ class DataSpec:
     ood: str | None = None  # second eval set: builtin name or a local file
     ood_fraction: float = 0.05  # protocol: last 5% of Shakespeare's plays = 2 plays
     ood_windows: int = 32
+    generated_samples: int = 0  # > 0: train on this many teacher-written sequences (data-free)
+    generation_temperature: float = 1.0  # sampling temperature of those sequences
 
     def __post_init__(self) -> None:
         if isinstance(self.path, str) and not self.path.strip():
@@ -65,12 +67,15 @@ class DataSpec:
                 raise ValueError(f"data.{field} must be a number in (0, 1), got {value!r}")
         for field, low in (("block_size", 2), ("batch_size", 1), ("eval_window", 2),
                            ("eval_windows", 1), ("eval_batch_size", 1), ("num_workers", 0),
-                           ("ood_windows", 1)):
+                           ("ood_windows", 1), ("generated_samples", 0)):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"data.{field} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"data.seed must be an integer, got {self.seed!r}")
+        temp = self.generation_temperature
+        if not isinstance(temp, (int, float)) or isinstance(temp, bool) or not temp > 0:
+            raise ValueError(f"data.generation_temperature must be a number > 0, got {temp!r}")
         if self.ood is not None and (not isinstance(self.ood, str) or not self.ood):
             raise ValueError(f"data.ood must be null, a builtin name {sorted(BUILTIN_CORPORA)} or a "
                              f"local file, got {self.ood!r}")

@@ -49,12 +49,15 @@ class QATModule(L.LightningModule):
         quant_start_step: fake quantization is off before this optimizer step.
         run_config: the resolved run config, stored in every checkpoint so a checkpoint alone can
             rebuild the model (the exporter relies on it).
+        distiller: when given, the loss comes from the frozen teacher (`qat.distill.Distiller`);
+            it is a plain object, so the teacher stays out of checkpoints and the optimizer.
     """
 
     def __init__(self, model: nn.Module, optim: OptimSpec, quant_start_step: int = 0,
-                 run_config: dict[str, Any] | None = None) -> None:
+                 run_config: dict[str, Any] | None = None, distiller: Any = None) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode; observers update in train
+        self.distiller = distiller
         self.optim = optim
         self.quant_start_step = quant_start_step
         self.run_config = run_config or {}
@@ -69,10 +72,20 @@ class QATModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"]  # (B, T)
-        loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        if self.distiller is None:
+            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        else:
+            parts = self.distiller(self.model, ids)
+            loss = parts.pop("loss")
+            for key, value in parts.items():
+                self.log(f"train/{key}", value.detach(), on_step=True, batch_size=ids.shape[0])
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=ids.shape[0])
         self.loss_history.append(loss.item())
         return loss
+
+    def on_fit_start(self) -> None:
+        if self.distiller is not None:
+            self.distiller.to(self.device)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.quant_start_step and self.global_step == self.quant_start_step:

@@ -19,10 +19,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from qat.assets import cache_dir
+from qat.distill import DistillSpec, Distiller, build_teacher
 from qat.io import atomic_path, write_json
 from qat.lightning.data import DataSpec, TextDataModule
 from qat.lightning.module import OptimSpec, QATModule
 from qat.models import ModelSpec, load_model
+from qat.prune.spec import PruneSpec
 from qat.quant import PrepareReport, QuantConfig, plan, prepare, set_fake_quant_enabled
 
 
@@ -36,12 +39,24 @@ class Specs:
     data: DataSpec
     quant: QuantConfig
     optim: OptimSpec
+    distill: DistillSpec
+    prune: PruneSpec
+    ptq: Any
+
+
+def _default_ptq():
+    from qat.ptq import PTQSpec
+    return PTQSpec()
 
 
 def build_specs(cfg: DictConfig) -> Specs:
     """Instantiate and validate every spec; raise ConfigError naming the bad field."""
     specs = {}
-    for key in ("model", "data", "quant", "optim"):
+    defaults = {"distill": DistillSpec, "prune": PruneSpec, "ptq": _default_ptq}
+    for key in ("model", "data", "quant", "optim", "distill", "prune", "ptq"):
+        if key in defaults and cfg.get(key) is None:
+            specs[key] = defaults[key]()  # configs written before these groups existed
+            continue
         try:
             specs[key] = instantiate(cfg[key])
         except InstantiationException as err:
@@ -53,6 +68,12 @@ def build_specs(cfg: DictConfig) -> Specs:
     max_steps = cfg.trainer.get("max_steps", -1)
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer >= 0")
+    export_dtypes = ("bfloat16", "float16", "float32")
+    if cfg.export.dtype not in export_dtypes:
+        raise ConfigError(f"export.dtype={cfg.export.dtype!r} is not one of {export_dtypes}")
+    backends = ("reference", "auto")
+    if cfg.export.get("eval_backend", "reference") not in backends:
+        raise ConfigError(f"export.eval_backend={cfg.export.eval_backend!r} is not one of {backends}")
     return Specs(**specs)
 
 
@@ -63,22 +84,44 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         specs = build_specs(cfg)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         model, tokenizer = load_model(specs.model)
-        report = plan(model, specs.quant) if specs.quant.weight is not None else None
+        plan(model, specs.quant) if specs.quant.weight is not None else None  # patterns, groups
         data = TextDataModule(specs.data, tokenizer,
                               max_positions=getattr(model.config, "max_position_embeddings", None))
         data.setup("fit")
+        # the float model, frozen before pruning and fake quantization touch it
+        teacher = build_teacher(specs.distill.teacher, model, tokenizer) \
+            if specs.distill.enabled else None
+        if specs.data.generated_samples:
+            _use_teacher_text(data, teacher, model, tokenizer, specs.data)
+        pruner, shrunk = _start_pruning(model, specs.prune, data) if specs.prune.enabled \
+            else (None, None)
+        report = plan(model, specs.quant) if specs.quant.weight is not None else None
+        if report is not None and specs.quant.budget_bits is not None:
+            specs.quant = _mixed_precision(model, specs.quant, specs.ptq, data, report)
+            report = plan(model, specs.quant)
         if report is not None:
             _check_serving(report, strict=cfg.export.strict)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         _remove_run_dir(run_dir)
         raise ConfigError(str(err)) from err
 
+    ptq_report = None
     if report is not None:
         prepare(model, specs.quant)
         print(report)
+        if specs.quant.init is not None:
+            ptq_report = _post_training_quantize(model, specs, data)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    module = QATModule(model, specs.optim, specs.quant.start_step, run_config)
-    trainer = _build_trainer(cfg, run_dir)
+    if shrunk:  # the checkpoint rebuilds the smaller model from these config changes
+        run_config["model_shrink"] = shrunk["config"]
+    distiller = Distiller(specs.distill, teacher) if teacher is not None else None
+    module = QATModule(model, specs.optim, specs.quant.start_step, run_config, distiller)
+    callbacks = [pruner] if pruner is not None else []
+    if report is not None:
+        from qat.eval.callbacks import SQNRCallback
+
+        callbacks.append(SQNRCallback(run_dir))
+    trainer = _build_trainer(cfg, run_dir, callbacks)
 
     metrics: dict[str, Any] = {"recipe": _recipe_name(cfg), "model": _model_name(specs.model),
                                "scheme": _scheme(report)}
@@ -92,7 +135,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if cfg.trainer.max_steps > 0:
         trainer.fit(module, datamodule=data)
     train_seconds = time.perf_counter() - start
-    metrics["ppl"] = _evaluate(trainer, module, data, "val", quantized=report is not None)
+    if report is not None:  # the deployed model: everything but the packed weights in export.dtype
+        from qat.export.compressed_tensors import as_exported
+
+        with as_exported(model, getattr(torch, cfg.export.dtype)):
+            metrics["ppl"] = _evaluate(trainer, module, data, "val", quantized=True)
+    else:
+        metrics["ppl"] = _evaluate(trainer, module, data, "val", quantized=False)
     steps = trainer.global_step
     metrics.update(steps=steps, tokens=steps * specs.data.batch_size * specs.data.block_size
                    * cfg.trainer.get("accumulate_grad_batches", 1),
@@ -103,11 +152,153 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     _save_checkpoint(trainer, module, run_dir / "checkpoints" / "last.ckpt")
     if report is not None:
         write_json(run_dir / "quant_report.json", report.to_dict())
+    if ptq_report is not None:
+        write_json(run_dir / "ptq_report.json", ptq_report.to_dict())
+        metrics["ptq_seconds"] = round(ptq_report.seconds, 1)
+    if specs.quant.budget_bits is not None:
+        metrics["budget_bits"] = specs.quant.budget_bits
+    if specs.prune.enabled:
+        metrics.update(_prune_report(model, specs.prune, shrunk, run_dir))
     if cfg.export.enabled and report is not None:
         metrics.update(_export(model, tokenizer, data, run_dir / "export", cfg.export))
+        if specs.prune.nm:
+            metrics["export_nm_ok"] = _check_export_nm(run_dir / "export", specs.prune)
     write_json(run_dir / "metrics.json", metrics)
     print(summary(metrics, run_dir))
     return metrics
+
+
+def _use_teacher_text(data: TextDataModule, teacher, model, tokenizer, spec: DataSpec) -> None:
+    """Data-free QAT: replace the corpus's training blocks by teacher-written ones (cached)."""
+    import copy
+
+    from qat.distill import freeze
+    from qat.distill.generate import generated_blocks
+
+    writer = teacher if teacher is not None else freeze(copy.deepcopy(model))
+    start = time.perf_counter()
+    data.train_blocks = generated_blocks(writer, tokenizer, spec.generated_samples, spec.block_size,
+                                         cache_dir(), seed=spec.seed,
+                                         temperature=spec.generation_temperature)
+    print(f"data: training on {data.train_blocks.shape[0]} teacher-written sequences of "
+          f"{spec.block_size} tokens ({time.perf_counter() - start:.0f} s)")
+
+
+def _calibration_ids(data: TextDataModule, samples: int, seq_len: int) -> torch.Tensor:
+    """(samples, seq_len) consecutive training tokens: the first `samples` windows of the split."""
+    flat = data.train_blocks.reshape(-1)
+    samples = min(samples, flat.numel() // seq_len)
+    if samples == 0:
+        raise ValueError(f"ptq.seq_len={seq_len} is longer than the whole training split")
+    return flat[: samples * seq_len].view(samples, seq_len)
+
+
+def _post_training_quantize(model, specs: Specs, data: TextDataModule):
+    """quant.init: put the prepared model's weights on a calibrated grid before any training."""
+    from dataclasses import replace
+
+    from qat.ptq import quantize_model
+
+    spec = replace(specs.ptq, method=specs.quant.init)
+    ids = _calibration_ids(data, spec.calibration_samples, spec.seq_len)
+    report = quantize_model(model, spec, ids)
+    print(report)
+    return report
+
+
+def _mixed_precision(model, quant: QuantConfig, ptq, data: TextDataModule,
+                     report: PrepareReport) -> QuantConfig:
+    """quant.budget_bits: per-block widths from measured sensitivity, as per-layer overrides.
+
+    Each decoder block is quantized alone (RTN) at every width in quant.budget_choices and its
+    KL to the float model measured on ptq.sensitivity_samples sequences; a knapsack then picks
+    the widths with the least total KL whose mean stored bits per weight meet the budget.
+    User overrides still win over the chosen widths.
+    """
+    import re
+    from dataclasses import replace
+
+    from qat.ptq.sensitivity import assign_bits, block_sensitivity
+
+    groups: dict[str, dict] = {}
+    for layer in report.layers:
+        found = re.search(r"layers\.(\d+)\.", layer.name)
+        groups.setdefault(f"block {found.group(1)}" if found else layer.name, {})[layer.name] = \
+            layer.spec
+    numel = {g: sum(l.in_features * l.out_features for l in report.layers if l.name in members)
+             for g, members in groups.items()}
+    ids = _calibration_ids(data, ptq.sensitivity_samples, ptq.seq_len)
+    start = time.perf_counter()
+    sensitivity = block_sensitivity(model, ids, groups, quant.budget_choices)
+    weight = quant.weight
+    widths = assign_bits(sensitivity, numel, quant.budget_bits, quant.budget_choices,
+                         group_size=weight.effective_group_size, symmetric=weight.symmetric)
+    chosen = {name: {"bits": widths[g]} for g, members in groups.items() for name in members}
+    counts = {b: list(widths.values()).count(b) for b in sorted(set(widths.values()))}
+    print(f"mixed precision at {quant.budget_bits} bits per weight: blocks per width {counts} "
+          f"({time.perf_counter() - start:.0f} s)")
+    return replace(quant, overrides={**chosen, **quant.overrides})
+
+
+def _start_pruning(model, spec: PruneSpec, data: TextDataModule):
+    """Prune what is due at step 0 on the float model (so every eval and a 0-step run see it).
+
+    Unstructured and N:M: a callback that holds the masks and follows the schedule. Heads and
+    channels: cut out once, before training, so the student trains (and exports) smaller.
+    Returns (callback or None, shrink result or None).
+    """
+    from qat.prune import PruningCallback, last_update_at, prune, shrink
+    from qat.prune.spec import STRUCTURED
+
+    calibration = data.train_blocks[: spec.calibration_samples] if spec.method == "wanda" else None
+    if spec.pattern in STRUCTURED:
+        if spec.schedule != "oneshot" or spec.start_step != 0:
+            raise ValueError(f"prune.pattern={spec.pattern!r} removes tensors once, before "
+                             "training: use prune.schedule=oneshot with prune.start_step=0")
+        result = shrink(model, prune(model, spec, calibration))
+        print(f"pruned {spec.pattern}: {result['parameters_before']:,} -> "
+              f"{result['parameters_after']:,} parameters ({result['config']})")
+        return None, result
+    callback = PruningCallback(spec, calibration=calibration)
+    if last_update_at(0, spec) is not None:
+        callback.update(model, 0)
+    return callback, None
+
+
+def _prune_report(model, spec: PruneSpec, shrunk: dict | None, run_dir: Path) -> dict[str, Any]:
+    from qat.prune import sparsity_report
+
+    report = sparsity_report(model, spec.include, spec.exclude, spec.pattern)
+    if shrunk:
+        report["shrink"] = shrunk
+    write_json(run_dir / "prune_report.json", report)
+    out = {"sparsity": round(report["overall"]["sparsity"], 6), "parameters": report["parameters"]}
+    if spec.nm:
+        out["nm_ok"] = all(layer["nm_ok"] for layer in report["layers"].values())
+    return out
+
+
+def _check_export_nm(out_dir: Path, spec: PruneSpec) -> bool:
+    """Read the export back and check every pruned layer's stored weights keep the N:M pattern."""
+    from qat.export.load import load_quantized
+    from qat.kernels import QuantizedLinear
+    from qat.prune import check_nm
+    from qat.quant.swap import matches
+
+    served = load_quantized(out_dir, dtype=torch.float32, backend="reference")
+    bad = []
+    with torch.no_grad():
+        for name, layer in served.named_modules():
+            if not isinstance(layer, QuantizedLinear) or not any(matches(name, p) for p in spec.include) \
+                    or any(matches(name, p) for p in spec.exclude):
+                continue
+            out = layer(torch.eye(layer.in_features))  # row j: W[:, j] + bias, exactly as served
+            weight = (out - layer.bias if layer.bias is not None else out).T
+            if not check_nm(weight, *spec.nm):
+                bad.append(name)
+    if bad:
+        raise RuntimeError(f"export {out_dir}: layers {bad[:4]} lost the {spec.pattern} pattern")
+    return True
 
 
 def _check_serving(report: PrepareReport, strict: bool) -> None:
@@ -130,13 +321,14 @@ def _export(model, tokenizer, data: TextDataModule, out_dir: Path, options) -> d
 
     dtype = getattr(torch, options.dtype)
     export_model(model, tokenizer, out_dir, dtype=dtype)
-    result: dict[str, Any] = {"export_dir": str(out_dir),
+    result: dict[str, Any] = {"export_dir": str(out_dir), "export_eval_backend": options.eval_backend,
                               "export_bytes": sum(f.stat().st_size for f in out_dir.iterdir())}
     result["export_weight_bytes"] = weight_bytes(load_quantized(out_dir, dtype=dtype))["total"]
     if options.evaluate:
-        # Stored tensors upcast exactly to float32 for the non-quantized layers: CPUs without
-        # native bf16 run a bf16 lm_head many times slower. Quantized layers use their kernels.
-        served = load_quantized(out_dir, dtype=torch.float32)
+        # Stored tensors upcast exactly to float32. backend=reference unpacks the stored codes
+        # and computes in float32: it checks the export against the run's ppl to float rounding.
+        # backend=auto runs the CPU int4 kernel, whose bf16 activations move ppl by ~4e-4.
+        served = load_quantized(out_dir, dtype=torch.float32, backend=options.eval_backend)
         spec = data.spec
         result["export_ppl"] = perplexity(served, data.eval_ids, window=spec.eval_window,
                                           max_windows=spec.eval_windows,
@@ -186,11 +378,11 @@ def _evaluate(trainer: L.Trainer, module: QATModule, data: TextDataModule, prefi
     return float(trainer.callback_metrics[f"{prefix}/ppl"])
 
 
-def _build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None) -> L.Trainer:
     logger = False
     if cfg.get("logger") and cfg.logger.get("_target_"):
         logger = instantiate(cfg.logger, save_dir=str(run_dir))
-    callbacks = []
+    callbacks = list(callbacks or [])
     every = cfg.checkpoint.every_n_steps
     if every:
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -220,6 +412,9 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
             rows.append((label, f"{metrics[key]:.3f}"))
     if "fp_ppl" in metrics:
         rows.append(("vs float", f"{100 * (metrics['ppl'] / metrics['fp_ppl'] - 1):+.1f}%"))
+    if "sparsity" in metrics:
+        rows.append(("sparsity", f"{100 * metrics['sparsity']:.1f}% of pruned layers' weights"
+                     + (", N:M kept in export" if metrics.get("export_nm_ok") else "")))
     rows.append(("run dir", str(run_dir)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "== qat summary =="] + [f"{k:<{width}}  {v}" for k, v in rows])

@@ -105,6 +105,9 @@ class QuantConfig:
     exclude: tuple[str, ...] = ("lm_head", "*embed*")
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # pattern -> fields
     start_step: int = 0  # fake quantization switches on at this optimizer step
+    init: str | None = None  # PTQ before training: rtn | gptq | awq | smoothquant (settings: ptq.*)
+    budget_bits: float | None = None  # mixed precision: mean stored bits per weight (e.g. 3.5)
+    budget_choices: tuple[int, ...] = (2, 3, 4, 8)  # widths the budget may give a decoder block
 
     def __post_init__(self) -> None:
         if isinstance(self.weight, Mapping):  # filled without _target_ (plain dict config)
@@ -120,6 +123,26 @@ class QuantConfig:
             raise ValueError("quant.include is empty; give at least one module-name pattern")
         if not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(f"quant.start_step={self.start_step!r} must be an integer >= 0")
+        inits = (None, "rtn", "gptq", "awq", "smoothquant")
+        if self.init not in inits:
+            raise ValueError(f"quant.init={self.init!r} is not one of {inits}")
+        object.__setattr__(self, "budget_choices", tuple(self.budget_choices))
+        for bits in self.budget_choices:
+            _check_bits("quant.budget_choices", bits)
+        if self.budget_bits is not None:
+            low, high = min(self.budget_choices, default=0), max(self.budget_choices, default=0)
+            if not isinstance(self.budget_bits, (int, float)) or isinstance(self.budget_bits, bool) \
+                    or not low <= self.budget_bits <= high + 1:
+                raise ValueError(f"quant.budget_bits={self.budget_bits!r} must be a number between "
+                                 f"the smallest and largest of quant.budget_choices "
+                                 f"{self.budget_choices} (plus scale overhead)")
+            if self.weight is None:
+                raise ValueError("quant.budget_bits needs quant.weight to be set")
+        if self.init is not None and self.weight is None:
+            raise ValueError("quant.init needs quant.weight to be set")
+        if self.init is not None and self.start_step:
+            raise ValueError(f"quant.init={self.init!r} quantizes before training: it needs "
+                             f"quant.start_step=0, got {self.start_step}")
         overrides = {str(k): dict(v) for k, v in dict(self.overrides or {}).items()}
         if overrides and self.weight is None:
             raise ValueError("quant.overrides needs quant.weight to be set")

@@ -1,0 +1,110 @@
+"""Recipe comparisons on the default model and eval protocol: distillation, pruning, PTQ.
+
+python bench/recipes.py distill        # W2 g64: KD against CE only, same step budget
+python bench/recipes.py prune          # 2:4 magnitude, 2:4 Wanda (no training), 2:4 + W4 g64 + KD
+python bench/recipes.py ptq            # RTN, GPTQ, AWQ at W4/W3/W2 g64; mixed precision at 3.5 bits
+python bench/recipes.py ROW [ROW ...]  # single rows by name (see ROWS)
+
+Every row is one `python train.py ...` run (its command is in the table); the float perplexity of
+the same run is the baseline. Results merge into bench/results/recipes.json, so groups can be run
+in separate sessions, and each group rewrites its section of BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, machine, markdown_table, update_section, write_json  # noqa: E402
+
+KD_STEPS = 20  # the same optimizer-step budget for the KD and the CE run
+GROUPS: dict[str, dict[str, list[str]]] = {
+    "distill": {
+        "w2g64_ce": ["recipe=w2g64", f"trainer.max_steps={KD_STEPS}"],
+        "w2g64_kd": ["recipe=w2g64_kd", f"trainer.max_steps={KD_STEPS}"],
+    },
+    "prune": {
+        "2of4_magnitude": ["recipe=float", "prune=nm", "prune.method=magnitude",
+                           "trainer.max_steps=0"],
+        "2of4_wanda": ["recipe=float", "prune=nm", "trainer.max_steps=0"],
+        "2of4_w4g64_kd": ["recipe=prune2of4_w4g64_kd", f"trainer.max_steps={KD_STEPS}",
+                          "export=true"],
+    },
+    "ptq": {
+        f"{method}_w{bits}g64": [f"recipe=w{bits}g64", "trainer.max_steps=0"]
+        + ([] if method == "rtn" else [f"quant.init={method}"])
+        for method in ("rtn", "gptq", "awq") for bits in (4, 3, 2)
+    },
+}
+GROUPS["ptq"]["gptq_mixed_3.5"] = ["recipe=w4g64", "quant.init=gptq", "quant.budget_bits=3.5",
+                                   "trainer.max_steps=0"]
+ROWS = {name: overrides for rows in GROUPS.values() for name, overrides in rows.items()}
+RESULT_FILE = RESULTS / "recipes.json"
+
+
+def run_row(name: str, overrides: list[str]) -> dict:
+    run_dir = ROOT / "outputs" / "bench" / name
+    cmd = [sys.executable, "train.py", *overrides, "logger=none",
+           "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+        raise SystemExit(f"{name}: train.py exited {done.returncode}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"name": name, "command": "python train.py " + " ".join(overrides),
+            "seconds": round(time.perf_counter() - start), **metrics}
+
+
+def _fmt(value, digits=3):
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _table(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        fp = r.get("fp_ppl")
+        out.append({"run": r["name"], "scheme": r.get("scheme", ""), "steps": r.get("steps"),
+                    "float ppl": _fmt(fp), "ppl": _fmt(r["ppl"]),
+                    "vs float": f"{100 * (r['ppl'] / fp - 1):+.1f}%" if fp else "",
+                    "sparsity": _fmt(r.get("sparsity"), 2),
+                    "export MB": _fmt(r["export_bytes"] / 1e6, 1) if r.get("export_bytes") else "",
+                    "command": f"`{r['command']}`"})
+    return markdown_table(out, ["run", "scheme", "steps", "float ppl", "ppl", "vs float",
+                                "sparsity", "export MB", "command"])
+
+
+def main(argv: list[str]) -> None:
+    names = []
+    for arg in argv or ["distill"]:
+        names += list(GROUPS[arg]) if arg in GROUPS else [arg]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; groups {list(GROUPS)}, rows {list(ROWS)}")
+    results = {r["name"]: r for r in json.loads(RESULT_FILE.read_text())} \
+        if RESULT_FILE.exists() else {}
+    for name in names:
+        print(f"== {name}: python train.py {' '.join(ROWS[name])}", flush=True)
+        results[name] = run_row(name, ROWS[name])
+        print(f"   ppl {results[name]['ppl']:.3f} ({results[name]['seconds']} s)", flush=True)
+        write_json(RESULT_FILE, list(results.values()))
+        write_sections(results)
+
+
+def write_sections(results: dict[str, dict]) -> None:
+    for group, rows in GROUPS.items():
+        have = [results[n] for n in rows if n in results]
+        if have:
+            update_section(f"recipes_{group}", f"## Recipes: {group}\n\n"
+                           f"`python bench/recipes.py {group}` on {machine()}. Default model "
+                           f"(SmolLM2-135M), eval protocol of `../shared/reference/eval-protocol.md` "
+                           f"(wiki, 64 windows of 512).\n\n{_table(have)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

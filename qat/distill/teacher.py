@@ -1,0 +1,133 @@
+"""The frozen teacher and `Distiller`, which turns a batch into the distillation losses.
+
+The teacher is deliberately not an `nn.Module` attribute of the LightningModule: it is then never
+saved in the student's checkpoint, never wrapped by DDP and never seen by the optimizer.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from qat.distill.losses import (DIVERGENCES, IGNORE_INDEX, HiddenStateLoss, chunked_token_loss,
+                                shifted_targets)
+from qat.distill.spec import DistillSpec, TeacherSpec
+
+
+def freeze(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Eval mode, no gradients, optionally cast: a model that can only be read."""
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_teacher(spec: TeacherSpec, student: nn.Module, tokenizer) -> nn.Module:
+    """A frozen copy of `student` (call before fake quantization) or another model, checked.
+
+    Raises ValueError when the teacher's vocabulary differs from the student's.
+    """
+    dtype = getattr(torch, spec.dtype)
+    if spec.is_self:
+        return freeze(copy.deepcopy(student), dtype)
+    from qat.models import ModelSpec, load_model
+
+    try:
+        teacher, teacher_tokenizer = load_model(ModelSpec(
+            name=spec.name or "teacher", path=spec.path, dtype=spec.dtype,
+            trust_remote_code=spec.trust_remote_code))
+    except (OSError, ValueError) as err:
+        field = "path" if spec.path is not None else "name"
+        raise FileNotFoundError(f"distill.teacher.{field}={getattr(spec, field)!r}: cannot load "
+                                f"the teacher ({err})") from err
+    check_vocabulary(student, tokenizer, teacher, teacher_tokenizer, spec.path or spec.name)
+    return freeze(teacher, dtype)
+
+
+def check_vocabulary(student: nn.Module, tokenizer, teacher: nn.Module, teacher_tokenizer,
+                     teacher_name: str) -> None:
+    """Distillation compares distributions token by token: the ids must mean the same tokens."""
+    s_vocab = student.get_output_embeddings().weight.shape[0]
+    t_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if s_vocab != t_vocab:
+        raise ValueError(f"distill.teacher {teacher_name!r} has a vocabulary of {t_vocab} tokens, "
+                         f"the student {s_vocab}: distillation needs the same vocabulary")
+    if tokenizer is not None and teacher_tokenizer is not None:
+        s_map, t_map = tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        if s_map != t_map:
+            differ = sorted(set(s_map.items()) ^ set(t_map.items()))[:3]
+            raise ValueError(f"distill.teacher {teacher_name!r} uses a different tokenizer than "
+                             f"the student (e.g. {differ}): distillation needs the same vocabulary")
+
+
+def hidden_pairs(spec: DistillSpec, student_layers: int, teacher_layers: int
+                 ) -> tuple[tuple[int, int], ...]:
+    if spec.hidden_layers is not None:
+        for s, t in spec.hidden_layers:
+            if s > student_layers or t > teacher_layers:
+                raise ValueError(f"distill.hidden_layers pair [{s}, {t}] is out of range: the "
+                                 f"student has {student_layers} blocks, the teacher {teacher_layers}")
+        return spec.hidden_layers
+    return tuple((k, round(k * teacher_layers / student_layers))
+                 for k in range(1, student_layers + 1))
+
+
+def _head(model: nn.Module):
+    lm_head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        return lambda h: torch.tanh(lm_head(h) / cap) * cap
+    return lm_head
+
+
+def _num_layers(model: nn.Module) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+class Distiller:
+    """Computes the distillation losses of a student against the frozen teacher.
+
+    Call it with the student and a batch; returns a dict of scalar tensors: `loss` (what to
+    backpropagate), `kd_loss`, `ce_loss` and, with a hidden-state weight, `hidden_loss`.
+    """
+
+    def __init__(self, spec: DistillSpec, teacher: nn.Module) -> None:
+        self.spec = spec
+        self.teacher = freeze(teacher)
+        self.divergence = DIVERGENCES[spec.loss](spec.temperature, **(
+            {"beta": spec.jsd_beta} if spec.loss == "jsd" else {}))
+        self.hidden = HiddenStateLoss(spec.hidden_loss) if spec.hidden_weight > 0 else None
+
+    def to(self, device: torch.device | str) -> "Distiller":
+        self.teacher.to(device)
+        return self
+
+    def __call__(self, student: nn.Module, input_ids: torch.Tensor,
+                 labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        spec = self.spec
+        labels = input_ids if labels is None else labels
+        targets = shifted_targets(labels, IGNORE_INDEX)  # (B, T)
+        want_hidden = self.hidden is not None
+        s_out = student.get_decoder()(input_ids=input_ids, output_hidden_states=want_hidden,
+                                      use_cache=False)
+        self.teacher.eval()
+        with torch.no_grad():
+            t_out = self.teacher.get_decoder()(input_ids=input_ids,
+                                               output_hidden_states=want_hidden, use_cache=False)
+        kd_sum, ce_sum, count = chunked_token_loss(
+            self.divergence, s_out.last_hidden_state, t_out.last_hidden_state, _head(student),
+            _head(self.teacher), targets, spec.chunk_size)
+        denom = count.clamp(min=1).float()
+        out = {"kd_loss": kd_sum / denom, "ce_loss": ce_sum / denom}
+        loss = spec.kd_weight * out["kd_loss"] + spec.ce_weight * out["ce_loss"]
+        if want_hidden:
+            pairs = hidden_pairs(spec, _num_layers(student), _num_layers(self.teacher))
+            out["hidden_loss"] = self.hidden([s_out.hidden_states[s] for s, _ in pairs],
+                                             [t_out.hidden_states[t] for _, t in pairs],
+                                             targets != IGNORE_INDEX)
+            loss = loss + spec.hidden_weight * out["hidden_loss"]
+        out["loss"] = loss
+        return out
