@@ -64,3 +64,14 @@ def test_bad_ptq_values_are_named(tmp_path, override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         train(compose_train(TINY + ["recipe=w4g128", override]), run_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_outlier_layers_are_reported_and_protected(tmp_path):
+    cfg = compose_train(TINY + ["recipe=w4g128", "trainer.max_steps=0", "eval.fp_ppl=false",
+                                "ptq.outliers=protect", "ptq.outlier_threshold=2.0"])
+    train(cfg, run_dir=tmp_path)
+    outliers = json.loads((tmp_path / "outliers.json").read_text())
+    layers = json.loads((tmp_path / "quant_report.json").read_text())["layers"]
+    assert outliers, "a threshold of 2 must find features in the tiny model's activations"
+    for name, scheme in layers.items():
+        assert scheme.startswith("W8" if name in outliers else "W4"), (name, scheme)

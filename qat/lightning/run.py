@@ -96,6 +96,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         pruner, shrunk = _start_pruning(model, specs.prune, data) if specs.prune.enabled \
             else (None, None)
         report = plan(model, specs.quant) if specs.quant.weight is not None else None
+        outliers = _outliers(model, specs, data, run_dir) \
+            if report is not None and specs.ptq.outliers != "off" else None
+        if outliers and specs.ptq.outliers == "protect":
+            from dataclasses import replace
+
+            from qat.ptq import protection_overrides
+            specs.quant = replace(specs.quant, overrides={**protection_overrides(outliers),
+                                                          **specs.quant.overrides})
+            report = plan(model, specs.quant)
         if report is not None and specs.quant.budget_bits is not None:
             specs.quant = _mixed_precision(model, specs.quant, specs.ptq, data, report)
             report = plan(model, specs.quant)
@@ -204,6 +213,18 @@ def _post_training_quantize(model, specs: Specs, data: TextDataModule):
     report = quantize_model(model, spec, ids)
     print(report)
     return report
+
+
+def _outliers(model, specs: Specs, data: TextDataModule, run_dir: Path) -> dict[str, list[int]]:
+    """LLM.int8()-style outlier input features of every Linear, on the float model."""
+    from qat.ptq import detect_outliers
+
+    ids = _calibration_ids(data, min(specs.ptq.calibration_samples, 32), specs.ptq.seq_len)
+    found = detect_outliers(model, ids, threshold=specs.ptq.outlier_threshold)
+    write_json(run_dir / "outliers.json", found)
+    print(f"outlier features (|x| >= {specs.ptq.outlier_threshold}): {len(found)} layer(s)"
+          + "".join(f"\n  {name}: {len(f)} feature(s) {f[:8]}" for name, f in list(found.items())[:10]))
+    return found
 
 
 def _mixed_precision(model, quant: QuantConfig, ptq, data: TextDataModule,

@@ -41,6 +41,8 @@ class PTQSpec:
     smoothquant_alpha: float = 0.5  # smoothquant: migration strength (0: none, 1: all to weights)
     progress: bool = True  # tqdm bar over decoder blocks
     sensitivity_samples: int = 4  # quant.budget_bits: sequences for per-block sensitivity
+    outliers: str = "off"  # off | report (outliers.json) | protect (their layers stay at 8 bits)
+    outlier_threshold: float = 6.0  # LLM.int8(): |x| >= 6 in >= 6% of tokens marks a feature
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -51,6 +53,10 @@ class PTQSpec:
         _fraction("damp", self.damp, 0.0, 1.0, closed_low=False)
         _fraction("awq_max_shrink", self.awq_max_shrink, 0.0, 1.0, closed_low=False)
         _fraction("smoothquant_alpha", self.smoothquant_alpha, 0.0, 1.0, closed_low=True)
+        if self.outliers not in ("off", "report", "protect"):
+            _fail("outliers", self.outliers, "choose one of ['off', 'report', 'protect']")
+        if not isinstance(self.outlier_threshold, (int, float)) or self.outlier_threshold <= 0:
+            _fail("outlier_threshold", self.outlier_threshold, "it must be a number > 0")
         for name in ("act_order", "awq_clip", "progress"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "it must be true or false")
