@@ -114,3 +114,53 @@ def test_dynamic_per_token_activation_quantization():
         scale = row_in.abs().max() / 127.5
         torch.testing.assert_close(row_out, torch.clamp(torch.round(row_in / scale), -128, 127) * scale,
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("granularity, group_size", [("group", 16), ("channel", None),
+                                                     ("tensor", None)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_fused_linear_matches_unfused_values_and_gradients(bits, granularity, group_size,
+                                                           symmetric, learnable):
+    """FakeQuantLinear's fused path equals F.linear(x, fake_quantize(w)) in values and grads."""
+    import torch.nn.functional as F
+
+    from qat.quant import FakeQuantLinear, WeightSpec
+
+    torch.manual_seed(bits)
+    linear = torch.nn.Linear(32, 12, bias=True)
+    spec = WeightSpec(bits=bits, granularity=granularity, group_size=group_size,
+                      symmetric=symmetric, learnable_scale=learnable)
+    layer = FakeQuantLinear.from_linear(linear, spec)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    fused = layer(x)
+    fused.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
+    scale_grad = layer.weight_fake_quant.scale.grad.clone() if learnable else None
+    for t in (x, layer.weight, layer.bias):
+        t.grad = None
+    if learnable:
+        layer.weight_fake_quant.scale.grad = None
+    plain = F.linear(x, layer.weight_fake_quant(layer.weight), layer.bias)
+    plain.square().sum().backward()
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-6)
+    for got, want in zip(grads, (x.grad, layer.weight.grad, layer.bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if learnable:
+        torch.testing.assert_close(scale_grad, layer.weight_fake_quant.scale.grad,
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_keeps_no_fake_quantized_weight_for_backward():
+    from qat.quant import FakeQuantLinear, WeightSpec
+
+    layer = FakeQuantLinear.from_linear(torch.nn.Linear(256, 128, bias=False),
+                                        WeightSpec(bits=4, group_size=64))
+    x = torch.randn(2, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    full_size = [t for t in saved if t.numel() == layer.weight.numel()
+                 and t.untyped_storage().data_ptr() != layer.weight.untyped_storage().data_ptr()]
+    assert not full_size  # only x, the weight Parameter itself and the small scales

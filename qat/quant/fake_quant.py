@@ -101,15 +101,21 @@ class FakeQuantWeight(nn.Module):
             self.scale.copy_(scale)
             self.zero_point.copy_(zp)
 
+    def forward_qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scale, zero point or None when symmetric) for the training forward: learned scales
+        carry LSQ's gradient scaling."""
+        scale, zp = self.qparams(w)
+        if self.spec.learnable_scale:
+            grouped = self._grouped(w)
+            per_scale = grouped.shape[-1] if self.spec.granularity != "tensor" else grouped.numel()
+            scale = scale_gradient(scale, 1.0 / math.sqrt(per_scale * qrange(self.spec.bits)[1]))
+        return scale, (None if self.spec.symmetric else zp)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        grouped = self._grouped(w)
-        scale, zp = self.qparams(w)
-        if self.spec.learnable_scale:
-            per_scale = grouped.shape[-1] if self.spec.granularity != "tensor" else grouped.numel()
-            scale = scale_gradient(scale, 1.0 / math.sqrt(per_scale * qrange(self.spec.bits)[1]))
-        return fake_quantize(grouped, scale, zp, self.spec.bits).reshape(w.shape)
+        scale, zp = self.forward_qparams(w)
+        return fake_quantize(self._grouped(w), scale, zp, self.spec.bits).reshape(w.shape)
 
     @torch.no_grad()
     def quantized(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ from torch import nn
 
 from qat.quant.fake_quant import FakeQuantActivation, FakeQuantWeight
 from qat.quant.spec import ActivationSpec, WeightSpec
+from qat.quant.ste import fake_quant_linear
 
 
 class FakeQuantLinear(nn.Linear):
@@ -42,4 +43,17 @@ class FakeQuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_fake_quant is not None:
             x = self.input_fake_quant(x)
-        return F.linear(x, self.weight_fake_quant(self.weight), self.bias)
+        fq = self.weight_fake_quant
+        if not fq.enabled:
+            return F.linear(x, self.weight, self.bias)
+        if _autocast(x):  # autocast picks the matmul dtype: let F.linear see the weight
+            return F.linear(x, fq(self.weight), self.bias)
+        scale, zero_point = fq.forward_qparams(self.weight)
+        return fake_quant_linear(x, self.weight, scale, zero_point, self.bias, fq.spec.bits)
+
+
+def _autocast(x: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled()

@@ -1,0 +1,126 @@
+"""The quality table: float, RTN, GPTQ, AWQ, QAT (CE) and QAT + KD at W8 / W4 / W3 / W2 g64.
+
+python bench/quality.py                 # run every missing row (hours on 2 cores), then the table
+python bench/quality.py --table         # only rebuild the table from bench/results/quality.json
+python bench/quality.py qat_kd_w4g64    # run (or rerun) named rows
+
+Every row is one `python train.py ...` run on the default model and eval protocol (its command is
+in the table). PTQ rows are `trainer.max_steps=0`; QAT rows state their budget (steps x batch x
+sequence length) and wall time. Rows already measured by bench/recipes.py with the same command
+are reused, not rerun. recovered = (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_float) with RTN as the PTQ
+reference (torchao's definition).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, markdown_table, update_section, write_json  # noqa: E402
+from recipes import RESULT_FILE as RECIPE_RESULTS  # noqa: E402
+from recipes import run_row  # noqa: E402
+
+QAT_STEPS = 40  # 40 x 4 x 256 = 41k tokens: ~15 min per KD run on 2 cores
+BASE = {8: "w8", 4: "w4g64", 3: "w3g64", 2: "w2g64"}
+METHODS = ("rtn", "gptq", "awq", "qat", "qat_kd")
+
+
+def overrides(method: str, bits: int) -> list[str]:
+    recipe = BASE[bits]
+    if method == "rtn":
+        return [f"recipe={recipe}", "trainer.max_steps=0"]
+    if method in ("gptq", "awq"):
+        return [f"recipe={recipe}", "trainer.max_steps=0", f"quant.init={method}"]
+    kd = "_kd" if method == "qat_kd" else ""
+    return [f"recipe={recipe}{kd}", f"trainer.max_steps={QAT_STEPS}"]
+
+
+def _name(method: str, bits: int) -> str:
+    return f"{method}_{BASE[bits].replace('w8', 'w8ch')}"
+
+
+ROWS = {_name(m, b): (m, b, overrides(m, b)) for b in (4, 3, 2, 8) for m in METHODS}
+ROWS["prune2of4_qat_kd_w4g64"] = ("2:4 + qat_kd", 4, ["recipe=prune2of4_w4g64_kd",
+                                                       f"trainer.max_steps={QAT_STEPS}"])
+# cheapest first, then the rows the goals are about
+ORDER = ([n for n in ROWS if n.startswith("rtn")] + ["gptq_w3g64", "qat_kd_w4g64", "qat_kd_w3g64",
+         "qat_kd_w2g64", "gptq_w4g64", "gptq_w2g64"]
+         + [n for n in ROWS if n.startswith(("awq", "qat_w", "gptq_w8"))]
+         + ["prune2of4_qat_kd_w4g64"])
+RESULT_FILE = RESULTS / "quality.json"
+
+
+def _known() -> dict[str, dict]:
+    """Rows of this table, plus runs of bench/recipes.py with an identical command."""
+    rows = {r["name"]: r for r in json.loads(RESULT_FILE.read_text())} if RESULT_FILE.exists() else {}
+    if RECIPE_RESULTS.exists():
+        by_command = {r["command"]: r for r in json.loads(RECIPE_RESULTS.read_text())}
+        for name, (_, _, ov) in ROWS.items():
+            found = by_command.get("python train.py " + " ".join(ov))
+            if name not in rows and found:
+                rows[name] = dict(found, name=name)
+    return rows
+
+
+def _bpw(row: dict) -> str:
+    bits = row.get("bits")
+    if bits is None:
+        return ""
+    # one bf16 scale per 64 weights (per output row for W8), plus a packed zero point when asym
+    asym = "asym" in row.get("scheme", "")
+    if bits == 8:
+        return "8.03"
+    return f"{bits + 16 / 64 + (bits / 64 if asym else 0):.3f}"
+
+
+def table(rows: dict[str, dict]) -> str:
+    fp = next((r["fp_ppl"] for r in rows.values() if r.get("fp_ppl")), None)
+    out = [{"method": "float", "bits": 16, "ppl": f"{fp:.3f}" if fp else "", "command":
+            "(fp_ppl of every run)"}]
+    for name in ROWS:
+        r = rows.get(name)
+        if r is None:
+            continue
+        method, bits, _ = ROWS[name]
+        rtn = rows.get(_name("rtn", bits))
+        recovered = ""
+        if rtn and method not in ("rtn",) and fp and rtn["ppl"] != fp:
+            recovered = f"{100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - fp):.0f}%"
+        budget = (f"{r['steps']} x 4 x 256, {r['train_seconds'] / 60:.0f} min"
+                  if r.get("steps") else "calibration only" if method in ("gptq", "awq") else "-")
+        out.append({"method": method, "bits": bits, "scheme": r.get("scheme", ""),
+                    "bits/weight": _bpw(dict(r, bits=bits)), "ppl": f"{r['ppl']:.3f}",
+                    "vs float": f"{100 * (r['ppl'] / fp - 1):+.1f}%" if fp else "",
+                    "recovered vs RTN": recovered, "budget": budget,
+                    "command": f"`{r['command']}`"})
+    return markdown_table(out, ["method", "bits", "scheme", "bits/weight", "ppl", "vs float",
+                                "recovered vs RTN", "budget", "command"])
+
+
+def main(argv: list[str]) -> None:
+    rows = _known()
+    if argv != ["--table"]:
+        todo = argv or [n for n in ORDER if n not in rows]
+        for name in todo:
+            method, bits, ov = ROWS[name]
+            print(f"== {name}: python train.py {' '.join(ov)}", flush=True)
+            rows[name] = dict(run_row(name, ov), method=method, bits=bits)
+            print(f"   ppl {rows[name]['ppl']:.3f} ({rows[name]['seconds']} s)", flush=True)
+            _write(rows)
+    _write(rows)
+
+
+def _write(rows: dict[str, dict]) -> None:
+    for name, r in rows.items():
+        r.setdefault("method", ROWS[name][0])
+        r.setdefault("bits", ROWS[name][1])
+    write_json(RESULT_FILE, [rows[n] for n in ROWS if n in rows])
+    update_section("quality", "## Quality table\n\n"
+                   f"`python bench/quality.py` on {machine()}. Default model (SmolLM2-135M), eval "
+                   "protocol of `../shared/reference/eval-protocol.md` (wiki, 64 windows of 512); "
+                   "QAT budget = optimizer steps x batch x sequence length.\n\n" + table(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
