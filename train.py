@@ -12,6 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from qat.lightning.module import DivergenceError  # noqa: E402
 from qat.lightning.run import ConfigError, train  # noqa: E402
 
 
@@ -22,6 +23,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:  # bad input: a clear message, no traceback, nothing written
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except DivergenceError as err:  # NaN/inf loss: the step, and the checkpoint to go back to
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
 
 
 def _expand_shorthands(argv: list[str]) -> list[str]:

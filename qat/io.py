@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -22,8 +23,27 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         if is_dir and path.exists():
             shutil.rmtree(path)
         os.replace(target, path)
+    except OSError as err:  # disk full, permissions: say which file, keep the old one
+        if str(path) in str(err):
+            raise
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(directory: str | os.PathLike, field: str = "output directory") -> None:
+    """Create `directory` and write a probe file in it; raise a clear error if that fails.
+
+    Run before any work, so an unwritable output directory fails in a second, not after training.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe."):
+            pass
+    except OSError as err:
+        reason = err.strerror or errno.errorcode.get(err.errno, str(err))
+        raise PermissionError(err.errno, f"{field} {directory} is not writable ({reason})") from err
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

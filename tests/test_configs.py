@@ -52,6 +52,8 @@ def test_group_option_composes(group, option):
     if group in ("model", "data", "quant", "distill"):
         build_specs(cfg)
     elif group == "trainer":
+        if option == "fsdp" and not __import__("torch").cuda.is_available():
+            pytest.skip("Lightning's FSDP needs CUDA (tests/test_ddp.py instantiates its strategy)")
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.max_steps == cfg.trainer.max_steps
     elif cfg.logger and cfg.logger.get("_target_"):

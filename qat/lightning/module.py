@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,13 @@ class OptimSpec:
         object.__setattr__(self, "betas", tuple(self.betas))
 
 
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step."""
+
+
+MAX_CONSECUTIVE_SKIPS = 8  # guard.skip_nonfinite: a run that skips this many in a row has diverged
+
+
 class QATModule(L.LightningModule):
     """Causal-LM training of a (fake-quantized) model.
 
@@ -51,10 +59,14 @@ class QATModule(L.LightningModule):
             rebuild the model (the exporter relies on it).
         distiller: when given, the loss comes from the frozen teacher (`qat.distill.Distiller`);
             it is a plain object, so the teacher stays out of checkpoints and the optimizer.
+        skip_nonfinite: a NaN/inf loss skips that optimizer step (no update, counted in
+            `skipped_steps`) instead of raising DivergenceError; MAX_CONSECUTIVE_SKIPS in a row
+            still raise.
     """
 
     def __init__(self, model: nn.Module, optim: OptimSpec, quant_start_step: int = 0,
-                 run_config: dict[str, Any] | None = None, distiller: Any = None) -> None:
+                 run_config: dict[str, Any] | None = None, distiller: Any = None,
+                 skip_nonfinite: bool = False) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode; observers update in train
         self.distiller = distiller
@@ -64,7 +76,11 @@ class QATModule(L.LightningModule):
         self.val_prefix = "val"
         self._val_nll = 0.0
         self._val_tokens = 0
-        self.loss_history: list[float] = []  # per optimizer step, for the summary and tests
+        self.loss_history: list[float] = []  # per batch, mean over ranks; checkpointed
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps: list[int] = []  # steps whose update a non-finite loss cancelled
+        self._skip_update = False
+        self._consecutive_skips = 0
         set_fake_quant_enabled(self.model, quant_start_step == 0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -80,12 +96,41 @@ class QATModule(L.LightningModule):
             for key, value in parts.items():
                 self.log(f"train/{key}", value.detach(), on_step=True, batch_size=ids.shape[0])
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=ids.shape[0])
-        self.loss_history.append(loss.item())
+        self._guard(loss)
         return loss
 
+    def _guard(self, loss: torch.Tensor) -> None:
+        """Record the global batch's loss; stop (or skip the step) when it is not finite.
+
+        The mean over ranks decides, so every DDP rank raises or skips at the same step."""
+        value = loss.detach()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            value = self.trainer.strategy.reduce(value, reduce_op="mean")
+        value = value.item()
+        self.loss_history.append(value)
+        self._skip_update = not math.isfinite(value)
+        if not self._skip_update:
+            self._consecutive_skips = 0
+            return
+        step = self.global_step
+        self._consecutive_skips += 1
+        if self.skip_nonfinite and self._consecutive_skips < MAX_CONSECUTIVE_SKIPS:
+            self.skipped_steps.append(step)
+            print(f"warning: train/loss is {value} at step {step}: skipping this update "
+                  f"(guard.skip_nonfinite=true)")
+            return
+        why = f" ({self._consecutive_skips} steps in a row)" if self.skip_nonfinite else ""
+        raise DivergenceError(f"train/loss is {value} at step {step}{why}")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._skip_update:  # no gradient: AdamW leaves these parameters and moments alone
+            optimizer.zero_grad(set_to_none=True)
+
     def on_fit_start(self) -> None:
-        if self.distiller is not None:
+        if self.distiller is not None:  # one replica per rank, on that rank's device
             self.distiller.to(self.device)
+        if self.quant_start_step and self.global_step > self.quant_start_step:  # resumed
+            set_fake_quant_enabled(self.model, True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.quant_start_step and self.global_step == self.quant_start_step:
@@ -132,4 +177,39 @@ class QATModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["qat"] = {"config": self.run_config}
+        # plain tensors, ints and lists: the checkpoint loads with torch.load(weights_only=True)
+        checkpoint["qat"] = {"config": self.run_config, "loss_history": list(self.loss_history),
+                             "skipped_steps": list(self.skipped_steps), "rng": rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("qat", {})
+        self.loss_history = list(state.get("loss_history", []))
+        self.skipped_steps = list(state.get("skipped_steps", []))
+        if "rng" in state:
+            set_rng_state(state["rng"])
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) generator states, as tensors and ints."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(gauss)],
+             "python": [version, list(internal), gauss_next]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         *state["numpy_gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -21,9 +21,11 @@ from omegaconf.errors import MissingMandatoryValue
 
 from qat.assets import cache_dir
 from qat.distill import DistillSpec, Distiller, build_teacher
-from qat.io import atomic_path, write_json
+from qat.io import check_writable, write_json
+from qat.lightning.checkpointing import (AtomicCheckpointIO, check_resume_config,
+                                         last_good_checkpoint, resolve_ckpt_path)
 from qat.lightning.data import DataSpec, TextDataModule
-from qat.lightning.module import OptimSpec, QATModule
+from qat.lightning.module import DivergenceError, OptimSpec, QATModule
 from qat.models import ModelSpec, load_model
 from qat.prune.spec import PruneSpec
 from qat.quant import PrepareReport, QuantConfig, plan, prepare, set_fake_quant_enabled
@@ -82,8 +84,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir or _hydra_run_dir())
     try:
         specs = build_specs(cfg)
+        check_writable(run_dir, "the run directory (hydra.run.dir)")
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+        if ckpt_path is not None:
+            check_resume_config(ckpt_path, OmegaConf.to_container(cfg, resolve=True))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        model, tokenizer = load_model(specs.model)
+        model, tokenizer = _load_model(specs.model)
         plan(model, specs.quant) if specs.quant.weight is not None else None  # patterns, groups
         data = TextDataModule(specs.data, tokenizer,
                               max_positions=getattr(model.config, "max_position_embeddings", None))
@@ -110,21 +116,23 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             report = plan(model, specs.quant)
         if report is not None:
             _check_serving(report, strict=cfg.export.strict)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         _remove_run_dir(run_dir)
         raise ConfigError(str(err)) from err
 
     ptq_report = None
     if report is not None:
         prepare(model, specs.quant)
-        print(report)
+        if _is_rank_zero():
+            print(report)
         if specs.quant.init is not None:
             ptq_report = _post_training_quantize(model, specs, data)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     if shrunk:  # the checkpoint rebuilds the smaller model from these config changes
         run_config["model_shrink"] = shrunk["config"]
     distiller = Distiller(specs.distill, teacher) if teacher is not None else None
-    module = QATModule(model, specs.optim, specs.quant.start_step, run_config, distiller)
+    module = QATModule(model, specs.optim, specs.quant.start_step, run_config, distiller,
+                       skip_nonfinite=bool(cfg.get("guard", {}).get("skip_nonfinite", False)))
     callbacks = [pruner] if pruner is not None else []
     if report is not None:
         from qat.eval.callbacks import SQNRCallback
@@ -134,15 +142,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {"recipe": _recipe_name(cfg), "model": _model_name(specs.model),
                                "scheme": _scheme(report)}
-    if cfg.eval.fp_ppl:
-        metrics["fp_ppl"] = _float_ppl(trainer, module, data, cached=cfg.eval.cache_fp_ppl)
+    if cfg.eval.fp_ppl:  # the cache is per process: several ranks must all measure, or none
+        metrics["fp_ppl"] = _float_ppl(trainer, module, data,
+                                       cached=cfg.eval.cache_fp_ppl and trainer.world_size == 1)
     if cfg.eval.quantized_before and report is not None:
         metrics["ptq_ppl"] = _evaluate(trainer, module, data, "ptq", quantized=True)
     set_fake_quant_enabled(model, specs.quant.start_step == 0)
 
     start = time.perf_counter()
     if cfg.trainer.max_steps > 0:
-        trainer.fit(module, datamodule=data)
+        _fit(trainer, module, data, ckpt_path, run_dir)
     train_seconds = time.perf_counter() - start
     if report is not None:  # the deployed model: everything but the packed weights in export.dtype
         from qat.export.compressed_tensors import as_exported
@@ -153,12 +162,18 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         metrics["ppl"] = _evaluate(trainer, module, data, "val", quantized=False)
     steps = trainer.global_step
     metrics.update(steps=steps, tokens=steps * specs.data.batch_size * specs.data.block_size
-                   * cfg.trainer.get("accumulate_grad_batches", 1),
+                   * cfg.trainer.get("accumulate_grad_batches", 1) * trainer.world_size,
                    train_seconds=round(train_seconds, 1),
                    first_loss=module.loss_history[0] if module.loss_history else None,
                    last_loss=module.loss_history[-1] if module.loss_history else None)
+    if ckpt_path is not None:
+        metrics["resumed_from"] = str(ckpt_path)
+    if module.skipped_steps:
+        metrics["skipped_steps"] = module.skipped_steps
 
     _save_checkpoint(trainer, module, run_dir / "checkpoints" / "last.ckpt")
+    if not trainer.is_global_zero:  # reports, export and metrics are rank zero's to write
+        return metrics
     if report is not None:
         write_json(run_dir / "quant_report.json", report.to_dict())
     if ptq_report is not None:
@@ -169,12 +184,57 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if specs.prune.enabled:
         metrics.update(_prune_report(model, specs.prune, shrunk, run_dir))
     if cfg.export.enabled and report is not None:
-        metrics.update(_export(model, tokenizer, data, run_dir / "export", cfg.export))
+        source = run_dir / "checkpoints" / "last.ckpt" if _sharded(trainer) else None
+        metrics.update(_export(model, tokenizer, data, run_dir / "export", cfg.export, source))
         if specs.prune.nm:
             metrics["export_nm_ok"] = _check_export_nm(run_dir / "export", specs.prune)
     write_json(run_dir / "metrics.json", metrics)
     print(summary(metrics, run_dir))
     return metrics
+
+
+def _fit(trainer: L.Trainer, module: QATModule, data: TextDataModule, ckpt_path: Path | None,
+         run_dir: Path) -> None:
+    """trainer.fit, resuming from `ckpt_path`; a diverged loss names the last good checkpoint."""
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    except DivergenceError as err:
+        good = last_good_checkpoint(run_dir)
+        where = (f"the last good checkpoint is {good[0]} (step {good[1]}): resume with "
+                 f"ckpt_path={good[0]} and a smaller optim.lr, or skip such steps with "
+                 f"guard.skip_nonfinite=true" if good else
+                 "no checkpoint was written yet (set checkpoint.every_n_steps=N to keep some)")
+        raise DivergenceError(f"{err}; the run stopped. {where}") from err
+
+
+def _load_model(spec: ModelSpec):
+    """load_model, with damaged files (truncated weights, bad JSON) reported as model.path's."""
+    try:
+        model, tokenizer = load_model(spec)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:  # safetensors, tokenizers and json raise their own types
+        if spec.path is None:
+            raise
+        raise ValueError(f"model.path={spec.path!r}: cannot be loaded "
+                         f"({type(err).__name__}: {err})") from err
+    check_finite(model, _model_name(spec))
+    return model, tokenizer
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """NaN or infinite weights would train into NaN losses: refuse them before training."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"model {where!r}: tensor {name!r} has {bad} NaN or infinite "
+                             f"value(s); the weights are damaged")
+
+
+def _sharded(trainer: L.Trainer) -> bool:
+    """True when parameters are split across ranks (FSDP): export from the gathered checkpoint."""
+    return "fsdp" in type(trainer.strategy).__name__.lower() \
+        or "modelparallel" in type(trainer.strategy).__name__.lower()
 
 
 def _use_teacher_text(data: TextDataModule, teacher, model, tokenizer, spec: DataSpec) -> None:
@@ -221,7 +281,8 @@ def _outliers(model, specs: Specs, data: TextDataModule, run_dir: Path) -> dict[
 
     ids = _calibration_ids(data, min(specs.ptq.calibration_samples, 32), specs.ptq.seq_len)
     found = detect_outliers(model, ids, threshold=specs.ptq.outlier_threshold)
-    write_json(run_dir / "outliers.json", found)
+    if _is_rank_zero():
+        write_json(run_dir / "outliers.json", found)
     print(f"outlier features (|x| >= {specs.ptq.outlier_threshold}): {len(found)} layer(s)"
           + "".join(f"\n  {name}: {len(f)} feature(s) {f[:8]}" for name, f in list(found.items())[:10]))
     return found
@@ -334,12 +395,20 @@ def _check_serving(report: PrepareReport, strict: bool) -> None:
     print("warning: " + message)
 
 
-def _export(model, tokenizer, data: TextDataModule, out_dir: Path, options) -> dict[str, Any]:
-    """Write the export, reload it with the fused kernels and measure what it weighs and scores."""
+def _export(model, tokenizer, data: TextDataModule, out_dir: Path, options,
+            checkpoint: Path | None = None) -> dict[str, Any]:
+    """Write the export, reload it with the fused kernels and measure what it weighs and scores.
+
+    `checkpoint`: rebuild the full model from it first (FSDP: rank zero's gathered weights).
+    """
     from qat.eval.perplexity import perplexity
     from qat.export.load import load_quantized, weight_bytes
     from qat.export.writer import export_model
 
+    if checkpoint is not None:
+        from qat.export.checkpoint import model_from_checkpoint
+
+        model, tokenizer, _ = model_from_checkpoint(checkpoint)
     dtype = getattr(torch, options.dtype)
     export_model(model, tokenizer, out_dir, dtype=dtype)
     result: dict[str, Any] = {"export_dir": str(out_dir), "export_eval_backend": options.eval_backend,
@@ -400,6 +469,7 @@ def _evaluate(trainer: L.Trainer, module: QATModule, data: TextDataModule, prefi
 
 
 def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None) -> L.Trainer:
+    """The Lightning Trainer of `cfg.trainer`, with atomic checkpoint writes and our data order."""
     logger = False
     if cfg.get("logger") and cfg.logger.get("_target_"):
         logger = instantiate(cfg.logger, save_dir=str(run_dir))
@@ -409,18 +479,19 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None
         from lightning.pytorch.callbacks import ModelCheckpoint
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=every,
                                          save_last=True, save_top_k=-1))
+    # the DataModule shards each global batch itself (same order for 1 or N processes)
     return instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
-                       default_root_dir=str(run_dir),
-                       enable_checkpointing=bool(every))
+                       default_root_dir=str(run_dir), enable_checkpointing=bool(every),
+                       plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
 
 
 def _save_checkpoint(trainer: L.Trainer, module: QATModule, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        if trainer.global_step > 0:
-            trainer.save_checkpoint(tmp, weights_only=False)
-        else:  # nothing was fitted: weights and config are all there is to keep
-            torch.save({"state_dict": module.state_dict(), "global_step": 0,
-                        "qat": {"config": module.run_config}}, tmp)
+    """The final checkpoint; every rank calls it (FSDP gathers), rank zero writes, atomically."""
+    if trainer.global_step > 0:
+        trainer.save_checkpoint(path, weights_only=False)
+    elif trainer.is_global_zero:  # nothing was fitted: weights and config are all there is to keep
+        AtomicCheckpointIO().save_checkpoint({"state_dict": module.state_dict(), "global_step": 0,
+                                              "qat": {"config": module.run_config}}, path)
 
 
 def summary(metrics: dict[str, Any], run_dir: Path) -> str:
@@ -457,6 +528,13 @@ def _recipe_name(cfg: DictConfig) -> str:
 
 def _model_name(spec: ModelSpec) -> str:
     return spec.path or spec.name
+
+
+def _is_rank_zero() -> bool:
+    """Before the Trainer exists: Lightning reads the rank from the launcher's environment."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _hydra_run_dir() -> str:

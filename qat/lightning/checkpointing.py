@@ -1,0 +1,93 @@
+"""Checkpoints that are never half-written, safe to load, and resumable by name.
+
+Every checkpoint (Lightning's periodic ones and train.py's final one) goes through
+`AtomicCheckpointIO`: written under a temporary name, renamed when complete, so a crash or SIGKILL
+at any point leaves the previous checkpoint intact. Loading always uses
+`torch.load(weights_only=True)`: a checkpoint is data, never code.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from qat.io import atomic_path
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP = re.compile(r"step=(\d+)")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO that writes to a temporary sibling and renames, and loads weights only."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None):
+        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def resolve_ckpt_path(value: str | None, run_dir: Path) -> Path | None:
+    """`ckpt_path=last` -> <run_dir>/checkpoints/last.ckpt; a path is taken as it is.
+
+    Raises FileNotFoundError naming `ckpt_path` when the file is not there.
+    """
+    if value in (None, ""):
+        return None
+    path = run_dir / CHECKPOINT_DIR / "last.ckpt" if str(value) == "last" else Path(value)
+    if not path.is_file():
+        hint = " (give the run's directory with hydra.run.dir=DIR)" if str(value) == "last" else ""
+        raise FileNotFoundError(f"ckpt_path={value}: no checkpoint at {path}{hint}")
+    return path
+
+
+def check_resume_config(path: Path, run_config: dict[str, Any]) -> None:
+    """Read the checkpoint (weights only) and check this run builds the same model from it.
+
+    Raises ValueError naming `ckpt_path` and the first differing field of model/quant/prune.
+    """
+    from qat.export.checkpoint import read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as err:
+        raise ValueError(str(err).replace("--ckpt ", "ckpt_path=", 1)) from err
+    saved = ckpt.get("qat", {}).get("config", {})
+    for section in ("model", "quant", "prune"):
+        diff = _first_difference(saved.get(section), run_config.get(section), section)
+        if diff is not None:
+            key, was, now = diff
+            raise ValueError(f"ckpt_path={path}: {key}={now!r} differs from the checkpoint's "
+                             f"{key}={was!r}; resume with the run's own config")
+    if "loops" not in ckpt:
+        raise ValueError(f"ckpt_path={path}: written by a run with trainer.max_steps=0 (weights "
+                         "only): there is no training state to resume")
+
+
+def _first_difference(a: Any, b: Any, key: str) -> tuple[str, Any, Any] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            found = _first_difference(a.get(k), b.get(k), f"{key}.{k}")
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (key, a, b)
+
+
+def last_good_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    """The checkpoint of the latest step under <run_dir>/checkpoints (None if there is none)."""
+    best = None
+    for path in (run_dir / CHECKPOINT_DIR).glob("*.ckpt"):
+        found = _STEP.search(path.name)
+        step = int(found.group(1)) if found else -1
+        if best is None or step > best[1]:
+            best = (path, step)
+    if best is not None and best[1] < 0:  # only last.ckpt: read its step
+        import torch
+
+        best = (best[0], int(torch.load(best[0], map_location="cpu", weights_only=True)
+                             .get("global_step", 0)))
+    return best
