@@ -1,0 +1,97 @@
+"""Greedy decode speed and weight memory: the exported W4 g64 model against the bf16 float model.
+
+python bench/decode.py                    # default model, 128 new tokens, 3 repeats, CPU
+python bench/decode.py --tokens 32 --model tiny
+
+The quantized side is a real export (written to a temporary directory, reloaded with
+qat.load_quantized: packed int4 weights, the CPU int4 kernel); its weights are the round-to-nearest
+grid, which decodes at the same speed as trained ones. Both models decode the same prompt greedily
+with Hugging Face `generate`; tokens/s is the median over repeats, weight memory the bytes of
+parameters and buffers the model holds. Writes bench/results/decode.json and the decode section of
+BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command, machine, markdown_table, update_section, write_results  # noqa: E402
+
+from qat.export.load import load_quantized, weight_bytes  # noqa: E402
+from qat.export.writer import export_model  # noqa: E402
+from qat.models import ModelSpec, load_model  # noqa: E402
+from qat.quant import QuantConfig, WeightSpec, prepare  # noqa: E402
+
+PROMPT = "The history of the printing press begins"
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def decode(model, ids: torch.Tensor, tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
+    """Median tokens/s of greedy decoding `tokens` new tokens; and the tokens of the last repeat."""
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    model.generate(ids, **dict(kwargs, max_new_tokens=4, min_new_tokens=4))  # warm up
+    rates, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates), out[0, ids.shape[1]:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    model, tokenizer = load_model(ModelSpec(name=args.model))
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    float_model = load_model(ModelSpec(name=args.model))[0].to(torch.bfloat16).eval()
+    prepare(model, QuantConfig(weight=WeightSpec(bits=4, group_size=64)))
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(model, tokenizer, Path(tmp) / "export")
+        served = load_quantized(Path(tmp) / "export", dtype=torch.bfloat16)
+    del model
+    rows = []
+    for name, m in (("bf16 float", float_model), ("W4 g64 export", served)):
+        rate, out = decode(m, ids, args.tokens, args.repeats)
+        rows.append({"model": args.model, "weights": name, "tokens": args.tokens,
+                     "tokens_per_s": round(rate, 2), "weight_bytes": model_bytes(m),
+                     "sample": tokenizer.decode(out[:12])})
+    base = rows[0]
+    for r in rows:
+        r["speedup"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+        r["memory_ratio"] = round(r["weight_bytes"] / base["weight_bytes"], 4)
+        r["weight_MB"] = round(r["weight_bytes"] / 1e6, 1)
+    linears = weight_bytes(served)
+    for r in rows:
+        print(r)
+    write_results("decode", rows)
+    update_section("decode", "## Decode speed (greedy, CPU)\n\n"
+                   f"`{command()}` on {machine()}. Greedy decode of {args.tokens} new tokens with "
+                   "Hugging Face `generate`, batch 1, median of "
+                   f"{args.repeats}; weight memory = bytes of all parameters and buffers held "
+                   f"(the export's quantized Linears: {linears['total'] / 1e6:.1f} MB in all "
+                   "incl. the bf16 embedding/lm_head).\n\n" + markdown_table(
+                       rows, ["model", "weights", "tokens_per_s", "speedup", "weight_MB",
+                              "memory_ratio", "sample"]))
+
+
+if __name__ == "__main__":
+    main()
