@@ -1,0 +1,215 @@
+"""The optional stages of a run, each a function `train` calls when the config asks for it.
+
+Teacher-written data, PTQ initialisation, outlier protection, mixed-precision budgets, pruning
+before training, the serving-constraint check, export and the N:M check of the export. Each one
+takes what it needs and returns plain data, so `train` reads as the order of the stages.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qat.assets import cache_dir
+from qat.io import write_json
+from qat.lightning.data import DataSpec, TextDataModule
+from qat.prune.spec import PruneSpec
+from qat.quant import PrepareReport, QuantConfig
+
+
+def use_teacher_text(data: TextDataModule, teacher, model, tokenizer, spec: DataSpec) -> None:
+    """Data-free QAT: replace the corpus's training blocks by teacher-written ones (cached)."""
+    import copy
+
+    from qat.distill import freeze
+    from qat.distill.generate import generated_blocks
+
+    writer = teacher if teacher is not None else freeze(copy.deepcopy(model))
+    start = time.perf_counter()
+    data.train_blocks = generated_blocks(writer, tokenizer, spec.generated_samples, spec.block_size,
+                                         cache_dir(), seed=spec.seed,
+                                         temperature=spec.generation_temperature)
+    print(f"data: training on {data.train_blocks.shape[0]} teacher-written sequences of "
+          f"{spec.block_size} tokens ({time.perf_counter() - start:.0f} s)")
+
+
+def calibration_ids(data: TextDataModule, samples: int, seq_len: int) -> torch.Tensor:
+    """(samples, seq_len) consecutive training tokens: the first `samples` windows of the split."""
+    flat = data.train_blocks.reshape(-1)
+    samples = min(samples, flat.numel() // seq_len)
+    if samples == 0:
+        raise ValueError(f"ptq.seq_len={seq_len} is longer than the whole training split")
+    return flat[: samples * seq_len].view(samples, seq_len)
+
+
+def post_training_quantize(model, specs, data: TextDataModule):
+    """quant.init: put the prepared model's weights on a calibrated grid before any training."""
+    from dataclasses import replace
+
+    from qat.ptq import quantize_model
+
+    spec = replace(specs.ptq, method=specs.quant.init)
+    ids = calibration_ids(data, spec.calibration_samples, spec.seq_len)
+    report = quantize_model(model, spec, ids)
+    print(report)
+    return report
+
+
+def outliers(model, specs, data: TextDataModule, run_dir: Path) -> dict[str, list[int]]:
+    """LLM.int8()-style outlier input features of every Linear, on the float model."""
+    from qat.ptq import detect_outliers
+
+    ids = calibration_ids(data, min(specs.ptq.calibration_samples, 32), specs.ptq.seq_len)
+    found = detect_outliers(model, ids, threshold=specs.ptq.outlier_threshold)
+    if is_rank_zero():
+        write_json(run_dir / "outliers.json", found)
+    print(f"outlier features (|x| >= {specs.ptq.outlier_threshold}): {len(found)} layer(s)"
+          + "".join(f"\n  {name}: {len(f)} feature(s) {f[:8]}" for name, f in list(found.items())[:10]))
+    return found
+
+
+def mixed_precision(model, quant: QuantConfig, ptq, data: TextDataModule,
+                     report: PrepareReport) -> QuantConfig:
+    """quant.budget_bits: per-block widths from measured sensitivity, as per-layer overrides.
+
+    Each decoder block is quantized alone (RTN) at every width in quant.budget_choices and its
+    KL to the float model measured on ptq.sensitivity_samples sequences; a knapsack then picks
+    the widths with the least total KL whose mean stored bits per weight meet the budget.
+    User overrides still win over the chosen widths.
+    """
+    import re
+    from dataclasses import replace
+
+    from qat.ptq.sensitivity import assign_bits, block_sensitivity
+
+    groups: dict[str, dict] = {}
+    for layer in report.layers:
+        found = re.search(r"layers\.(\d+)\.", layer.name)
+        groups.setdefault(f"block {found.group(1)}" if found else layer.name, {})[layer.name] = \
+            layer.spec
+    numel = {g: sum(l.in_features * l.out_features for l in report.layers if l.name in members)
+             for g, members in groups.items()}
+    ids = calibration_ids(data, ptq.sensitivity_samples, ptq.seq_len)
+    start = time.perf_counter()
+    sensitivity = block_sensitivity(model, ids, groups, quant.budget_choices)
+    weight = quant.weight
+    widths = assign_bits(sensitivity, numel, quant.budget_bits, quant.budget_choices,
+                         group_size=weight.effective_group_size, symmetric=weight.symmetric)
+    chosen = {name: {"bits": widths[g]} for g, members in groups.items() for name in members}
+    counts = {b: list(widths.values()).count(b) for b in sorted(set(widths.values()))}
+    print(f"mixed precision at {quant.budget_bits} bits per weight: blocks per width {counts} "
+          f"({time.perf_counter() - start:.0f} s)")
+    return replace(quant, overrides={**chosen, **quant.overrides})
+
+
+def start_pruning(model, spec: PruneSpec, data: TextDataModule):
+    """Prune what is due at step 0 on the float model (so every eval and a 0-step run see it).
+
+    Unstructured and N:M: a callback that holds the masks and follows the schedule. Heads and
+    channels: cut out once, before training, so the student trains (and exports) smaller.
+    Returns (callback or None, shrink result or None).
+    """
+    from qat.prune import PruningCallback, last_update_at, prune, shrink
+    from qat.prune.spec import STRUCTURED
+
+    calibration = data.train_blocks[: spec.calibration_samples] if spec.method == "wanda" else None
+    if spec.pattern in STRUCTURED:
+        if spec.schedule != "oneshot" or spec.start_step != 0:
+            raise ValueError(f"prune.pattern={spec.pattern!r} removes tensors once, before "
+                             "training: use prune.schedule=oneshot with prune.start_step=0")
+        result = shrink(model, prune(model, spec, calibration))
+        print(f"pruned {spec.pattern}: {result['parameters_before']:,} -> "
+              f"{result['parameters_after']:,} parameters ({result['config']})")
+        return None, result
+    callback = PruningCallback(spec, calibration=calibration)
+    if last_update_at(0, spec) is not None:
+        callback.update(model, 0)
+    return callback, None
+
+
+def prune_report(model, spec: PruneSpec, shrunk: dict | None, run_dir: Path) -> dict[str, Any]:
+    from qat.prune import sparsity_report
+
+    report = sparsity_report(model, spec.include, spec.exclude, spec.pattern)
+    if shrunk:
+        report["shrink"] = shrunk
+    write_json(run_dir / "prune_report.json", report)
+    out = {"sparsity": round(report["overall"]["sparsity"], 6), "parameters": report["parameters"]}
+    if spec.nm:
+        out["nm_ok"] = all(layer["nm_ok"] for layer in report["layers"].values())
+    return out
+
+
+def check_export_nm(out_dir: Path, spec: PruneSpec) -> bool:
+    """Read the export back and check every pruned layer's stored weights keep the N:M pattern."""
+    from qat.export.load import load_quantized
+    from qat.kernels import QuantizedLinear
+    from qat.prune import check_nm
+    from qat.quant.swap import matches
+
+    served = load_quantized(out_dir, dtype=torch.float32, backend="reference")
+    bad = []
+    with torch.no_grad():
+        for name, layer in served.named_modules():
+            if not isinstance(layer, QuantizedLinear) or not any(matches(name, p) for p in spec.include) \
+                    or any(matches(name, p) for p in spec.exclude):
+                continue
+            out = layer(torch.eye(layer.in_features))  # row j: W[:, j] + bias, exactly as served
+            weight = (out - layer.bias if layer.bias is not None else out).T
+            if not check_nm(weight, *spec.nm):
+                bad.append(name)
+    if bad:
+        raise RuntimeError(f"export {out_dir}: layers {bad[:4]} lost the {spec.pattern} pattern")
+    return True
+
+
+def check_serving(report: PrepareReport, strict: bool) -> None:
+    from qat.export.compressed_tensors import describe_serving_issues, serving_issues
+
+    issues = serving_issues(report.layers)
+    if not issues:
+        return
+    message = describe_serving_issues(issues)
+    if strict:
+        raise ValueError(message + "\n(export.strict=true; set it false to export anyway)")
+    print("warning: " + message)
+
+
+def export(model, tokenizer, data: TextDataModule, out_dir: Path, options,
+            checkpoint: Path | None = None) -> dict[str, Any]:
+    """Write the export, reload it with the fused kernels and measure what it weighs and scores.
+
+    `checkpoint`: rebuild the full model from it first (FSDP: rank zero's gathered weights).
+    """
+    from qat.eval.perplexity import perplexity
+    from qat.export.load import load_quantized, weight_bytes
+    from qat.export.writer import export_model
+
+    if checkpoint is not None:
+        from qat.export.checkpoint import model_from_checkpoint
+
+        model, tokenizer, _ = model_from_checkpoint(checkpoint)
+    dtype = getattr(torch, options.dtype)
+    export_model(model, tokenizer, out_dir, dtype=dtype)
+    result: dict[str, Any] = {"export_dir": str(out_dir), "export_eval_backend": options.eval_backend,
+                              "export_bytes": sum(f.stat().st_size for f in out_dir.iterdir())}
+    result["export_weight_bytes"] = weight_bytes(load_quantized(out_dir, dtype=dtype))["total"]
+    if options.evaluate:
+        # Stored tensors upcast exactly to float32. backend=reference unpacks the stored codes
+        # and computes in float32: it checks the export against the run's ppl to float rounding.
+        # backend=auto runs the CPU int4 kernel, whose bf16 activations move ppl by ~4e-4.
+        served = load_quantized(out_dir, dtype=torch.float32, backend=options.eval_backend)
+        spec = data.spec
+        result["export_ppl"] = perplexity(served, data.eval_ids, window=spec.eval_window,
+                                          max_windows=spec.eval_windows,
+                                          batch_size=spec.eval_batch_size).ppl
+    return result
+
+
+def is_rank_zero() -> bool:
+    """Before the Trainer exists: Lightning reads the rank from the launcher's environment."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
