@@ -53,6 +53,13 @@ def _ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _ckpt_step(path):
+    try:
+        return _ckpt(path)["global_step"]
+    except Exception:  # being replaced right now
+        return None
+
+
 def test_sigkilled_run_resumes_exactly(tmp_path):
     reference = train(compose_train(STATEFUL), run_dir=tmp_path / "straight")
 
@@ -62,17 +69,24 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step4 = run_dir / "checkpoints" / "epoch=0-step=4.ckpt"
     deadline = time.monotonic() + 120
-    while not step4.exists() and proc.poll() is None and time.monotonic() < deadline:
+    last = run_dir / "checkpoints" / "last.ckpt"
+
+    def settled():  # step 4's checkpoint and last.ckpt both renamed into place
+        return step4.exists() and last.exists() and _ckpt_step(last) == 4
+
+    while not settled() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # now inside the 5 s sleep before step 5
     proc.wait()
     assert step4.exists() and proc.returncode == -signal.SIGKILL
     assert not (run_dir / "metrics.json").exists()  # it really died mid-run
-    assert not list((run_dir / "checkpoints").glob(".*"))  # no temporary left visible as final
+    # a write cut short would leave only a hidden temporary; plant one: the resume removes it
+    (run_dir / "checkpoints" / ".last.ckpt.killed.tmp").write_bytes(b"half a checkpoint")
 
     out = subprocess.run([sys.executable, "train.py", *args, "ckpt_path=last"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert resumed["resumed_from"].endswith("last.ckpt") and resumed["steps"] == 8
     # Exact on CPU: same ops, same order, same threads. Tolerance 0 on losses, ppl and weights.

@@ -41,7 +41,22 @@ def resolve_ckpt_path(value: str | None, run_dir: Path) -> Path | None:
     if not path.is_file():
         hint = " (give the run's directory with hydra.run.dir=DIR)" if str(value) == "last" else ""
         raise FileNotFoundError(f"ckpt_path={value}: no checkpoint at {path}{hint}")
+    remove_stale_temporaries(path.parent)
     return path
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete `.NAME.*.tmp` leftovers of writes a killed process never finished.
+
+    A SIGKILL during a checkpoint write leaves its temporary behind (the final name is never
+    touched, so the previous checkpoint stays good); the resumed run clears them away.
+    """
+    import shutil
+
+    stale = sorted(Path(directory).glob(".*.tmp"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
 
 
 def check_resume_config(path: Path, run_config: dict[str, Any]) -> None:
