@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
@@ -76,3 +77,13 @@ def test_head_pruning_trains_exports_and_rebuilds_a_smaller_model(tmp_path):
     with torch.no_grad():
         assert served(ids).logits.shape[-1] == model(ids).logits.shape[-1]
     assert model.config.num_attention_heads == 2
+
+
+def test_float_baseline_of_a_pruned_run_is_the_unpruned_model(tmp_path):
+    dense = train(compose_train(TINY + ["recipe=float", "trainer.max_steps=0"]),
+                  run_dir=tmp_path / "dense")
+    pruned = train(compose_train(TINY + ["recipe=float", "prune=nm", "prune.method=magnitude",
+                                         "trainer.max_steps=0"]), run_dir=tmp_path / "pruned")
+    assert pruned["fp_ppl"] == pytest.approx(dense["fp_ppl"], rel=1e-6)
+    assert pruned["ppl"] != pytest.approx(dense["ppl"], rel=1e-3)  # the pruned model is scored
+    assert pruned["sparsity"] == 0.5

@@ -99,6 +99,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             if specs.distill.enabled else None
         if specs.data.generated_samples:
             stages.use_teacher_text(data, teacher, model, tokenizer, specs.data)
+        # pruning changes the float model: its baseline perplexity is measured before
+        fp_ppl = stages.float_ppl(model, data, cached=cfg.eval.cache_fp_ppl) \
+            if specs.prune.enabled and cfg.eval.fp_ppl else None
         pruner, shrunk = stages.start_pruning(model, specs.prune, data) if specs.prune.enabled \
             else (None, None)
         report = plan(model, specs.quant) if specs.quant.weight is not None else None
@@ -142,7 +145,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {"recipe": _recipe_name(cfg), "model": _model_name(specs.model),
                                "scheme": _scheme(report)}
-    if cfg.eval.fp_ppl:  # the cache is per process: several ranks must all measure, or none
+    if fp_ppl is not None:
+        metrics["fp_ppl"] = fp_ppl
+    elif cfg.eval.fp_ppl:  # the cache is per process: several ranks must all measure, or none
         metrics["fp_ppl"] = _float_ppl(trainer, module, data,
                                        cached=cfg.eval.cache_fp_ppl and trainer.world_size == 1)
     if cfg.eval.quantized_before and report is not None:
@@ -237,22 +242,6 @@ def _sharded(trainer: L.Trainer) -> bool:
         or "modelparallel" in type(trainer.strategy).__name__.lower()
 
 
-def _fingerprint(model: torch.nn.Module, eval_blocks: torch.Tensor) -> str:
-    """Digest of the float weights, the eval tokens and the software that computes on them."""
-    import hashlib
-
-    import transformers
-
-    digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if "fake_quant" in name:
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    digest.update(eval_blocks.cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
 def _float_ppl(trainer: L.Trainer, module: QATModule, data: TextDataModule, cached: bool) -> float:
     """The float model's protocol perplexity; remembered per (weights, eval tokens), since the
     default run would otherwise spend two minutes re-measuring the same number every time."""
@@ -260,7 +249,7 @@ def _float_ppl(trainer: L.Trainer, module: QATModule, data: TextDataModule, cach
 
     from qat.assets import cache_dir
 
-    path = cache_dir() / "fp_ppl" / f"{_fingerprint(module.model, data.eval_blocks)}.json"
+    path = cache_dir() / "fp_ppl" / f"{stages.fingerprint(module.model, data.eval_blocks)}.json"
     if cached and path.is_file():
         return float(json.loads(path.read_text())["fp_ppl"])
     value = _evaluate(trainer, module, data, "fp", quantized=False)

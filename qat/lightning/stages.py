@@ -213,3 +213,37 @@ def is_rank_zero() -> bool:
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def fingerprint(model: torch.nn.Module, eval_blocks: torch.Tensor) -> str:
+    """Digest of the float weights, the eval tokens and the software that computes on them."""
+    import hashlib
+
+    import transformers
+
+    digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if "fake_quant" in name:
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(eval_blocks.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def float_ppl(model, data: TextDataModule, cached: bool) -> float:
+    """Protocol perplexity of the float model as it is now, without a Trainer (no collectives, so
+    every rank may call it), shared with the Trainer path's cache."""
+    import json
+
+    from qat.eval.perplexity import perplexity
+
+    path = cache_dir() / "fp_ppl" / f"{fingerprint(model, data.eval_blocks)}.json"
+    if cached and path.is_file():
+        return float(json.loads(path.read_text())["fp_ppl"])
+    spec = data.spec
+    value = perplexity(model, data.eval_ids, window=spec.eval_window, max_windows=spec.eval_windows,
+                       batch_size=spec.eval_batch_size).ppl
+    if cached and is_rank_zero():
+        write_json(path, {"fp_ppl": value})
+    return value
