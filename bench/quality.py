@@ -70,7 +70,7 @@ def _bpw(row: dict) -> str:
     # one bf16 scale per 64 weights (per output row for W8), plus a packed zero point when asym
     asym = "asym" in row.get("scheme", "")
     if bits == 8:
-        return "8.03"
+        return "8.023"  # one bf16 scale per row of 576 (1536 for down_proj) inputs
     return f"{bits + 16 / 64 + (bits / 64 if asym else 0):.3f}"
 
 
