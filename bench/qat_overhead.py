@@ -6,7 +6,8 @@ python bench/qat_overhead.py --steps 3 --model tiny
 Both models live in one process and train alternately (float step, QAT step, ...), so machine noise
 hits both alike; the ratio of medians is reported. Memory is measured two ways: the bytes autograd
 keeps for backward during one training step (exact, from saved-tensor hooks, counted once per
-storage), and the peak resident memory of a separate process doing only that kind of step.
+storage), and the peak resident memory of a separate process during steps of only that kind
+(peak reset after its first step, Linux /proc/self/clear_refs).
 Writes bench/results/qat_overhead.json and the qat_overhead section of BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -66,7 +67,8 @@ def saved_bytes(model, ids) -> int:
 
 
 def peak_rss_child(args, mode: str) -> int:
-    """Peak resident bytes of a fresh process doing `args.steps` steps of one kind only."""
+    """Peak resident bytes of a fresh process over training steps of one kind only (after a
+    first step, so loading the model and creating AdamW's state do not set the peak)."""
     out = subprocess.run([sys.executable, __file__, "--child", mode, "--model", args.model,
                           "--steps", "2", "--batch", str(args.batch), "--seq", str(args.seq)],
                          capture_output=True, text=True, check=True)
@@ -78,9 +80,29 @@ def child(args) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(0))
+    step(model, optimizer, ids)  # optimizer state and allocator pools exist from here on
+    _reset_peak_rss()
     for _ in range(args.steps):
         step(model, optimizer, ids)
-    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"peak_rss": _peak_rss()}))
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so loading the model is not the peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
