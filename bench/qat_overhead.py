@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -139,7 +140,10 @@ def main() -> None:
            "qat_saved_MB": round(saved["qat"] / 1e6, 1),
            "saved_ratio": round(saved["qat"] / saved["float"], 4),
            "float_peak_rss_MB": round(rss["float"] / 1e6), "qat_peak_rss_MB": round(rss["qat"] / 1e6),
-           "memory_ratio": round(rss["qat"] / rss["float"], 4)}
+           "memory_ratio": round(rss["qat"] / rss["float"], 4),
+           "float_steps_s": [round(t, 3) for t in times["float"]],
+           "qat_steps_s": [round(t, 3) for t in times["qat"]],
+           "load_average": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(row, indent=2))
     write_results("qat_overhead", [row])
     cols = ["model", "batch", "float_step_s", "qat_step_s", "time_ratio", "float_saved_MB",
@@ -147,7 +151,9 @@ def main() -> None:
     update_section("qat_overhead", "## QAT overhead (W4 g64 vs float training, CPU)\n\n"
                    f"`{command()}` on {machine()}. Median of {args.steps} alternating steps "
                    "(forward, backward, AdamW) in one process; saved = bytes autograd keeps for "
-                   "backward; peak RSS from a separate process per kind.\n\n"
+                   "backward; peak RSS from a separate process per kind. Step times (s): float "
+                   f"{row['float_steps_s']}, QAT {row['qat_steps_s']}; load average at the end "
+                   f"{row['load_average']}.\n\n"
                    + markdown_table([row], cols))
 
 
