@@ -75,3 +75,11 @@ def test_outlier_layers_are_reported_and_protected(tmp_path):
     assert outliers, "a threshold of 2 must find features in the tiny model's activations"
     for name, scheme in layers.items():
         assert scheme.startswith("W8" if name in outliers else "W4"), (name, scheme)
+
+
+def test_float_baseline_of_a_ptq_run_is_the_unquantized_model(tmp_path):
+    plain = train(compose_train(TINY + ["recipe=w4g128", "trainer.max_steps=0"]),
+                  run_dir=tmp_path / "rtn")
+    gptq = train(compose_train(TINY + ["recipe=gptq_w4g128", "trainer.max_steps=0"]),
+                 run_dir=tmp_path / "gptq")
+    assert gptq["fp_ppl"] == pytest.approx(plain["fp_ppl"], rel=1e-6)  # GPTQ moved the weights after

@@ -99,9 +99,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             if specs.distill.enabled else None
         if specs.data.generated_samples:
             stages.use_teacher_text(data, teacher, model, tokenizer, specs.data)
-        # pruning changes the float model: its baseline perplexity is measured before
+        # pruning and PTQ change the float weights: the baseline is measured before either
         fp_ppl = stages.float_ppl(model, data, cached=cfg.eval.cache_fp_ppl) \
-            if specs.prune.enabled and cfg.eval.fp_ppl else None
+            if cfg.eval.fp_ppl else None
         pruner, shrunk = stages.start_pruning(model, specs.prune, data) if specs.prune.enabled \
             else (None, None)
         report = plan(model, specs.quant) if specs.quant.weight is not None else None
@@ -147,9 +147,6 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                "scheme": _scheme(report)}
     if fp_ppl is not None:
         metrics["fp_ppl"] = fp_ppl
-    elif cfg.eval.fp_ppl:  # the cache is per process: several ranks must all measure, or none
-        metrics["fp_ppl"] = _float_ppl(trainer, module, data,
-                                       cached=cfg.eval.cache_fp_ppl and trainer.world_size == 1)
     if cfg.eval.quantized_before and report is not None:
         metrics["ptq_ppl"] = _evaluate(trainer, module, data, "ptq", quantized=True)
     set_fake_quant_enabled(model, specs.quant.start_step == 0)
@@ -240,22 +237,6 @@ def _sharded(trainer: L.Trainer) -> bool:
     """True when parameters are split across ranks (FSDP): export from the gathered checkpoint."""
     return "fsdp" in type(trainer.strategy).__name__.lower() \
         or "modelparallel" in type(trainer.strategy).__name__.lower()
-
-
-def _float_ppl(trainer: L.Trainer, module: QATModule, data: TextDataModule, cached: bool) -> float:
-    """The float model's protocol perplexity; remembered per (weights, eval tokens), since the
-    default run would otherwise spend two minutes re-measuring the same number every time."""
-    import json
-
-    from qat.assets import cache_dir
-
-    path = cache_dir() / "fp_ppl" / f"{stages.fingerprint(module.model, data.eval_blocks)}.json"
-    if cached and path.is_file():
-        return float(json.loads(path.read_text())["fp_ppl"])
-    value = _evaluate(trainer, module, data, "fp", quantized=False)
-    if cached:
-        write_json(path, {"fp_ppl": value})
-    return value
 
 
 def _evaluate(trainer: L.Trainer, module: QATModule, data: TextDataModule, prefix: str,
