@@ -4,6 +4,7 @@ python bench/recipes.py distill        # W2 g64: KD against CE only, same step b
 python bench/recipes.py prune          # 2:4 magnitude, 2:4 Wanda (no training), 2:4 + W4 g64 + KD
 python bench/recipes.py ptq            # RTN, GPTQ, AWQ at W4/W3/W2 g64; mixed precision at 3.5 bits
 python bench/recipes.py ROW [ROW ...]  # single rows by name (see ROWS)
+python bench/recipes.py --table        # only rewrite BENCHMARKS.md from bench/results/recipes.json
 
 Every row is one `python train.py ...` run (its command is in the table); the float perplexity of
 the same run is the baseline. Results merge into bench/results/recipes.json, so groups can be run
@@ -94,6 +95,9 @@ def _table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
+    if argv == ["--table"]:  # rewrite the BENCHMARKS.md sections from the stored results only
+        write_sections({r["name"]: r for r in json.loads(RESULT_FILE.read_text())})
+        return
     names = []
     for arg in argv or ["distill"]:
         names += list(GROUPS[arg]) if arg in GROUPS else [arg]
