@@ -49,7 +49,9 @@ NOTES = {
                "for 2 bits; the claim measured is KD's lead over CE at equal steps.",
     "prune": "2:4 one shot on the float model (no training), then 2:4 Wanda + W4 g64 + KD "
              f"trained {KD_STEPS} steps and exported (the export is checked 2:4 exactly). "
-             "float ppl is the unpruned model's.",
+             "These rows ran before the float baseline was measured ahead of pruning: their "
+             "float ppl column is the pruned float model's (the unpruned model is 13.586); "
+             "rerun them to refresh it, ppl is unaffected.",
     "ptq": "trainer.max_steps=0: quantize (with 128 x 256 calibration tokens for GPTQ and AWQ) "
            "and evaluate, no training. The float model is 13.586; GPTQ/AWQ rows run before the "
            "float baseline was measured ahead of PTQ show the calibrated weights' ppl as float "
