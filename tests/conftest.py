@@ -27,3 +27,11 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tests share one cache dir (built once per session), never the user's ~/.cache."""
     cache = tmp_path_factory.getbasetemp() / "qat-cache"
     monkeypatch.setenv("QAT_CACHE", str(cache))
+
+
+def compose_train(overrides=()):
+    """The train config composed from conf/ with `overrides`, as `python train.py ...` would."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))

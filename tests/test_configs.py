@@ -2,21 +2,16 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from qat.lightning.run import ConfigError, build_specs
+from conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY_CORPUS = CONF.parent / "qat" / "models" / "tiny_corpus.txt"
 RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))
           for g in ("model", "data", "trainer", "logger", "quant", "distill")}
-
-
-def compose_train(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def test_a_required_value_left_unset_is_named():

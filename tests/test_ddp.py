@@ -7,18 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from qat.lightning.run import train
+from conftest import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
        "eval.fp_ppl=false", "trainer.max_steps=6", "optim.lr=1e-3", "export.enabled=true"]
-
-
-def compose_train(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):

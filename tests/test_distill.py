@@ -6,23 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
 from qat.distill import (JSD, DistillSpec, Distiller, ForwardKL, HiddenStateLoss, ReverseKL,
                          chunked_token_loss, freeze)
 from qat.distill.generate import generated_blocks
 from qat.distill.losses import shifted_targets
 from qat.lightning.run import ConfigError, train
+from conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model=tiny", "data=tiny", "trainer.enable_progress_bar=false"]
 LOSSES = {"forward_kl": ForwardKL, "reverse_kl": ReverseKL, "jsd": JSD}
-
-
-def compose_train(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def _logits(seed, shape=(6, 50), scale=3.0):

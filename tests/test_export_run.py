@@ -5,17 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from qat.lightning.run import ConfigError, train
+from conftest import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false"]
-
-
-def compose_train(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from qat.export.pack import unpack
 from qat.lightning.run import train
 from qat.prune import check_nm
+from conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false"]
-
-
-def compose_train(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def test_2of4_kd_run_exports_exactly_2of4_codes(tmp_path):

@@ -3,19 +3,14 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from qat.lightning.run import ConfigError, train
 from qat.ptq import bits_per_weight
+from conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
         "ptq.calibration_samples=16", "ptq.seq_len=64", "ptq.progress=false"]
-
-
-def compose_train(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def test_ptq_only_run_exports_and_reloads_like_a_qat_run(tmp_path):

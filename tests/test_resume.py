@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from qat.lightning.module import DivergenceError
+from conftest import compose_train
 from qat.lightning.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +38,6 @@ QATModule.on_train_batch_start = slow
 sys.argv = ["train.py"] + sys.argv[1:]
 runpy.run_path("train.py", run_name="__main__")
 """
-
-
-def compose_train(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def _env():

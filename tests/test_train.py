@@ -4,18 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from qat.lightning.run import ConfigError, train
 from qat.quant import FakeQuantLinear
+from conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model=tiny", "data=tiny", "logger=csv", "trainer.enable_progress_bar=false"]
-
-
-def compose_train(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def test_tiny_qat_run_lowers_the_loss_and_writes_its_outputs(tmp_path):
