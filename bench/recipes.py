@@ -49,15 +49,19 @@ NOTES = {
                "for 2 bits; the claim measured is KD's lead over CE at equal steps.",
     "prune": "2:4 one shot on the float model (no training), then 2:4 Wanda + W4 g64 + KD "
              f"trained {KD_STEPS} steps and exported (the export is checked 2:4 exactly). "
-             "These rows ran before the float baseline was measured ahead of pruning: their "
-             "float ppl column is the pruned float model's (the unpruned model is 13.586); "
-             "rerun them to refresh it, ppl is unaffected.",
+             "float ppl is the dense float model. These three rows ran before the baseline was "
+             "measured ahead of pruning and recorded the pruned float model instead (2:4 "
+             "magnitude 1325.8, 2:4 Wanda 117.2: the Wanda + W4 + KD row is better than its own "
+             "pruned float start); they are marked fp_ppl_stale in bench/results/recipes.json and "
+             "show the dense baseline the other rows measured.",
     "ptq": "trainer.max_steps=0: quantize (with 128 x 256 calibration tokens for GPTQ and AWQ) "
-           "and evaluate, no training. The float model is 13.586; GPTQ/AWQ rows run before the "
-           "float baseline was measured ahead of PTQ show the calibrated weights' ppl as float "
-           "ppl (rerun them to refresh that column; ppl is unaffected). Default bf16 scales: RTN "
-           "W4 g64 sym is 19.458 here, 19.141 (the protocol's value, reproduced exactly) with "
-           "quant.weight.scale_dtype=float32.",
+           "and evaluate, no training. float ppl is the unquantized model; gptq_w4g64 and "
+           "gptq_w3g64 ran before the baseline was measured ahead of PTQ (marked fp_ppl_stale in "
+           "bench/results/recipes.json) and show the baseline the other rows measured. Default "
+           "bf16 scales: RTN W4 g64 sym is 19.458 here, 19.141 (the protocol's value, reproduced "
+           "exactly) with quant.weight.scale_dtype=float32. gptq_mixed_3.5: per-block sensitivity "
+           "on calibration data, bits per block from {2, 3, 4, 8} chosen by an exact knapsack "
+           "under 3.5 bits per weight, then GPTQ.",
 }
 ROWS = {name: overrides for rows in GROUPS.values() for name, overrides in rows.items()}
 RESULT_FILE = RESULTS / "recipes.json"
@@ -82,10 +86,12 @@ def _fmt(value, digits=3):
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def _table(rows: list[dict]) -> str:
+def _table(rows: list[dict], baseline: float | None) -> str:
     out = []
     for r in rows:
-        fp = r.get("fp_ppl")
+        # rows marked fp_ppl_stale ran before the float baseline moved ahead of pruning/PTQ and
+        # recorded the pruned or calibrated model instead: they show the baseline of the others
+        fp = baseline if r.get("fp_ppl_stale") else r.get("fp_ppl")
         out.append({"run": r["name"], "scheme": r.get("scheme", ""), "steps": r.get("steps"),
                     "float ppl": _fmt(fp), "ppl": _fmt(r["ppl"]),
                     "vs float": f"{100 * (r['ppl'] / fp - 1):+.1f}%" if fp else "",
@@ -117,13 +123,17 @@ def main(argv: list[str]) -> None:
 
 
 def write_sections(results: dict[str, dict]) -> None:
+    fresh = [r["fp_ppl"] for r in results.values()
+             if r.get("fp_ppl") and not r.get("fp_ppl_stale")]
+    baseline = fresh[0] if fresh else None
     for group, rows in GROUPS.items():
         have = [results[n] for n in rows if n in results]
         if have:
             update_section(f"recipes_{group}", f"## Recipes: {group}\n\n"
                            f"`python bench/recipes.py {group}` on {machine()}. Default model "
                            f"(SmolLM2-135M), eval protocol of `../shared/reference/eval-protocol.md` "
-                           f"(wiki, 64 windows of 512). {NOTES.get(group, '')}\n\n{_table(have)}")
+                           f"(wiki, 64 windows of 512). {NOTES.get(group, '')}\n\n"
+                           + _table(have, baseline))
 
 
 if __name__ == "__main__":
