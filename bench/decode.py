@@ -4,8 +4,9 @@ python bench/decode.py                    # default model, 128 new tokens, 3 rep
 python bench/decode.py --tokens 32 --model tiny
 
 The quantized side is a real export (written to a temporary directory, reloaded with
-qat.load_quantized: packed int4 weights, the CPU int4 kernel); its weights are the round-to-nearest
-grid, which decodes at the same speed as trained ones. Both models decode the same prompt greedily
+qat.load_quantized: packed int4 weights), served two ways: torch's int4 kernel in bf16 as vLLM-style
+CPU serving would, and our AVX2 GEMV in float32 with the embedding/head held as int8 rows. Its
+weights are the round-to-nearest grid, which decodes at the same speed as trained ones. Both models decode the same prompt greedily
 with Hugging Face `generate`; tokens/s is the median over repeats, weight memory the bytes of
 parameters and buffers the model holds. Writes bench/results/decode.json and the decode section of
 BENCHMARKS.md.
@@ -24,7 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, markdown_table, update_section, write_results  # noqa: E402
 
+from qat.eval.evaluate import held_out_ids, protocol_sets  # noqa: E402
+from qat.eval.perplexity import perplexity  # noqa: E402
 from qat.export.load import load_quantized, weight_bytes  # noqa: E402
+from qat.kernels import native  # noqa: E402
 from qat.export.writer import export_model  # noqa: E402
 from qat.models import ModelSpec, load_model  # noqa: E402
 from qat.quant import QuantConfig, WeightSpec, prepare  # noqa: E402
@@ -59,6 +63,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-ppl", action="store_true", help="skip the served models' ppl")
     args = parser.parse_args()
     model, tokenizer = load_model(ModelSpec(name=args.model))
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -66,31 +71,49 @@ def main() -> None:
     prepare(model, QuantConfig(weight=WeightSpec(bits=4, group_size=64)))
     with tempfile.TemporaryDirectory() as tmp:
         export_model(model, tokenizer, Path(tmp) / "export")
-        served = load_quantized(Path(tmp) / "export", dtype=torch.bfloat16)
+        variants = {  # name: (model, what it runs)
+            "bf16 float": (float_model, "HF bf16"),
+            "W4 g64 export": (load_quantized(Path(tmp) / "export", dtype=torch.bfloat16,
+                                             backend="torch"),
+                              "torch int4 kernel, bf16 activations and table"),
+            "W4 g64 export + int8 table": (
+                load_quantized(Path(tmp) / "export", dtype=torch.float32, embedding_bits=8),
+                "our AVX2 GEMV, fp32 activations, int8 embedding/head"
+                if native.available() else "torch kernels (no native GEMV here)"),
+        }
     del model
+    eval_ids = None if args.no_ppl else held_out_ids(tokenizer, protocol_sets(ood=None)[0])
     rows = []
-    for name, m in (("bf16 float", float_model), ("W4 g64 export", served)):
+    for name, (m, kernels) in variants.items():
         rate, out = decode(m, ids, args.tokens, args.repeats)
-        rows.append({"model": args.model, "weights": name, "tokens": args.tokens,
-                     "tokens_per_s": round(rate, 2), "weight_bytes": model_bytes(m),
-                     "sample": tokenizer.decode(out[:12])})
+        row = {"model": args.model, "weights": name, "kernels": kernels, "tokens": args.tokens,
+               "tokens_per_s": round(rate, 2), "weight_bytes": model_bytes(m),
+               "sample": tokenizer.decode(out[:12])}
+        if eval_ids is not None and name != "bf16 float":  # the float model is 13.586 (fp32)
+            row["ppl"] = round(perplexity(m, eval_ids).ppl, 4)
+        rows.append(row)
+        print(row, flush=True)
     base = rows[0]
     for r in rows:
         r["speedup"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
         r["memory_ratio"] = round(r["weight_bytes"] / base["weight_bytes"], 4)
         r["weight_MB"] = round(r["weight_bytes"] / 1e6, 1)
-    linears = weight_bytes(served)
-    for r in rows:
-        print(r)
+    linears = weight_bytes(variants["W4 g64 export"][0])
+    table_bf16 = variants["W4 g64 export"][0].get_input_embeddings().weight.numel() * 2
+    table_int8 = sum(t.numel() * t.element_size() for t in
+                     variants["W4 g64 export + int8 table"][0].get_input_embeddings().buffers())
     write_results("decode", rows)
     update_section("decode", "## Decode speed (greedy, CPU)\n\n"
                    f"`{command()}` on {machine()}. Greedy decode of {args.tokens} new tokens with "
                    "Hugging Face `generate`, batch 1, median of "
                    f"{args.repeats}; weight memory = bytes of all parameters and buffers held "
-                   f"(the export's quantized Linears: {linears['total'] / 1e6:.1f} MB in all "
-                   "incl. the bf16 embedding/lm_head).\n\n" + markdown_table(
-                       rows, ["model", "weights", "tokens_per_s", "speedup", "weight_MB",
-                              "memory_ratio", "sample"]))
+                   f"(the export's quantized Linears: {linears['quantized_linear'] / 1e6:.1f} MB; "
+                   f"the embedding/head table is {table_bf16 / 1e6:.1f} MB in bf16, "
+                   f"{table_int8 / 1e6:.1f} MB as int8 rows). ppl: "
+                   "wiki protocol (64 x 512) of the same served model; the weights are the "
+                   "round-to-nearest grid (the float model is 13.586).\n\n" + markdown_table(
+                       rows, ["model", "weights", "kernels", "tokens_per_s", "speedup",
+                              "weight_MB", "memory_ratio", "ppl", "sample"]))
 
 
 if __name__ == "__main__":

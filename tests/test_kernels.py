@@ -17,7 +17,7 @@ import torch
 
 from qat.export.pack import pack
 from qat.kernels import QuantizedLinear, dequantize_weight, linear_reference, triton_available
-from qat.kernels import cpu
+from qat.kernels import cpu, native
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,15 +96,27 @@ CPU_CASES = [  # bits, group_size, asymmetric, out, in
 ]
 
 
+def expected_layout(bits: int, group_size: int | None, in_features: int, backend: str = "auto") -> str:
+    """auto: our GEMV for 4 bits where it runs; torch's kernels otherwise (int8 per-channel only)."""
+    if backend == "auto" and native.available() and native.q4_supported(bits, in_features, group_size,
+                                                                         torch.bfloat16):
+        return "cpu_native"
+    return {4: "cpu_int4", 8: "cpu_int8" if group_size is None else "canonical"}.get(bits, "canonical")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("bits,group_size,asymmetric,out_features,in_features", CPU_CASES)
-def test_cpu_fast_path_matches_reference(bits, group_size, asymmetric, out_features, in_features):
+def test_cpu_fast_path_matches_reference(bits, group_size, asymmetric, out_features, in_features,
+                                         backend):
     q, scale, zp = make_codes(out_features, in_features, bits, group_size, asymmetric)
     layer = QuantizedLinear.from_quantized(q, scale, zp, bits, group_size)
+    layer.backend = backend
     packed = layer.weight_packed.clone()
     for m in (1, 7, 33):
         x = torch.randn(m, in_features).bfloat16()
         y = layer(x)
-        assert layer.layout == ("cpu_int4" if bits == 4 else "cpu_int8") and y.dtype == torch.bfloat16
+        assert layer.layout == expected_layout(bits, group_size, in_features, backend)
+        assert y.dtype == torch.bfloat16
         ref = linear_reference(x.float(), packed, scale, zp, bits, group_size, in_features)
         assert_bf16_close(y, ref, **bound_args(x, bits, q, scale, zp, group_size))
 
@@ -137,6 +149,7 @@ def test_cpu_constraints_and_fallback():
     assert not cpu.int8_supported(44, None) and not cpu.int8_supported(64, 32)
     q, scale, zp = make_codes(40, 128, 4, 64, False)
     layer = QuantizedLinear.from_quantized(q, scale, zp, 4, 64)
+    layer.backend = "torch"  # our GEMV takes any out_features; torch's int4 kernel does not
     x = torch.randn(2, 128).bfloat16()
     assert torch.equal(layer(x), linear_reference(x, pack(q, 4), scale, zp, 4, 64, 128))
     assert layer.layout == "canonical"
@@ -160,14 +173,14 @@ def test_quantized_linear_forward(bits, group_size, asymmetric):
         kernel = layer.layout != "canonical"  # the fallback is the reference itself: one rounding
         tolerance = bound_args(x2, bits, q, scale, zp, group_size, bias) if kernel else {}
         assert_bf16_close(y.reshape(-1, 48), ref, **tolerance)
-    expected = {4: "cpu_int4", 8: "cpu_int8" if group_size is None else "canonical"}.get(bits, "canonical")
-    assert layer.layout == expected
+    assert layer.layout == expected_layout(bits, group_size, 256)
 
 
 @pytest.mark.parametrize("bits,group_size,asymmetric", [(4, 64, True), (4, None, False), (8, None, True)])
 def test_state_dict_is_canonical_after_prepare(bits, group_size, asymmetric):
     q, scale, zp = make_codes(48, 192, bits, group_size, asymmetric)
     layer = QuantizedLinear.from_quantized(q, scale, zp, bits, group_size, torch.randn(48))
+    layer.backend = "torch"  # the layouts that convert (our GEMV reads the canonical words)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     canonical_bytes = layer.weight_bytes()
     layer.prepare()
@@ -180,6 +193,7 @@ def test_state_dict_is_canonical_after_prepare(bits, group_size, asymmetric):
     held = 48 * 192 // 2 + 2 * 2 * 48 * 192 // layer.kernel_group if bits == 4 else 48 * 192 + 48 * 2
     assert layer.weight_bytes() == held + zp_bytes < 48 * 192 * 2 * bits / 16 * 1.2
     fresh = QuantizedLinear.from_quantized(torch.zeros_like(q), scale, zp, bits, group_size, torch.zeros(48))
+    fresh.backend = "torch"
     fresh.prepare()
     fresh.load_state_dict(after)
     x = torch.randn(4, 192).bfloat16()

@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.05, help="held-out fraction (entries)")
     parser.add_argument("--ood-fraction", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    parser.add_argument("--backend", default="auto", choices=("auto", "reference"),
-                        help="export kernels: fused (auto) or exact float32 dequantization")
+    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "reference"),
+                        help="export kernels: fastest (auto), torch's CPU kernels, or exact "
+                             "float32 dequantization")
+    parser.add_argument("--embedding-bits", type=int, choices=(8,), default=None,
+                        help="export only: serve the embedding/head as int8 rows")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--progress", action="store_true", help="print a line per batch")
     args = parser.parse_args(argv)
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                          args.ood_windows, args.fraction, args.ood_fraction)
     try:
         out = evaluate(args.source, sets, window=args.window, batch_size=args.batch_size,
-                       backend=args.backend, progress=args.progress)
+                       backend=args.backend, progress=args.progress,
+                       embedding_bits=args.embedding_bits)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -68,7 +68,8 @@ def source_kind(source: str | Path) -> str:
     return "float"
 
 
-def load_for_eval(source: str | Path, backend: str = "auto") -> tuple[nn.Module, Any, Any, str]:
+def load_for_eval(source: str | Path, backend: str = "auto",
+                  embedding_bits: int | None = None) -> tuple[nn.Module, Any, Any, str]:
     """(model, tokenizer, context manager to evaluate under, kind) for any source.
 
     A run's fake-quantized model is evaluated with its float tensors rounded to the run's export
@@ -93,7 +94,8 @@ def load_for_eval(source: str | Path, backend: str = "auto") -> tuple[nn.Module,
 
         from qat.export.load import load_quantized
 
-        model = load_quantized(path, dtype=torch.float32, backend=backend)
+        model = load_quantized(path, dtype=torch.float32, backend=backend,
+                               embedding_bits=embedding_bits)
         return model, AutoTokenizer.from_pretrained(str(path)), nullcontext(), kind
     from qat.models import ModelSpec, load_model
 
@@ -104,14 +106,15 @@ def load_for_eval(source: str | Path, backend: str = "auto") -> tuple[nn.Module,
 
 
 def evaluate(source: str | Path, sets: list[EvalSet], window: int = 512, batch_size: int = 4,
-             backend: str = "auto", progress: bool = False) -> dict[str, Any]:
+             backend: str = "auto", progress: bool = False,
+             embedding_bits: int | None = None) -> dict[str, Any]:
     """Perplexity of `source` on every set.
 
     Returns:
         {"source", "kind", "window", "results": {set name: {"corpus", "ppl", "nll_sum",
         "n_tokens", "n_windows", "seconds"}}}: JSON-ready.
     """
-    model, tokenizer, context, kind = load_for_eval(source, backend)
+    model, tokenizer, context, kind = load_for_eval(source, backend, embedding_bits)
     out: dict[str, Any] = {"source": str(source), "kind": kind, "window": window, "results": {}}
     with context:
         for eval_set in sets:

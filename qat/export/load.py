@@ -78,19 +78,23 @@ def _quantized_linear(f, name: str, module: nn.Linear, spec: WeightSpec, path: P
     return QuantizedLinear(packed, scale, zero_point, in_f, spec.bits, group_size, bias)
 
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "torch", "reference")
 
 
 def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
-                   device: str | torch.device = "cpu", backend: str = "auto") -> nn.Module:
+                   device: str | torch.device = "cpu", backend: str = "auto",
+                   embedding_bits: int | None = None) -> nn.Module:
     """Load an export written by `qat.export` (or any compressed-tensors pack-quantized model).
 
     Args:
         directory: the export directory (config.json, model.safetensors, tokenizer files).
         dtype: dtype of the non-quantized parameters (embeddings, norms) and of the activations.
         device: where the model goes.
-        backend: "auto" uses the fused kernels; "reference" dequantizes in float32 on the fly
+        backend: "auto" uses the fastest kernels (our CPU GEMV, Triton on CUDA); "torch" torch's
+            CPU kernels instead of our GEMV; "reference" dequantizes in float32 on the fly
             (exact, slow: for checking that served equals trained).
+        embedding_bits: None keeps the stored embedding/head; 8 holds them as int8 rows
+            (`qat.kernels.embedding`: half the bytes of bf16, a serving-time choice).
     Returns:
         The model in eval mode; quantized Linears are `QuantizedLinear` modules.
     """
@@ -121,6 +125,7 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
         layer = _quantized_linear(f, name, getattr(parent, child), spec, path, keys)
         if backend == "reference":  # float32 scales (exact copies) keep the layer off the kernels
             layer.weight_scale = layer.weight_scale.float()
+        layer.backend = backend
         setattr(parent, child, layer)
     state = {}
     for key, param in list(model.state_dict(keep_vars=True).items()):
@@ -142,6 +147,12 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     _materialise_buffers(model, config)
+    if embedding_bits is not None:
+        if embedding_bits != 8:
+            raise ValueError(f"embedding_bits={embedding_bits} is not allowed; choose None or 8")
+        from qat.kernels.embedding import int8_embeddings
+
+        int8_embeddings(model)
     return model.to(device).eval()
 
 
@@ -162,12 +173,18 @@ def _materialise_buffers(model: nn.Module, config) -> None:
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes held by quantized Linear weights, by the rest of the parameters, and in total."""
+    """Bytes held by quantized Linear weights, by the rest of the parameters (int8 embedding tables
+    included), and in total."""
+    from qat.kernels.embedding import Int8Embedding
+
     quantized = sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
+    tables = sum(m.codes.numel() + 4 * m.scale.numel() for m in model.modules()
+                 if isinstance(m, Int8Embedding))
     seen, other = set(), 0
     for p in list(model.parameters()) + [m.bias for m in model.modules()
                                          if isinstance(m, QuantizedLinear) and m.bias is not None]:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             other += p.numel() * p.element_size()
+    other += tables
     return {"quantized_linear": quantized, "other": other, "total": quantized + other}

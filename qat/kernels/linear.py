@@ -4,12 +4,14 @@ It holds exactly what the compressed-tensors checkpoint holds (codes packed alon
 scales, integer zero points kept unpacked as int8, the shape) and picks a backend per call:
 
   CUDA + Triton + 2/4/8 bits       -> the fused Triton kernel (reads the canonical words directly)
+  CPU with AVX2, 4 bits, bf16 scales -> our GEMV (qat.kernels.native; canonical words, float32 math)
   CPU, 4 bits, supported shape      -> torch's int4 weight-only kernel
   CPU, 8 bits, per-channel          -> torch's int8 weight-only kernel
   anything else                     -> dequantize on the fly + F.linear (the reference; nothing cached)
   layer.backend = "reference"       -> the reference, whatever the device
+  layer.backend = "torch"           -> torch's CPU kernels even where our GEMV is available
 
-The CPU kernels need their own layouts. They are built once, lazily (or by `prepare()`), and *replace*
+torch's CPU kernels need their own layouts. They are built once, lazily (or by `prepare()`), and *replace*
 the canonical tensors, so memory really is ~4 bits per weight; `state_dict()` converts back to the
 canonical layout, and loading a state dict or moving the module restores it first. Inference only: no
 backward through the kernels.
@@ -22,10 +24,11 @@ import torch
 import torch.nn as nn
 
 from qat.export.pack import pack, packed_words
-from qat.kernels import cpu
+from qat.kernels import cpu, native
 from qat.kernels.reference import linear_reference
 
-CANONICAL, CPU_INT4, CPU_INT8 = "canonical", "cpu_int4", "cpu_int8"
+CANONICAL, CPU_INT4, CPU_INT8, CPU_NATIVE = "canonical", "cpu_int4", "cpu_int8", "cpu_native"
+BACKENDS = ("auto", "torch", "reference")
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,13 +99,14 @@ class QuantizedLinear(nn.Module):
     # ---- dispatch ---------------------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        """"auto" (fastest kernel for the device) or "reference" (float32 dequantize, exact, slow)."""
+        """"auto" (fastest kernel for the device), "torch" (torch's CPU kernels, not our GEMV) or
+        "reference" (float32 dequantize, exact, slow)."""
         return self._backend
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in ("auto", "reference"):
-            raise ValueError(f"backend={value!r} is not allowed; choose 'auto' or 'reference'")
+        if value not in BACKENDS:
+            raise ValueError(f"backend={value!r} is not allowed; choose one of {list(BACKENDS)}")
         self._backend = value
         self._restore()  # drops any CPU layout; "auto" rebuilds it on the next CPU forward
 
@@ -110,11 +114,11 @@ class QuantizedLinear(nn.Module):
         cpu_call = self._cpu_call
         if cpu_call is not None and x.is_cpu:  # the decode hot path first: microseconds count there
             return cpu_call[0](x, *cpu_call[1])
-        if self._backend == "auto" and x.is_cuda:
+        if self._backend != "reference" and x.is_cuda:
             self._restore()
             if self.triton_supported() and triton_available():
                 return self._forward_triton(x)
-        elif self._backend == "auto" and x.is_cpu:
+        elif self._backend != "reference" and x.is_cpu:
             self.prepare()
             if self._cpu_call is not None:
                 return self._cpu_call[0](x, *self._cpu_call[1])
@@ -136,7 +140,14 @@ class QuantizedLinear(nn.Module):
 
     # ---- backend layouts ----------------------------------------------------------------------------
     def cpu_backend(self) -> str:
-        """Which CPU kernel this layer can use: cpu_int4, cpu_int8 or canonical (dequantize fallback)."""
+        """Which CPU kernel this layer can use: cpu_native, cpu_int4, cpu_int8 or canonical
+        (dequantize fallback)."""
+        if self.layout != CANONICAL:
+            return self.layout
+        if (self._backend == "auto" and native.q4_supported(self.bits, self.in_features, self.group_size,
+                                                            self.weight_scale.dtype)
+                and native.available()):
+            return CPU_NATIVE
         if self.weight_scale is not None and self.weight_scale.dtype not in cpu.KERNEL_DTYPES:
             return CANONICAL  # fp32 scales would be rounded by the bf16/fp16 kernels
         if self.bits == 4 and cpu.int4_kernel_group(self.out_features, self.in_features, self.group_size):
@@ -148,10 +159,14 @@ class QuantizedLinear(nn.Module):
     @torch.no_grad()
     def prepare(self) -> None:
         """Convert to the CPU kernel's layout now (a no-op off CPU, when done, or for "reference")."""
-        if self.layout != CANONICAL or self.weight_packed.device.type != "cpu" or self._backend != "auto":
+        if self.layout != CANONICAL or self.weight_packed.device.type != "cpu" or self._backend == "reference":
             return
         backend = self.cpu_backend()
-        if backend == CPU_INT4:
+        if backend == CPU_NATIVE:  # the canonical tensors themselves: nothing to convert
+            self._cpu_call = (native.linear_q4, (self.weight_packed, self.weight_scale,
+                                                 self.weight_zero_point, self.group_size,
+                                                 self.in_features, self.bias))
+        elif backend == CPU_INT4:
             self.weight_packed, self.scale_zeros, self.kernel_group = cpu.prepare_int4(
                 self.weight_packed, self.weight_scale, self.weight_zero_point, self.in_features,
                 self.group_size)

@@ -1,0 +1,71 @@
+"""Int8 token embedding that also serves as the output head: the largest bf16 tensor of a small
+model (SmolLM2-135M: 49152 x 576, 57 MB of a 116 MB W4 export) at half the bytes.
+
+A serving-time choice (`load_quantized(..., embedding_bits=8)`), like llama.cpp's Q8 output
+tensor: the export keeps the bf16 table that vLLM loads. One float32 scale per token row,
+symmetric, round-to-nearest; the head's logits are computed in float32 by the native GEMV (reading
+int8) when available, else by dequantizing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qat.kernels import native
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, D) float -> (codes (V, D) int8 in [-127, 127], scale (V,) float32), w ~ codes * scale."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    codes = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes.contiguous(), scale.contiguous()
+
+
+class Int8Embedding(nn.Module):
+    """nn.Embedding over int8 codes with one scale per row; `dtype` is what lookups return."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        codes, scale = quantize_rows(weight)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.codes[ids].float() * self.scale[ids, None]).to(self.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scale[:, None]
+
+
+class Int8Head(nn.Module):
+    """logits = h @ table.T over an `Int8Embedding` (shared with the input for tied models)."""
+
+    def __init__(self, table: Int8Embedding):
+        super().__init__()
+        self.table = table
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.is_cpu and native.available() and h.shape[-1] % 32 == 0:
+            return native.linear_q8(h, self.table.codes, self.table.scale)
+        return F.linear(h.float(), self.table.dequantize())
+
+
+def int8_embeddings(model: nn.Module) -> nn.Module:
+    """Replace a causal LM's input embedding and output head by int8 ones, in place.
+
+    Tied models (one table for both) keep one int8 table; untied ones get one each.
+    """
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(emb, nn.Embedding) or not isinstance(head, nn.Linear) or head.bias is not None:
+        raise ValueError(f"embedding_bits=8 needs an nn.Embedding input and a bias-free nn.Linear "
+                         f"head, got {type(emb).__name__} and {type(head).__name__}")
+    tied = head.weight is emb.weight
+    table = Int8Embedding(emb.weight, dtype=emb.weight.dtype)
+    model.set_input_embeddings(table)
+    model.set_output_embeddings(Int8Head(table if tied else Int8Embedding(head.weight)))
+    model.config.tie_word_embeddings = False  # nothing left for transformers to re-tie
+    return model

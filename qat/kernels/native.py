@@ -1,0 +1,145 @@
+"""Our own CPU GEMV for decode (csrc/gemv.c): 4-bit weight-only Linear and int8 embedding head.
+
+Why: at batch 1 torch's int4 kernel is blocked for GEMM and runs in bf16, which this kind of CPU
+emulates; a row-by-row AVX2 GEMV over the canonical compressed-tensors words needs no layout
+conversion, computes in float32 (so served == reference up to summation order) and is as fast or
+faster. The C file is compiled once with the system C compiler into the qat cache (atomically) and
+called through ctypes, which releases the GIL. No compiler, no AVX2/FMA, or QAT_NATIVE=0: not
+`available()`, and QuantizedLinear falls back to torch's kernels.
+
+Calls with more than MAX_ROWS rows of x (prefill of long prompts, evaluation) are GEMM-shaped: they
+dequantize to float32 and use F.linear instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-DTHREADED_MIN=0", "-shared", "-fPIC"]
+MAX_ROWS = 16  # rows of x above which a dequantize + F.linear (GEMM) is faster than M GEMVs
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QAT_CACHE", "~/.cache/qat")).expanduser() / "kernels"
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return "avx2" in flags and "fma" in flags
+
+
+def build(directory: Path | None = None) -> Path:
+    """Compile csrc/gemv.c (once per source and flags) and return the shared library's path."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    directory = directory or _cache_dir()
+    target = directory / f"gemv-{digest}.so"
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:  # never a half-written library
+        partial = Path(tmp) / target.name
+        done = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} failed on {SOURCE}: {done.stderr[-2000:]}")
+        os.replace(partial, target)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("QAT_NATIVE", "1") == "0" or not _cpu_has_avx2_fma():
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError):
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib.q4_gemv.argtypes = [p, i, i, p, i, i, p, p, i, p, i]
+    lib.q4_gemv.restype = None
+    lib.q8_gemv.argtypes = [p, i, i, p, i, i, p, p, i]
+    lib.q8_gemv.restype = None
+    return lib
+
+
+def available() -> bool:
+    """True when the GEMV library is built and loaded for this CPU."""
+    return _library() is not None
+
+
+def q4_supported(bits: int, in_features: int, group_size: int | None,
+                 scale_dtype: torch.dtype) -> bool:
+    """4-bit codes, bf16 scales, whole 32-code steps per group (the kernel's inner loop)."""
+    group = group_size or in_features
+    return (bits == 4 and scale_dtype == torch.bfloat16 and in_features % 32 == 0
+            and group % 32 == 0 and in_features % group == 0 and in_features // group <= 1024)
+
+
+def linear_q4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+              zero_point: torch.Tensor | None, group_size: int | None, in_features: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ ((q - zp) * scale).T + bias over canonical 4-bit words, float32 math.
+
+    Args:
+        x: (..., in_features) any float dtype. packed: (out, in/8) int32 compressed-tensors words.
+        scale: (out, groups) bf16. zero_point: (out, groups) int8 or None.
+    Returns:
+        (..., out) in x.dtype.
+    """
+    rows = x.numel() // x.shape[-1]
+    if rows > MAX_ROWS:
+        from qat.kernels.reference import linear_reference
+
+        return linear_reference(x, packed, scale, zero_point, 4, group_size, in_features,
+                                bias).to(x.dtype)
+    x2 = x.reshape(rows, in_features)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    out_features = packed.shape[0]
+    y = torch.empty(rows, out_features)
+    _library().q4_gemv(x2.data_ptr(), rows, in_features, packed.data_ptr(), 0, out_features,
+                       scale.data_ptr(), None if zero_point is None else zero_point.data_ptr(),
+                       group_size or in_features, y.data_ptr(), out_features)
+    if bias is not None:
+        y += bias.float()
+    y = y.view(*x.shape[:-1], out_features)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def linear_q8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = (x @ codes.T) * scale per output row, float32 math (an int8 embedding used as head).
+
+    Args:
+        x: (..., K) any float dtype. codes: (N, K) int8, contiguous. scale: (N,) float32.
+    Returns:
+        (..., N) float32.
+    """
+    rows, k = x.numel() // x.shape[-1], x.shape[-1]
+    if rows > MAX_ROWS:  # GEMM-shaped (evaluation): dequantize once, F.linear
+        return torch.nn.functional.linear(x.float(), codes.float() * scale[:, None])
+    x2 = x.reshape(rows, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    n = codes.shape[0]
+    y = torch.empty(rows, n)
+    _library().q8_gemv(x2.data_ptr(), rows, k, codes.data_ptr(), 0, n, scale.data_ptr(),
+                       y.data_ptr(), n)
+    return y.view(*x.shape[:-1], n)
