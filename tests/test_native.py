@@ -99,3 +99,47 @@ def test_load_with_int8_embeddings(tiny_llama, tmp_path):
         assert rel_err(small(ids).logits, plain(ids).logits) < 1e-5
     with pytest.raises(ValueError, match="embedding_bits=4"):
         load_quantized(tmp_path / "e", embedding_bits=4)
+
+
+# ---- fused fake quantization ---------------------------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("size", [64, 576, 13])
+def test_fused_fake_quant_is_bit_identical_to_torch(bits, symmetric, size):
+    from qat.quant.grid import qrange
+    from qat.quant.ste import _ste_grads, fake_quant_values
+
+    g = torch.Generator().manual_seed(bits * 100 + size)
+    w = torch.randn(24, 3, size, generator=g)
+    scale = w.abs().amax(-1, keepdim=True) / (2 ** (bits - 1)) * 0.8  # some weights clip
+    zp = None if symmetric else torch.randint(-2, 3, (24, 3, 1), generator=g).float()
+    w[0, 0, :4] = torch.tensor([0.5, 1.5, -0.5, 2.5]) * scale[0, 0]  # exact ties: half to even
+    assert native.fake_quant_supported(w, scale, zp)
+    ours = native.fake_quant(w, scale, zp, *qrange(bits))
+    assert torch.equal(ours, fake_quant_values(w.clone(), scale, zp, bits))
+    grad = torch.randn(w.shape, generator=g)
+    expected, _ = _ste_grads(grad.clone(), w, scale, zp, bits, True, False)
+    masked = native.mask_grad_(w, grad.clone(), scale, zp, *qrange(bits))
+    assert torch.equal(masked, expected) and bool((masked == 0).any()) and bool((masked != 0).any())
+
+
+@needs_native
+def test_fake_quant_linear_gradients_unchanged_by_the_fused_kernel(monkeypatch):
+    """Observer (fixed-scale) QAT: the fused path and the torch ops give identical y and grads."""
+    from qat.quant.ste import fake_quant_linear
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 128, generator=g)
+    scale = weight.view(96, 2, 64).abs().amax(-1, keepdim=True) / 7
+    zp = torch.randint(-1, 2, (96, 2, 1), generator=g).float()
+    x = torch.randn(5, 128, generator=g)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(native, "fake_quant_supported", lambda *a, fused=fused: fused)
+        w, xx = weight.clone().requires_grad_(), x.clone().requires_grad_()
+        y = fake_quant_linear(xx, w, scale, zp, None, 3)
+        y.square().sum().backward()
+        results.append((y.detach(), w.grad, xx.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -1,4 +1,5 @@
-"""Our own CPU GEMV for decode (csrc/gemv.c): 4-bit weight-only Linear and int8 embedding head.
+"""Our own CPU kernels (csrc/*.c): the 4-bit decode GEMV, the int8 embedding head, and fused fake
+quantization for QAT.
 
 Why: at batch 1 torch's int4 kernel is blocked for GEMM and runs in bf16, which this kind of CPU
 emulates; a row-by-row AVX2 GEMV over the canonical compressed-tensors words needs no layout
@@ -6,6 +7,9 @@ conversion, computes in float32 (so served == reference up to summation order) a
 faster. The C file is compiled once with the system C compiler into the qat cache (atomically) and
 called through ctypes, which releases the GIL. No compiler, no AVX2/FMA, or QAT_NATIVE=0: not
 `available()`, and QuantizedLinear falls back to torch's kernels.
+
+Fake quantization (csrc/fake_quant.c) runs the forward grid and the straight-through mask in one
+pass each, bit-identical to the torch ops it replaces (tests/test_native.py).
 
 Calls with more than MAX_ROWS rows of x (prefill of long prompts, evaluation) are GEMM-shaped: they
 dequantize to float32 and use F.linear instead.
@@ -24,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-DTHREADED_MIN=0", "-shared", "-fPIC"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "fake_quant.c")]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-DTHREADED_MIN=0", "-shared",
+         "-fPIC"]
 MAX_ROWS = 16  # rows of x above which a dequantize + F.linear (GEMM) is faster than M GEMVs
 
 
@@ -44,22 +49,23 @@ def _cpu_has_avx2_fma() -> bool:
 
 
 def build(directory: Path | None = None) -> Path:
-    """Compile csrc/gemv.c (once per source and flags) and return the shared library's path."""
+    """Compile csrc/*.c (once per source and flags) and return the shared library's path."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)
+                            + " ".join(FLAGS).encode()).hexdigest()[:16]
     directory = directory or _cache_dir()
-    target = directory / f"gemv-{digest}.so"
+    target = directory / f"qat-native-{digest}.so"
     if target.is_file():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:  # never a half-written library
         partial = Path(tmp) / target.name
-        done = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)],
+        done = subprocess.run([compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES)],
                               capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"{compiler} failed on {SOURCE}: {done.stderr[-2000:]}")
+            raise RuntimeError(f"{compiler} failed on {SOURCES}: {done.stderr[-2000:]}")
         os.replace(partial, target)
     return target
 
@@ -77,6 +83,10 @@ def _library() -> ctypes.CDLL | None:
     lib.q4_gemv.restype = None
     lib.q8_gemv.argtypes = [p, i, i, p, i, i, p, p, i]
     lib.q8_gemv.restype = None
+    f = ctypes.c_float
+    for name in ("fq_forward", "fq_mask_grad"):
+        getattr(lib, name).argtypes = [p, p, p, p, i, i, f, f]
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -143,3 +153,37 @@ def linear_q8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torc
     _library().q8_gemv(x2.data_ptr(), rows, k, codes.data_ptr(), 0, n, scale.data_ptr(),
                        y.data_ptr(), n)
     return y.view(*x.shape[:-1], n)
+
+
+def fake_quant_supported(w: torch.Tensor, scale: torch.Tensor,
+                         zero_point: torch.Tensor | None) -> bool:
+    """Contiguous float32 CPU tensors, one scale (and zero point) per row of the grouped view."""
+    if not (w.is_cpu and w.dtype == torch.float32 and w.is_contiguous() and w.dim() >= 2):
+        return False
+    groups = w.numel() // w.shape[-1]
+    for t in (scale, zero_point):
+        if t is not None and not (t.dtype == torch.float32 and t.is_contiguous() and t.is_cpu
+                                  and t.numel() == groups):
+            return False
+    return available()
+
+
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+               qmin: int, qmax: int) -> torch.Tensor:
+    """(clamp(round(w / s + zp), qmin, qmax) - zp) * s over (..., size) groups, one pass."""
+    out = torch.empty_like(w)
+    _library().fq_forward(w.data_ptr(), out.data_ptr(), scale.data_ptr(),
+                          None if zero_point is None else zero_point.data_ptr(),
+                          w.numel() // w.shape[-1], w.shape[-1], float(qmin), float(qmax))
+    return out
+
+
+def mask_grad_(w: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
+               zero_point: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:
+    """grad *= (qmin <= w / s + zp <= qmax), in place: the straight-through estimator's mask."""
+    if not (grad.dtype == torch.float32 and grad.is_contiguous() and grad.shape == w.shape):
+        raise ValueError("mask_grad_ needs a contiguous float32 grad shaped like w")
+    _library().fq_mask_grad(w.data_ptr(), grad.data_ptr(), scale.data_ptr(),
+                            None if zero_point is None else zero_point.data_ptr(),
+                            w.numel() // w.shape[-1], w.shape[-1], float(qmin), float(qmax))
+    return grad

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qat.kernels import native
 from qat.quant.grid import qrange
 
 
@@ -33,6 +34,14 @@ def fake_quant_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     if zero_point is not None:
         q.sub_(zero_point)
     return q.mul_(scale)
+
+
+def _fake_quant_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                       bits: int) -> torch.Tensor:
+    """fake_quant_values in one fused pass where the native kernel runs (same bits), else torch."""
+    if native.fake_quant_supported(w, scale, zero_point):
+        return native.fake_quant(w, scale, zero_point, *qrange(bits))
+    return fake_quant_values(w, scale, zero_point, bits)
 
 
 def _ste_grads(grad_w_hat: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
@@ -83,7 +92,7 @@ class _FakeQuantLinear(torch.autograd.Function):
         ctx.group_shape = (rows, groups, size)
         ctx.bits = bits
         ctx.save_for_backward(x, weight, scale, zero_point)
-        w_hat = fake_quant_values(weight.float().view(ctx.group_shape), scale, zero_point, bits)
+        w_hat = _fake_quant_weight(weight.float().view(ctx.group_shape), scale, zero_point, bits)
         return F.linear(x, w_hat.view(weight.shape).to(x.dtype), bias)
 
     @staticmethod
@@ -94,12 +103,17 @@ class _FakeQuantLinear(torch.autograd.Function):
         g2 = grad_y.reshape(-1, weight.shape[0])
         grad_x = grad_w = grad_s = grad_b = None
         if want_x:
-            w_hat = fake_quant_values(grouped, scale, zero_point, ctx.bits)
+            w_hat = _fake_quant_weight(grouped, scale, zero_point, ctx.bits)
             grad_x = (g2 @ w_hat.view(weight.shape).to(g2.dtype)).view(x.shape)
         if want_w or want_s:
             grad_w_hat = (g2.t() @ x.reshape(-1, weight.shape[1]).to(g2.dtype)).float()
-            grad_w, grad_s = _ste_grads(grad_w_hat.view(ctx.group_shape), grouped, scale,
-                                        zero_point, ctx.bits, want_w, want_s)
+            grad_w_hat = grad_w_hat.view(ctx.group_shape)
+            if not want_s and native.fake_quant_supported(grouped, scale, zero_point):
+                grad_w = native.mask_grad_(grouped, grad_w_hat.contiguous(), scale, zero_point,
+                                           *qrange(ctx.bits))
+            else:
+                grad_w, grad_s = _ste_grads(grad_w_hat, grouped, scale, zero_point, ctx.bits,
+                                            want_w, want_s)
             grad_w = grad_w.view(weight.shape).to(weight.dtype) if grad_w is not None else None
         if want_b:
             grad_b = g2.sum(0).to(grad_y.dtype)

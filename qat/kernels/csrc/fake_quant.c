@@ -1,0 +1,66 @@
+/* Fused fake quantization for QAT on CPU: one pass over the weight instead of torch's four to
+ * six elementwise passes (each a full read and write of every weight).
+ *
+ * The weight is viewed as (groups, size) rows, each with one scale s and zero point z (z absent:
+ * symmetric). The math is torch's, op for op and in the same order, so results are bit-identical:
+ *   v = w / s + z;  q = clamp(round_half_even(v), qmin, qmax);  w_hat = (q - z) * s
+ * and the straight-through gradient keeps dL/dw_hat where clamp(v) == v, else 0.
+ * Compiled with -ffp-contract=off: no fused multiply-adds may change the rounding.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+void fq_forward(const float *w, float *out, const float *scale, const float *zp, int64_t groups,
+                int64_t size, float qmin, float qmax) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zp ? zp[g] : 0.f);
+        const __m256 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
+        const float *src = w + g * size;
+        float *dst = out + g * size;
+        int64_t k = 0;
+        for (; k + 8 <= size; k += 8) {
+            __m256 v = _mm256_div_ps(_mm256_loadu_ps(src + k), s);
+            if (zp) v = _mm256_add_ps(v, z);
+            __m256 q = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+            if (zp) q = _mm256_sub_ps(q, z);
+            _mm256_storeu_ps(dst + k, _mm256_mul_ps(q, s));
+        }
+        for (; k < size; k++) {
+            float v = src[k] / scale[g];
+            if (zp) v += zp[g];
+            __m128 r = _mm_round_ss(_mm_setzero_ps(), _mm_set_ss(v),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            float q = _mm_cvtss_f32(r);
+            q = q < qmin ? qmin : (q > qmax ? qmax : q);
+            if (zp) q -= zp[g];
+            dst[k] = q * scale[g];
+        }
+    }
+}
+
+/* grad[i] = grad[i] where qmin <= w / s + z <= qmax, else 0 (in place). */
+void fq_mask_grad(const float *w, float *grad, const float *scale, const float *zp,
+                  int64_t groups, int64_t size, float qmin, float qmax) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zp ? zp[g] : 0.f);
+        const __m256 lo = _mm256_set1_ps(qmin), hi = _mm256_set1_ps(qmax);
+        const float *src = w + g * size;
+        float *dst = grad + g * size;
+        int64_t k = 0;
+        for (; k + 8 <= size; k += 8) {
+            __m256 v = _mm256_div_ps(_mm256_loadu_ps(src + k), s);
+            if (zp) v = _mm256_add_ps(v, z);
+            __m256 inside = _mm256_and_ps(_mm256_cmp_ps(v, lo, _CMP_GE_OQ),
+                                          _mm256_cmp_ps(v, hi, _CMP_LE_OQ));
+            _mm256_storeu_ps(dst + k, _mm256_and_ps(_mm256_loadu_ps(dst + k), inside));
+        }
+        for (; k < size; k++) {
+            float v = src[k] / scale[g];
+            if (zp) v += zp[g];
+            if (!(v >= qmin && v <= qmax)) dst[k] = 0.f;
+        }
+    }
+}
