@@ -14,6 +14,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -105,7 +106,8 @@ def main() -> None:
     write_results("decode", rows)
     update_section("decode", "## Decode speed (greedy, CPU)\n\n"
                    f"`{command()}` on {machine()}. Greedy decode of {args.tokens} new tokens with "
-                   "Hugging Face `generate`, batch 1, median of "
+                   "Hugging Face `generate`, batch 1, OMP_WAIT_POLICY "
+                   f"{os.environ.get('OMP_WAIT_POLICY', 'unset (default)')}, median of "
                    f"{args.repeats}; weight memory = bytes of all parameters and buffers held "
                    f"(the export's quantized Linears: {linears['quantized_linear'] / 1e6:.1f} MB; "
                    f"the embedding/head table is {table_bf16 / 1e6:.1f} MB in bf16, "
