@@ -61,8 +61,8 @@ NOTES = {
            "bf16 scales: RTN W4 g64 sym is 19.458 here, 19.141 (the protocol's value, reproduced "
            "exactly) with quant.weight.scale_dtype=float32. gptq_mixed_3.5: per-block sensitivity "
            "on calibration data, bits per block from {2, 3, 4, 8} chosen by an exact knapsack "
-           "under 3.5 bits per weight (scales counted), then GPTQ: 49 blocks' Linears at W4 and "
-           "161 at W3, all symmetric like the w4g64 recipe it starts from (asymmetric W3 is the "
+           "under 3.5 bits per weight (scales counted), then GPTQ: 7 of 30 blocks at W4 (49 Linears), "
+           "23 at W3 (161), all symmetric like the w4g64 recipe it starts from (asymmetric W3 is the "
            "better 3-bit grid here: add quant.weight.symmetric=false). AWQ is the best PTQ at every "
            "width on this model (W2: 724.5 vs GPTQ 6,666) but its search costs 20-35 min here "
            "against GPTQ's 5.",
