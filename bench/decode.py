@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, markdown_table, update_section, write_results  # noqa: E402
 
+from qat.decode import greedy  # noqa: E402
 from qat.eval.evaluate import held_out_ids, protocol_sets  # noqa: E402
 from qat.eval.perplexity import perplexity  # noqa: E402
 from qat.export.load import load_quantized, weight_bytes  # noqa: E402
@@ -47,16 +48,23 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def decode(model, ids: torch.Tensor, tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    """Median tokens/s of greedy decoding `tokens` new tokens; and the tokens of the last repeat."""
-    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    model.generate(ids, **dict(kwargs, max_new_tokens=4, min_new_tokens=4))  # warm up
+def decode(model, ids: torch.Tensor, tokens: int, repeats: int,
+           lean: bool) -> tuple[float, torch.Tensor]:
+    """Median tokens/s of greedy decoding `tokens` new tokens with HF generate or qat.decode;
+    and the tokens of the last repeat."""
+    def run(n):
+        if lean:
+            return greedy(model, ids, n)
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0)[0, ids.shape[1]:]
+
+    run(4)  # warm up
     rates, out = [], None
     for _ in range(repeats):
         start = time.perf_counter()
-        out = model.generate(ids, **kwargs)
+        out = run(tokens)
         rates.append(tokens / (time.perf_counter() - start))
-    return statistics.median(rates), out[0, ids.shape[1]:]
+    return statistics.median(rates), out
 
 
 def main() -> None:
@@ -86,10 +94,13 @@ def main() -> None:
     eval_ids = None if args.no_ppl else held_out_ids(tokenizer, protocol_sets(ood=None)[0])
     rows = []
     for name, (m, kernels) in variants.items():
-        rate, out = decode(m, ids, args.tokens, args.repeats)
+        rate, out = decode(m, ids, args.tokens, args.repeats, lean=False)
+        lean_rate, lean_out = decode(m, ids, args.tokens, args.repeats, lean=True)
+        if not torch.equal(out, lean_out):
+            raise SystemExit(f"{name}: qat.decode and generate disagree on the greedy tokens")
         row = {"model": args.model, "weights": name, "kernels": kernels, "tokens": args.tokens,
-               "tokens_per_s": round(rate, 2), "weight_bytes": model_bytes(m),
-               "sample": tokenizer.decode(out[:12])}
+               "tokens_per_s": round(rate, 2), "lean_tokens_per_s": round(lean_rate, 2),
+               "weight_bytes": model_bytes(m), "sample": tokenizer.decode(out[:12])}
         if eval_ids is not None and name != "bf16 float":  # the float model is 13.586 (fp32)
             row["ppl"] = round(perplexity(m, eval_ids).ppl, 4)
         rows.append(row)
@@ -97,6 +108,7 @@ def main() -> None:
     base = rows[0]
     for r in rows:
         r["speedup"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+        r["lean_speedup"] = round(r["lean_tokens_per_s"] / base["lean_tokens_per_s"], 3)
         r["memory_ratio"] = round(r["weight_bytes"] / base["weight_bytes"], 4)
         r["weight_MB"] = round(r["weight_bytes"] / 1e6, 1)
     linears = weight_bytes(variants["W4 g64 export"][0])
@@ -105,8 +117,9 @@ def main() -> None:
                      variants["W4 g64 export + int8 table"][0].get_input_embeddings().buffers())
     write_results("decode", rows)
     update_section("decode", "## Decode speed (greedy, CPU)\n\n"
-                   f"`{command()}` on {machine()}. Greedy decode of {args.tokens} new tokens with "
-                   "Hugging Face `generate`, batch 1, OMP_WAIT_POLICY "
+                   f"`{command()}` on {machine()}. Greedy decode of {args.tokens} new tokens, "
+                   "batch 1, with Hugging Face `generate` (tokens_per_s) and with `qat.decode`'s "
+                   "lean loop (lean_tokens_per_s; the same tokens, checked), OMP_WAIT_POLICY "
                    f"{os.environ.get('OMP_WAIT_POLICY', 'unset (default)')}, median of "
                    f"{args.repeats}; weight memory = bytes of all parameters and buffers held "
                    f"(the export's quantized Linears: {linears['quantized_linear'] / 1e6:.1f} MB; "
@@ -115,7 +128,8 @@ def main() -> None:
                    "wiki protocol (64 x 512) of the same served model; the weights are the "
                    "round-to-nearest grid (the float model is 13.586).\n\n" + markdown_table(
                        rows, ["model", "weights", "kernels", "tokens_per_s", "speedup",
-                              "weight_MB", "memory_ratio", "ppl", "sample"]))
+                              "lean_tokens_per_s", "lean_speedup", "weight_MB", "memory_ratio",
+                              "ppl", "sample"]))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def resident_bytes() -> int:
     return 0
 
 
-def load_any(source: str, dtype: torch.dtype):
+def load_any(source: str, dtype: torch.dtype, embedding_bits: int | None = None):
     """(model, tokenizer) from an export dir, a float HF model dir, or a builtin model name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,7 +33,8 @@ def load_any(source: str, dtype: torch.dtype):
         import json
         if "quantization_config" in json.loads((path / "config.json").read_text()):
             from qat.export.load import load_quantized
-            return load_quantized(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+            return (load_quantized(path, dtype=dtype, embedding_bits=embedding_bits),
+                    AutoTokenizer.from_pretrained(path))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model.eval(), AutoTokenizer.from_pretrained(path)
     from qat.models import ModelSpec, load_model
@@ -48,10 +49,18 @@ def weight_bytes(model) -> int:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, sample: bool, temperature: float,
-             top_p: float, seed: int) -> tuple[str, int, float]:
-    """Decode; returns (text, new tokens, seconds spent in decoding)."""
+             top_p: float, seed: int, lean: bool = True) -> tuple[str, int, float]:
+    """Decode; returns (text, new tokens, seconds spent in decoding). Greedy decoding of a
+    Llama-style model uses the lean loop of `qat.decode` unless `lean` is False."""
+    from qat.decode import SUPPORTED, greedy
+
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     torch.manual_seed(seed)
+    if lean and not sample and getattr(model.config, "model_type", None) in SUPPORTED:
+        start = time.perf_counter()
+        new = greedy(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        seconds = time.perf_counter() - start
+        return tokenizer.decode(new, skip_special_tokens=True), new.numel(), seconds
     kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens,
                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     if sample:
@@ -74,16 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--embedding-bits", type=int, choices=(8,), default=None,
+                        help="exports: hold the embedding/head as int8 rows")
+    parser.add_argument("--hf", action="store_true",
+                        help="decode with Hugging Face generate instead of qat.decode's loop")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_any(args.model, getattr(torch, args.dtype))
+        model, tokenizer = load_any(args.model, getattr(torch, args.dtype), args.embedding_bits)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     text, n, seconds = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.sample,
-                                args.temperature, args.top_p, args.seed)
+                                args.temperature, args.top_p, args.seed, lean=not args.hf)
     print(args.prompt + text)
     print(f"\n{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s | weights "
           f"{weight_bytes(model) / 2**20:.1f} MiB | resident {resident_bytes() / 2**20:.0f} MiB",
