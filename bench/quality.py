@@ -122,7 +122,11 @@ def _write(rows: dict[str, dict]) -> None:
     update_section("quality", "## Quality table\n\n"
                    f"`python bench/quality.py` on {machine()}. Default model (SmolLM2-135M), eval "
                    "protocol of `../shared/reference/eval-protocol.md` (wiki, 64 windows of 512); "
-                   "QAT budget = optimizer steps x batch x sequence length.\n\n" + table(rows))
+                   "QAT budget = optimizer steps x batch x sequence length and the training wall "
+                   "time (the GPTQ start adds ~5 min of calibration, more while other jobs "
+                   "share the 2 cores). QAT rows start from GPTQ (`quant.init=gptq`) with "
+                   "each recipe's learning rate (W4 2e-5, W3 5e-5, W2 1e-4 with LSQ scales); "
+                   "recovered = (RTN - ppl) / (RTN - float).\n\n" + table(rows))
 
 
 if __name__ == "__main__":
