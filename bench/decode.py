@@ -113,8 +113,7 @@ def main() -> None:
         r["weight_MB"] = round(r["weight_bytes"] / 1e6, 1)
     linears = weight_bytes(variants["W4 g64 export"][0])
     table_bf16 = variants["W4 g64 export"][0].get_input_embeddings().weight.numel() * 2
-    table_int8 = sum(t.numel() * t.element_size() for t in
-                     variants["W4 g64 export + int8 table"][0].get_input_embeddings().buffers())
+    table_int8 = variants["W4 g64 export + int8 table"][0].get_input_embeddings().weight_bytes()
     write_results("decode", rows)
     update_section("decode", "## Decode speed (greedy, CPU)\n\n"
                    f"`{command()}` on {machine()}. Greedy decode of {args.tokens} new tokens, "

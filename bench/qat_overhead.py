@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, markdown_table, update_section, write_results  # noqa: E402
 
+from qat.generate import resident_bytes  # noqa: E402
 from qat.models import ModelSpec, load_model  # noqa: E402
 from qat.quant import QuantConfig, WeightSpec, prepare  # noqa: E402
 
@@ -97,13 +98,7 @@ def _reset_peak_rss() -> None:
 
 
 def _peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resident_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 
-def resident_bytes() -> int:
-    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+def resident_bytes(field: str = "VmRSS") -> int:
+    """A memory field of this process from Linux /proc/self/status (VmRSS: resident now, VmHWM:
+    its peak), in bytes; 0 where unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass

@@ -178,8 +178,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     from qat.kernels.embedding import Int8Embedding
 
     quantized = sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
-    tables = sum(m.codes.numel() + 4 * m.scale.numel() for m in model.modules()
-                 if isinstance(m, Int8Embedding))
+    tables = sum(m.weight_bytes() for m in model.modules() if isinstance(m, Int8Embedding))
     seen, other = set(), 0
     for p in list(model.parameters()) + [m.bias for m in model.modules()
                                          if isinstance(m, QuantizedLinear) and m.bias is not None]:

@@ -37,6 +37,9 @@ class Int8Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return (self.codes[ids].float() * self.scale[ids, None]).to(self.dtype)
 
+    def weight_bytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size() + self.scale.numel() * 4
+
     def dequantize(self) -> torch.Tensor:
         return self.codes.float() * self.scale[:, None]
 
@@ -49,7 +52,7 @@ class Int8Head(nn.Module):
         self.table = table
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if h.is_cpu and native.available() and h.shape[-1] % 32 == 0:
+        if h.is_cpu and native.available():
             return native.linear_q8(h, self.table.codes, self.table.scale)
         return F.linear(h.float(), self.table.dequantize())
 

@@ -79,9 +79,9 @@ def _library() -> ctypes.CDLL | None:
     except (RuntimeError, OSError):
         return None
     p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.q4_gemv.argtypes = [p, i, i, p, i, i, p, p, i, p, i]
-    lib.q4_gemv.restype = None
-    lib.q8_gemv.argtypes = [p, i, i, p, i, i, p, p, i]
+    lib.q4_gemv.argtypes = [p, i, i, p, p, p, i, p, i]
+    lib.q4_gemv.restype = ctypes.c_int
+    lib.q8_gemv.argtypes = [p, i, i, p, p, p, i]
     lib.q8_gemv.restype = None
     f = ctypes.c_float
     for name in ("fq_forward", "fq_mask_grad"):
@@ -100,7 +100,7 @@ def q4_supported(bits: int, in_features: int, group_size: int | None,
     """4-bit codes, bf16 scales, whole 32-code steps per group (the kernel's inner loop)."""
     group = group_size or in_features
     return (bits == 4 and scale_dtype == torch.bfloat16 and in_features % 32 == 0
-            and group % 32 == 0 and in_features % group == 0 and in_features // group <= 1024)
+            and group % 32 == 0 and in_features % group == 0)
 
 
 def linear_q4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
@@ -125,9 +125,10 @@ def linear_q4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
         x2 = x2.float().contiguous()
     out_features = packed.shape[0]
     y = torch.empty(rows, out_features)
-    _library().q4_gemv(x2.data_ptr(), rows, in_features, packed.data_ptr(), 0, out_features,
-                       scale.data_ptr(), None if zero_point is None else zero_point.data_ptr(),
-                       group_size or in_features, y.data_ptr(), out_features)
+    if _library().q4_gemv(x2.data_ptr(), rows, in_features, packed.data_ptr(), scale.data_ptr(),
+                          None if zero_point is None else zero_point.data_ptr(),
+                          group_size or in_features, y.data_ptr(), out_features):
+        raise MemoryError("q4_gemv: out of memory")
     if bias is not None:
         y += bias.float()
     y = y.view(*x.shape[:-1], out_features)
@@ -150,8 +151,7 @@ def linear_q8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torc
         x2 = x2.float().contiguous()
     n = codes.shape[0]
     y = torch.empty(rows, n)
-    _library().q8_gemv(x2.data_ptr(), rows, k, codes.data_ptr(), 0, n, scale.data_ptr(),
-                       y.data_ptr(), n)
+    _library().q8_gemv(x2.data_ptr(), rows, k, codes.data_ptr(), scale.data_ptr(), y.data_ptr(), n)
     return y.view(*x.shape[:-1], n)
 
 

@@ -37,9 +37,9 @@ def fake_quant_values(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 
 
 def _fake_quant_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                       bits: int) -> torch.Tensor:
-    """fake_quant_values in one fused pass where the native kernel runs (same bits), else torch."""
-    if native.fake_quant_supported(w, scale, zero_point):
+                       bits: int, fused: bool) -> torch.Tensor:
+    """fake_quant_values, in one pass by the native kernel when `fused` (same bits)."""
+    if fused:
         return native.fake_quant(w, scale, zero_point, *qrange(bits))
     return fake_quant_values(w, scale, zero_point, bits)
 
@@ -92,7 +92,9 @@ class _FakeQuantLinear(torch.autograd.Function):
         ctx.group_shape = (rows, groups, size)
         ctx.bits = bits
         ctx.save_for_backward(x, weight, scale, zero_point)
-        w_hat = _fake_quant_weight(weight.float().view(ctx.group_shape), scale, zero_point, bits)
+        grouped = weight.float().view(ctx.group_shape)
+        fused = native.fake_quant_supported(grouped, scale, zero_point)
+        w_hat = _fake_quant_weight(grouped, scale, zero_point, bits, fused)
         return F.linear(x, w_hat.view(weight.shape).to(x.dtype), bias)
 
     @staticmethod
@@ -102,13 +104,14 @@ class _FakeQuantLinear(torch.autograd.Function):
         grouped = weight.float().view(ctx.group_shape)
         g2 = grad_y.reshape(-1, weight.shape[0])
         grad_x = grad_w = grad_s = grad_b = None
+        fused = native.fake_quant_supported(grouped, scale, zero_point)
         if want_x:
-            w_hat = _fake_quant_weight(grouped, scale, zero_point, ctx.bits)
+            w_hat = _fake_quant_weight(grouped, scale, zero_point, ctx.bits, fused)
             grad_x = (g2 @ w_hat.view(weight.shape).to(g2.dtype)).view(x.shape)
         if want_w or want_s:
             grad_w_hat = (g2.t() @ x.reshape(-1, weight.shape[1]).to(g2.dtype)).float()
             grad_w_hat = grad_w_hat.view(ctx.group_shape)
-            if not want_s and native.fake_quant_supported(grouped, scale, zero_point):
+            if fused and not want_s:
                 grad_w = native.mask_grad_(grouped, grad_w_hat.contiguous(), scale, zero_point,
                                            *qrange(ctx.bits))
             else:

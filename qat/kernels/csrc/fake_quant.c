@@ -10,6 +10,17 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+/* v = w / s + z for 8 weights (z absent: symmetric), as torch computes it. */
+static inline __m256 position8(const float *w, __m256 s, __m256 z, int has_zp) {
+    __m256 v = _mm256_div_ps(_mm256_loadu_ps(w), s);
+    return has_zp ? _mm256_add_ps(v, z) : v;
+}
+
+static inline float position1(float w, float s, const float *zp) {
+    float v = w / s;
+    return zp ? v + *zp : v;
+}
+
 void fq_forward(const float *w, float *out, const float *scale, const float *zp, int64_t groups,
                 int64_t size, float qmin, float qmax) {
     #pragma omp parallel for schedule(static)
@@ -20,16 +31,14 @@ void fq_forward(const float *w, float *out, const float *scale, const float *zp,
         float *dst = out + g * size;
         int64_t k = 0;
         for (; k + 8 <= size; k += 8) {
-            __m256 v = _mm256_div_ps(_mm256_loadu_ps(src + k), s);
-            if (zp) v = _mm256_add_ps(v, z);
+            __m256 v = position8(src + k, s, z, zp != 0);
             __m256 q = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
             if (zp) q = _mm256_sub_ps(q, z);
             _mm256_storeu_ps(dst + k, _mm256_mul_ps(q, s));
         }
         for (; k < size; k++) {
-            float v = src[k] / scale[g];
-            if (zp) v += zp[g];
+            float v = position1(src[k], scale[g], zp ? zp + g : 0);
             __m128 r = _mm_round_ss(_mm_setzero_ps(), _mm_set_ss(v),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             float q = _mm_cvtss_f32(r);
@@ -51,15 +60,13 @@ void fq_mask_grad(const float *w, float *grad, const float *scale, const float *
         float *dst = grad + g * size;
         int64_t k = 0;
         for (; k + 8 <= size; k += 8) {
-            __m256 v = _mm256_div_ps(_mm256_loadu_ps(src + k), s);
-            if (zp) v = _mm256_add_ps(v, z);
+            __m256 v = position8(src + k, s, z, zp != 0);
             __m256 inside = _mm256_and_ps(_mm256_cmp_ps(v, lo, _CMP_GE_OQ),
                                           _mm256_cmp_ps(v, hi, _CMP_LE_OQ));
             _mm256_storeu_ps(dst + k, _mm256_and_ps(_mm256_loadu_ps(dst + k), inside));
         }
         for (; k < size; k++) {
-            float v = src[k] / scale[g];
-            if (zp) v += zp[g];
+            float v = position1(src[k], scale[g], zp ? zp + g : 0);
             if (!(v >= qmin && v <= qmax)) dst[k] = 0.f;
         }
     }

@@ -1,8 +1,9 @@
 /* Weight-only GEMV for decode on x86-64 CPUs with AVX2 + FMA: float32 activations, float32
  * accumulation, weights read in their packed form (4-bit codes: 4x fewer bytes than bf16).
  *
- * Why not torch's _weight_int4pack_mm_for_cpu: at batch 1 it costs ~160 us per 576x576 layer here
- * (blocked for GEMM, bf16 only), while the weight is 166 KB; a plain row-by-row GEMV is ~10x faster.
+ * Why not only torch's _weight_int4pack_mm_for_cpu: it is blocked for GEMM and computes in bf16,
+ * which this kind of CPU emulates; this row-by-row GEMV reads the stored words as they are,
+ * computes in float32 and measured as fast or faster at batch 1 (BENCHMARKS.md, decode).
  *
  * Layouts are the compressed-tensors ones, so no conversion is needed:
  *   q4: row n is K/2 bytes; byte j holds code 2j (low nibble) and 2j+1 (high nibble), each stored
@@ -13,6 +14,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifndef THREADED_MIN
@@ -41,18 +43,21 @@ static inline __m256 nibbles(__m256i word) {
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shifts), mask));
 }
 
-/* One row of x: y[n] = sum_k x[k] * w[n, k] for rows [n0, n1). Four independent accumulators per
- * group keep the FMA chain latency-free; one horizontal sum per output. */
-static void q4_row(const float *x, int64_t K, const uint8_t *w, int64_t n0, int64_t n1,
-                   const uint16_t *scale, const int8_t *zp, int64_t group, float *y) {
-    int64_t groups = K / group;
-    float xsum[1024];  /* per-group sums of x: K / group <= 1024 (checked by the caller) */
-    for (int64_t g = 0; g < groups; g++) {
+/* Per-group sums of one row of x: the zero-point term of every output uses them. */
+static void group_sums(const float *x, int64_t K, int64_t group, float *xsum) {
+    for (int64_t g = 0; g < K / group; g++) {
         const float *xg = x + g * group;
         __m256 s = _mm256_setzero_ps();
         for (int64_t k = 0; k < group; k += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(xg + k));
         xsum[g] = hsum(s);
     }
+}
+
+/* One row of x: y[n] = sum_k x[k] * w[n, k] for rows [n0, n1). Four independent accumulators per
+ * group keep the FMA chain latency-free; one horizontal sum per output. */
+static void q4_row(const float *x, const float *xsum, int64_t K, const uint8_t *w, int64_t n0,
+                   int64_t n1, const uint16_t *scale, const int8_t *zp, int64_t group, float *y) {
+    int64_t groups = K / group;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w + n * (K / 2);
         const uint16_t *srow = scale + n * groups;
@@ -82,25 +87,31 @@ static void q4_row(const float *x, int64_t K, const uint8_t *w, int64_t n0, int6
     }
 }
 
-/* y (M, N) = x (M, K) @ w.T over the packed 4-bit codes (bias is the caller's), rows [n0, n1). */
-void q4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t n0, int64_t n1,
-             const uint16_t *scale, const int8_t *zp, int64_t group, float *y, int64_t N) {
-    int64_t chunks = (n1 - n0) / 64;
-    #pragma omp parallel for schedule(static) if ((n1 - n0) * K >= THREADED_MIN)
-    for (int64_t c = 0; c < chunks + 1; c++) {
-        int64_t a = n0 + c * 64, b = a + 64 < n1 ? a + 64 : n1;
-        for (int64_t m = 0; m < M && a < b; m++)
-            q4_row(x + m * K, K, w, a, b, scale, zp, group, y + m * N);
+/* y (M, N) = x (M, K) @ w.T over the packed 4-bit codes (bias is the caller's). Returns 0, or -1
+ * when out of memory. */
+int q4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *scale,
+            const int8_t *zp, int64_t group, float *y, int64_t N) {
+    int64_t groups = K / group, chunks = (N + 63) / 64;
+    float *xsum = malloc(sizeof(float) * M * groups);  /* once per call, shared by all threads */
+    if (!xsum) return -1;
+    for (int64_t m = 0; m < M; m++) group_sums(x + m * K, K, group, xsum + m * groups);
+    #pragma omp parallel for schedule(static) if (N * K >= THREADED_MIN)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t a = c * 64, b = a + 64 < N ? a + 64 : N;
+        for (int64_t m = 0; m < M; m++)
+            q4_row(x + m * K, xsum + m * groups, K, w, a, b, scale, zp, group, y + m * N);
     }
+    free(xsum);
+    return 0;
 }
 
-/* y (M, N) = (x @ w.T) * scale per output for int8 codes, rows [n0, n1). */
-void q8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, int64_t n0, int64_t n1,
-             const float *scale, float *y, int64_t N) {
+/* y (M, N) = (x @ w.T) * scale per output for int8 codes. */
+void q8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const float *scale, float *y,
+             int64_t N) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
-        #pragma omp parallel for schedule(static) if ((n1 - n0) * K >= THREADED_MIN)
-        for (int64_t n = n0; n < n1; n++) {
+        #pragma omp parallel for schedule(static) if (N * K >= THREADED_MIN)
+        for (int64_t n = 0; n < N; n++) {
             const int8_t *row = w + n * K;
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
             __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
