@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, markdown_table, update_section, write_results  # noqa: E402
 
-from qat.decode import greedy  # noqa: E402
+from qat.decode import greedy, native_step, new_caches  # noqa: E402
 from qat.eval.evaluate import held_out_ids, protocol_sets  # noqa: E402
 from qat.eval.perplexity import perplexity  # noqa: E402
 from qat.export.load import load_quantized, weight_bytes  # noqa: E402
@@ -49,12 +49,12 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 @torch.no_grad()
 def decode(model, ids: torch.Tensor, tokens: int, repeats: int,
-           lean: bool) -> tuple[float, torch.Tensor]:
-    """Median tokens/s of greedy decoding `tokens` new tokens with HF generate or qat.decode;
-    and the tokens of the last repeat."""
+           lean: bool, native_step: bool = True) -> tuple[float, torch.Tensor]:
+    """Median tokens/s of greedy decoding `tokens` new tokens with HF generate or qat.decode
+    (with or without its one-call native step); and the tokens of the last repeat."""
     def run(n):
         if lean:
-            return greedy(model, ids, n)
+            return greedy(model, ids, n, native=native_step)
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                               pad_token_id=0)[0, ids.shape[1]:]
 
@@ -101,6 +101,14 @@ def main() -> None:
         row = {"model": args.model, "weights": name, "kernels": kernels, "tokens": args.tokens,
                "tokens_per_s": round(rate, 2), "lean_tokens_per_s": round(lean_rate, 2),
                "weight_bytes": model_bytes(m), "sample": tokenizer.decode(out[:12])}
+        if native_step(m, new_caches(m, 2, torch.float32)) is not None:
+            # lean_tokens_per_s ran the one-call native step: show the torch loop beside it
+            loop_rate, loop_out = decode(m, ids, args.tokens, args.repeats, lean=True,
+                                         native_step=False)
+            if not torch.equal(loop_out, lean_out):
+                raise SystemExit(f"{name}: the native step and the torch loop disagree")
+            row["lean_torch_ops_tokens_per_s"] = round(loop_rate, 2)
+            row["kernels"] += "; lean: all decoder layers in one native call per token"
         if eval_ids is not None and name != "bf16 float":  # the float model is 13.586 (fp32)
             row["ppl"] = round(perplexity(m, eval_ids).ppl, 4)
         rows.append(row)
@@ -127,7 +135,8 @@ def main() -> None:
                    "wiki protocol (64 x 512) of the same served model; the weights are the "
                    "round-to-nearest grid (the float model is 13.586).\n\n" + markdown_table(
                        rows, ["model", "weights", "kernels", "tokens_per_s", "speedup",
-                              "lean_tokens_per_s", "lean_speedup", "weight_MB", "memory_ratio",
+                              "lean_tokens_per_s", "lean_speedup", "lean_torch_ops_tokens_per_s",
+                              "weight_MB", "memory_ratio",
                               "ppl", "sample"]))
 
 

@@ -5,6 +5,11 @@ the matmuls (measured: the same loop with zero-cost Linears), more than the W4 k
 This loop runs the model's own modules (so float, fake-quantized and exported models all work) in
 one plain pass per token over the decoder layers, with a preallocated KV cache and no per-step
 bookkeeping. Greedy tokens match `generate` (tests/test_decode.py).
+
+An export served by our 4-bit GEMV (float32, every decoder Linear 4-bit) goes further: after the
+prompt, each token runs all decoder layers in one native call (qat.kernels.native.DecodeStep:
+norms, rotary, attention and the Linears in C), leaving only the embedding and the head to torch.
+Its logits equal the torch loop's to float32 rounding (tests/test_decode.py).
 """
 from __future__ import annotations
 
@@ -28,22 +33,95 @@ def _check(model, batch: int) -> None:
         raise ValueError(f"qat.decode decodes one sequence (batch 1), got batch {batch}")
 
 
+_LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+            "down": "mlp.down_proj"}
+
+
+def new_caches(model, total: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zeroed (k, v) caches, (1, kv_heads, total, head_dim) each, one pair per decoder layer."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape = (1, config.num_key_value_heads, total, head_dim)
+    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+            for _ in model.model.layers]
+
+
+def native_step(model, caches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A native.DecodeStep over `caches` (from new_caches) when every decoder Linear is served by
+    our 4-bit GEMV and the glue is what csrc/decode_step.c computes (RMSNorm, SiLU MLP, float32
+    embeddings and caches); else None."""
+    from qat.kernels import native
+    from qat.kernels.linear import CPU_NATIVE, QuantizedLinear
+
+    config, inner = model.config, model.model
+    total = caches[0][0].shape[2]
+    if not native.available() or getattr(config, "hidden_act", None) != "silu" or \
+            (getattr(config, "sliding_window", None) or total) < total or \
+            inner.embed_tokens(torch.zeros(1, 1, dtype=torch.long)).dtype != torch.float32:
+        return None
+    probe = torch.zeros(1, 1, config.hidden_size)
+    cos, sin = (t[0] for t in inner.rotary_emb(probe, torch.arange(total)[None]))
+    layers, eps = [], set()
+    for layer in inner.layers:
+        spec = {}
+        for name, path in _LINEARS.items():
+            m = layer.get_submodule(path)
+            if not isinstance(m, QuantizedLinear):
+                return None
+            m.prepare()
+            if m.layout != CPU_NATIVE:
+                return None
+            bias = None if m.bias is None else m.bias.float().contiguous()
+            spec[name] = (m.weight_packed, m.weight_scale, m.weight_zero_point, bias,
+                          m.in_features, m.group_size)
+        for name, norm in (("input_norm", layer.input_layernorm),
+                           ("post_norm", layer.post_attention_layernorm)):
+            weight = getattr(norm, "weight", None)
+            if weight is None or weight.dtype != torch.float32 or \
+                    not hasattr(norm, "variance_epsilon"):
+                return None
+            spec[name] = weight.detach().contiguous()
+            eps.add(float(norm.variance_epsilon))
+        spec["k_cache"], spec["v_cache"] = caches[len(layers)]
+        if spec["k_cache"].dtype != torch.float32:
+            return None
+        layers.append(spec)
+    if len(eps) != 1:
+        return None
+    attn = inner.layers[0].self_attn
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    values = {"hidden": config.hidden_size, "heads": heads, "kv_heads": kv_heads,
+              "head_dim": cos.shape[1], "intermediate": config.intermediate_size,
+              "max_len": cos.shape[0], "eps": eps.pop(), "attn_scale": float(attn.scaling)}
+    return native.DecodeStep(layers, values, cos.float().contiguous(), sin.float().contiguous())
+
+
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, max_new_tokens: int,
-           eos_token_id: int | None = None) -> torch.Tensor:
+           eos_token_id: int | None = None, native: bool = True) -> torch.Tensor:
     """Greedy continuation of `ids` (1, T): returns the new token ids, (n,) with n <= max_new_tokens
-    (fewer when `eos_token_id` is produced; it is included)."""
+    (fewer when `eos_token_id` is produced; it is included). `native=False` keeps every step in
+    torch even where the one-call native step applies."""
     _check(model, ids.shape[0])
     config, inner = model.config, model.model
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    total = ids.shape[1] + max_new_tokens
     h = inner.embed_tokens(ids)
-    caches = [(h.new_zeros(1, kv_heads, total, head_dim), h.new_zeros(1, kv_heads, total, head_dim))
-              for _ in inner.layers]
+    caches = new_caches(model, ids.shape[1] + max_new_tokens, h.dtype)
+    step = native_step(model, caches) if native else None
     out, pos = [], 0
     for _ in range(max_new_tokens):
         length = h.shape[1]
+        if step is not None and length == 1:
+            h = h.contiguous()
+            step(h.view(-1), pos)
+            pos += 1
+            token = _next(model, h, out)
+            if eos_token_id is not None and int(token) == eos_token_id:
+                break
+            h = inner.embed_tokens(token.view(1, 1))
+            continue
         positions = torch.arange(pos, pos + length)[None]
         cos, sin = (t[:, None] for t in inner.rotary_emb(h, positions))
         for layer, (k_cache, v_cache) in zip(inner.layers, caches):
@@ -64,11 +142,16 @@ def greedy(model, ids: torch.Tensor, max_new_tokens: int,
             r = layer.post_attention_layernorm(h)
             mlp = layer.mlp
             h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(r)) * mlp.up_proj(r))
-        logits = model.lm_head(inner.norm(h[:, -1:]))
-        token = logits[0, -1].argmax()
-        out.append(token)
         pos += length
+        token = _next(model, h, out)
         if eos_token_id is not None and int(token) == eos_token_id:
             break
         h = inner.embed_tokens(token.view(1, 1))
     return torch.stack(out)
+
+
+def _next(model, h: torch.Tensor, out: list[torch.Tensor]) -> torch.Tensor:
+    """The greedy token after the last position of h (1, T, hidden), appended to `out`."""
+    token = model.lm_head(model.model.norm(h[:, -1:]))[0, -1].argmax()
+    out.append(token)
+    return token

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "fake_quant.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "decode_step.c",
+                                                                "fake_quant.c")]
+HEADERS = [Path(__file__).parent / "csrc" / "q4.h"]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-DTHREADED_MIN=200000", "-shared",
          "-fPIC"]
 MAX_ROWS = 16  # rows of x above which a dequantize + F.linear (GEMM) is faster than M GEMVs
@@ -53,7 +55,7 @@ def build(directory: Path | None = None) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)
                             + " ".join(FLAGS).encode()).hexdigest()[:16]
     directory = directory or _cache_dir()
     target = directory / f"qat-native-{digest}.so"
@@ -70,6 +72,26 @@ def build(directory: Path | None = None) -> Path:
     return target
 
 
+class Q4Linear(ctypes.Structure):
+    """csrc/decode_step.c's Q4Linear: one 4-bit Linear's canonical tensors (pointers) and shape."""
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zp", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("K", ctypes.c_int64), ("N", ctypes.c_int64),
+                ("group", ctypes.c_int64)]
+
+
+class Q4Layer(ctypes.Structure):
+    """csrc/decode_step.c's Q4Layer: a decoder layer's Linears, RMSNorm weights and KV cache."""
+    _fields_ = [(name, Q4Linear) for name in ("q", "k", "v", "o", "gate", "up", "down")] + [
+        (name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "k_cache", "v_cache")]
+
+
+class Q4Config(ctypes.Structure):
+    """csrc/decode_step.c's Q4Config."""
+    _fields_ = [(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim",
+                                                     "intermediate", "max_len")] + [
+        ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float)]
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("QAT_NATIVE", "1") == "0" or not _cpu_has_avx2_fma():
@@ -83,6 +105,8 @@ def _library() -> ctypes.CDLL | None:
     lib.q4_gemv.restype = ctypes.c_int
     lib.q8_gemv.argtypes = [p, i, i, p, p, p, i]
     lib.q8_gemv.restype = None
+    lib.q4_decode_step.argtypes = [ctypes.POINTER(Q4Layer), i, ctypes.POINTER(Q4Config), p, i, p, p]
+    lib.q4_decode_step.restype = ctypes.c_int
     f = ctypes.c_float
     for name in ("fq_forward", "fq_mask_grad"):
         getattr(lib, name).argtypes = [p, p, p, p, i, i, f, f]
@@ -187,3 +211,48 @@ def mask_grad_(w: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
                             None if zero_point is None else zero_point.data_ptr(),
                             w.numel() // w.shape[-1], w.shape[-1], float(qmin), float(qmax))
     return grad
+
+
+class DecodeStep:
+    """Every decoder layer of one new token in one native call (csrc/decode_step.c).
+
+    Built by qat.decode from a Llama-style model whose decoder Linears are all 4-bit GEMV layers;
+    it keeps the tensors it points to alive. Calling it runs the layers on h (hidden,) float32 in
+    place and writes the token's k and v into the caches at `pos`.
+    """
+
+    def __init__(self, layers: list[dict], config: dict, cos: torch.Tensor, sin: torch.Tensor):
+        self._keep = [cos, sin]
+        self.layers = (Q4Layer * len(layers))()
+        for slot, layer in zip(self.layers, layers):
+            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+                setattr(slot, name, self._linear(*layer[name]))
+            for name in ("input_norm", "post_norm", "k_cache", "v_cache"):
+                setattr(slot, name, self._pointer(layer[name]))
+        self.config = Q4Config(**config)
+        self.cos, self.sin, self.dim = cos, sin, config["head_dim"]
+
+    def _pointer(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        if not (t.dtype in (torch.float32, torch.int32, torch.int8, torch.bfloat16)
+                and t.is_contiguous() and t.is_cpu):
+            raise ValueError(f"DecodeStep needs contiguous CPU tensors, got {t.dtype} {tuple(t.shape)}")
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _linear(self, packed, scale, zero_point, bias, in_features, group_size) -> Q4Linear:
+        return Q4Linear(self._pointer(packed), self._pointer(scale), self._pointer(zero_point),
+                        self._pointer(bias), in_features, packed.shape[0],
+                        group_size or in_features)
+
+    def __call__(self, h: torch.Tensor, pos: int) -> None:
+        if not (h.dtype == torch.float32 and h.is_contiguous() and h.numel() == self.config.hidden):
+            raise ValueError("DecodeStep runs one token: h must be contiguous float32 (hidden,)")
+        if not 0 <= pos < self.config.max_len:
+            raise ValueError(f"position {pos} is outside the cache (max_len {self.config.max_len})")
+        offset = pos * self.dim * 4  # bytes into the (max_len, head_dim) float32 rotary tables
+        if _library().q4_decode_step(self.layers, len(self.layers), ctypes.byref(self.config),
+                                     h.data_ptr(), pos, self.cos.data_ptr() + offset,
+                                     self.sin.data_ptr() + offset):
+            raise MemoryError("q4_decode_step: out of memory")
