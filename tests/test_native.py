@@ -143,3 +143,23 @@ def test_fake_quant_linear_gradients_unchanged_by_the_fused_kernel(monkeypatch):
         results.append((y.detach(), w.grad, xx.grad))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@needs_native
+@pytest.mark.parametrize("size", [64, 13, 8, 1])
+def test_native_minmax_equals_amin_amax(size):
+    from qat.quant.grid import minmax
+
+    w = torch.randn(7, 5, size, generator=torch.Generator().manual_seed(size))
+    w[1, 2, -1] = float("nan")  # torch propagates NaN: so must we, wherever it sits
+    w[3, 0, 0] = float("nan")
+    assert native.minmax_supported(w)
+    lo, hi = native.minmax(w)
+    expected = (w.amin(-1, keepdim=True), w.amax(-1, keepdim=True))
+    for ours, theirs in zip((lo, hi), expected):
+        assert ours.shape == theirs.shape
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+    assert torch.equal(minmax(w)[1].nan_to_num(), expected[1].nan_to_num())  # grid uses it
+    assert not native.minmax_supported(w.to(torch.bfloat16))
+    assert not native.minmax_supported(w.transpose(0, 1))

@@ -107,6 +107,8 @@ def _library() -> ctypes.CDLL | None:
     lib.q8_gemv.restype = None
     lib.q4_decode_step.argtypes = [ctypes.POINTER(Q4Layer), i, ctypes.POINTER(Q4Config), p, i, p, p]
     lib.q4_decode_step.restype = ctypes.c_int
+    lib.fq_minmax.argtypes = [p, p, p, i, i]
+    lib.fq_minmax.restype = None
     f = ctypes.c_float
     for name in ("fq_forward", "fq_mask_grad"):
         getattr(lib, name).argtypes = [p, p, p, p, i, i, f, f]
@@ -200,6 +202,21 @@ def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
                           None if zero_point is None else zero_point.data_ptr(),
                           w.numel() // w.shape[-1], w.shape[-1], float(qmin), float(qmax))
     return out
+
+
+def minmax_supported(w: torch.Tensor) -> bool:
+    """A contiguous float32 CPU tensor with non-empty groups along its last dim."""
+    return (w.is_cpu and w.dtype == torch.float32 and w.is_contiguous() and w.dim() >= 1
+            and w.numel() > 0 and w.shape[-1] > 0 and available())
+
+
+def minmax(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(amin, amax) over the last dim, keepdim, in one pass; NaN where a group holds one."""
+    shape = (*w.shape[:-1], 1)
+    lo, hi = torch.empty(shape), torch.empty(shape)
+    _library().fq_minmax(w.data_ptr(), lo.data_ptr(), hi.data_ptr(), w.numel() // w.shape[-1],
+                         w.shape[-1])
+    return lo, hi
 
 
 def mask_grad_(w: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,

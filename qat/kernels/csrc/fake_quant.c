@@ -7,6 +7,7 @@
  * and the straight-through gradient keeps dL/dw_hat where clamp(v) == v, else 0.
  * Compiled with -ffp-contract=off: no fused multiply-adds may change the rounding.
  */
+#include <math.h>
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -69,5 +70,44 @@ void fq_mask_grad(const float *w, float *grad, const float *scale, const float *
             float v = position1(src[k], scale[g], zp ? zp + g : 0);
             if (!(v >= qmin && v <= qmax)) dst[k] = 0.f;
         }
+    }
+}
+
+/* lo[g], hi[g] = min and max of each group, in one pass (torch's amin and amax are two). A group
+ * holding a NaN gets NaN for both, as torch gives. */
+void fq_minmax(const float *w, float *lo, float *hi, int64_t groups, int64_t size) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const float *src = w + g * size;
+        float mn = src[0], mx = src[0];
+        int nan = 0;
+        int64_t k = 0;
+        if (size >= 8) {
+            __m256 vmin = _mm256_loadu_ps(src), vmax = vmin;
+            __m256 bad = _mm256_cmp_ps(vmin, vmin, _CMP_UNORD_Q);
+            for (k = 8; k + 8 <= size; k += 8) {
+                __m256 v = _mm256_loadu_ps(src + k);
+                vmin = _mm256_min_ps(vmin, v);
+                vmax = _mm256_max_ps(vmax, v);
+                bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            }
+            float a[8], b[8];
+            _mm256_storeu_ps(a, vmin);
+            _mm256_storeu_ps(b, vmax);
+            mn = a[0], mx = b[0];
+            for (int i = 1; i < 8; i++) {
+                mn = a[i] < mn ? a[i] : mn;
+                mx = b[i] > mx ? b[i] : mx;
+            }
+            nan = _mm256_movemask_ps(bad) != 0;
+        }
+        for (; k < size; k++) {
+            float v = src[k];
+            nan |= v != v;
+            mn = v < mn ? v : mn;
+            mx = v > mx ? v : mx;
+        }
+        lo[g] = nan ? NAN : mn;
+        hi[g] = nan ? NAN : mx;
     }
 }
