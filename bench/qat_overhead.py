@@ -50,6 +50,57 @@ def step(model, optimizer, ids) -> float:
     return time.perf_counter() - start
 
 
+@torch.no_grad()
+def fake_quant_parts(model) -> dict[str, float]:
+    """Milliseconds per training step of each piece of work QAT adds, timed alone over the model's
+    quantized Linears with their real weights: the observer's min/max, the qparams from it, the
+    fake-quantized weight (made twice a step: forward, and recomputed in backward) and the
+    straight-through mask. What the step ratio shows beyond their sum is per-layer Python and
+    autograd work, and noise."""
+    from qat.kernels import native
+    from qat.quant.grid import compute_qparams, minmax, qrange
+    from qat.quant.modules import FakeQuantLinear
+    from qat.quant.ste import _ste_grads, fake_quant_values
+
+    layers = [(m.weight_fake_quant, m.weight_fake_quant._grouped(m.weight.detach()))
+              for m in model.modules() if isinstance(m, FakeQuantLinear)]
+    qparams = [compute_qparams(*minmax(g), fq.spec.bits, fq.spec.symmetric, fq.spec.scale_dtype)
+               for fq, g in layers]
+    grads = [torch.randn_like(g) for _, g in layers]
+
+    def w_hat():
+        for (fq, g), (s, z) in zip(layers, qparams):
+            z = None if fq.spec.symmetric else z
+            if native.fake_quant_supported(g, s, z):
+                native.fake_quant(g, s, z, *qrange(fq.spec.bits))
+            else:
+                fake_quant_values(g.clone(), s, z, fq.spec.bits)
+
+    def mask():
+        for (fq, g), (s, z), grad in zip(layers, qparams, grads):
+            z = None if fq.spec.symmetric else z
+            if native.fake_quant_supported(g, s, z):
+                native.mask_grad_(g, grad, s, z, *qrange(fq.spec.bits))
+            else:
+                _ste_grads(grad, g, s, z, fq.spec.bits, True, False)
+
+    parts = {"observer_minmax": lambda: [minmax(g) for _, g in layers],
+             "qparams": lambda: [compute_qparams(-s, s, fq.spec.bits, fq.spec.symmetric,
+                                                 fq.spec.scale_dtype)
+                                 for (fq, _), (s, _z) in zip(layers, qparams)],
+             "w_hat_x2": w_hat, "mask": mask}
+    out = {}
+    for name, fn in parts.items():
+        fn()  # warm: allocator pools, the native library
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[name] = round(statistics.median(times) * 1e3 * (2 if name == "w_hat_x2" else 1), 1)
+    return out
+
+
 def saved_bytes(model, ids) -> int:
     """Bytes autograd holds for backward after one forward (each storage counted once)."""
     seen: dict[int, int] = {}
@@ -126,6 +177,7 @@ def main() -> None:
             if i:
                 times[kind].append(elapsed)
     med = {k: statistics.median(v) for k, v in times.items()}
+    parts = fake_quant_parts(qat_model)
     saved = {k: saved_bytes(m, ids) for k, m in models.items()}
     rss = {k: peak_rss_child(args, k) for k in models}
     row = {"model": args.model, "batch": f"{args.batch} x {args.seq}", "steps": args.steps,
@@ -138,17 +190,34 @@ def main() -> None:
            "memory_ratio": round(rss["qat"] / rss["float"], 4),
            "float_steps_s": [round(t, 3) for t in times["float"]],
            "qat_steps_s": [round(t, 3) for t in times["qat"]],
-           "load_average": [round(x, 2) for x in os.getloadavg()]}
+           "load_average": [round(x, 2) for x in os.getloadavg()],
+           "qat_parts_ms": parts, "qat_parts_share": round(sum(parts.values()) / 1e3 / med["float"], 4)}
     print(json.dumps(row, indent=2))
     write_results("qat_overhead", [row])
-    cols = ["model", "batch", "float_step_s", "qat_step_s", "time_ratio", "float_saved_MB",
-            "qat_saved_MB", "saved_ratio", "float_peak_rss_MB", "qat_peak_rss_MB", "memory_ratio"]
+    write_section(row, command())
+
+
+def pair_ratios(row: dict) -> list[float]:
+    """QAT / float step time of each alternating pair, quartiles: the noise around time_ratio."""
+    ratios = [q / f for q, f in zip(row["qat_steps_s"], row["float_steps_s"])]
+    return [round(x, 3) for x in statistics.quantiles(ratios, n=4)] if len(ratios) > 1 else []
+
+
+def write_section(row: dict, cmd: str) -> None:
+    row = dict(row, pair_ratio_quartiles=pair_ratios(row))
+    cols = ["model", "batch", "float_step_s", "qat_step_s", "time_ratio", "pair_ratio_quartiles",
+            "qat_parts_share",
+            "float_saved_MB", "qat_saved_MB", "saved_ratio", "float_peak_rss_MB",
+            "qat_peak_rss_MB", "memory_ratio"]
     update_section("qat_overhead", "## QAT overhead (W4 g64 vs float training, CPU)\n\n"
-                   f"`{command()}` on {machine()}. Median of {args.steps} alternating steps "
-                   "(forward, backward, AdamW) in one process; saved = bytes autograd keeps for "
-                   "backward; peak RSS from a separate process per kind. Step times (s): float "
-                   f"{row['float_steps_s']}, QAT {row['qat_steps_s']}; load average at the end "
-                   f"{row['load_average']}.\n\n"
+                   f"`{cmd}` on {machine()}. Median of {row['steps']} alternating steps "
+                   "(forward, backward, AdamW) in one process; pair_ratio_quartiles: quartiles of "
+                   "QAT / float over the alternating pairs, i.e. how far machine noise moves the "
+                   "ratio; saved = bytes autograd keeps for backward; peak RSS from a separate "
+                   "process per kind. qat_parts_share: what QAT adds, each piece timed alone "
+                   f"(ms per step: {row.get('qat_parts_ms', {})}), as a share of the float step. "
+                   f"Step times (s): float {row['float_steps_s']}, QAT "
+                   f"{row['qat_steps_s']}; load average at the end {row['load_average']}.\n\n"
                    + markdown_table([row], cols))
 
 
