@@ -159,3 +159,31 @@ def test_skip_nonfinite_skips_the_update_and_finishes(tmp_path, monkeypatch):
     assert metrics["skipped_steps"] == [2] and metrics["steps"] == 4
     weights = _ckpt(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("init", ["gptq", "awq"])
+def test_resume_of_a_calibrated_run_skips_calibration_and_ends_identical(tmp_path, monkeypatch,
+                                                                         init):
+    """The checkpoint holds what calibration wrote (GPTQ weights, AWQ's folded norm scales and
+    grids): a resumed run must not calibrate again, and must end where the straight run ends."""
+    from qat.lightning import stages
+
+    args = TINY + [f"quant.init={init}", "ptq.calibration_samples=8", "optim.lr=1e-3",
+                   "checkpoint.every_n_steps=2", "trainer.max_steps=4"]
+    straight = train(compose_train(args), run_dir=tmp_path / "straight")
+    step2 = tmp_path / "straight" / "checkpoints" / "epoch=0-step=2.ckpt"
+    assert step2.exists() and "ptq_seconds" in straight
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration ran again on resume")
+
+    monkeypatch.setattr(stages, "post_training_quantize", no_calibration)
+    resumed = train(compose_train(args + [f"ckpt_path='{step2}'"]), run_dir=tmp_path / "resumed")
+    assert resumed["steps"] == 4 and "ptq_seconds" not in resumed
+    for key in ("last_loss", "ppl"):
+        assert resumed[key] == straight[key], key
+    a = _ckpt(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = _ckpt(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert a.keys() == b.keys() and any(k.endswith("weight_fake_quant.scale") for k in a)
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key

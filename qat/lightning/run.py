@@ -128,8 +128,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         prepare(model, specs.quant)
         if stages.is_rank_zero():
             print(report)
-        if specs.quant.init is not None:
+        if specs.quant.init is not None and ckpt_path is None:
             ptq_report = stages.post_training_quantize(model, specs, data)
+        elif specs.quant.init is not None and stages.is_rank_zero():
+            # the checkpoint holds what calibration wrote (weights, grids, folded norm scales)
+            print(f"quant.init={specs.quant.init}: skipped, resuming from {ckpt_path}")
     run_config = OmegaConf.to_container(cfg, resolve=True)
     if shrunk:  # the checkpoint rebuilds the smaller model from these config changes
         run_config["model_shrink"] = shrunk["config"]
@@ -147,7 +150,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                "scheme": _scheme(report)}
     if fp_ppl is not None:
         metrics["fp_ppl"] = fp_ppl
-    if cfg.eval.quantized_before and report is not None:
+    if cfg.eval.quantized_before and report is not None and ckpt_path is None:
         metrics["ptq_ppl"] = _evaluate(trainer, module, data, "ptq", quantized=True)
     set_fake_quant_enabled(model, specs.quant.start_step == 0)
 
