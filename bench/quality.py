@@ -12,8 +12,10 @@ reference (torchao's definition).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -112,16 +114,31 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    rows = _known()
     if argv != ["--table"]:
-        todo = argv or [n for n in ORDER if n not in rows]
+        known = _known()
+        todo = argv or [n for n in ORDER if n not in known]
         for name in todo:
             method, bits, ov = ROWS[name]
             print(f"== {name}: python train.py {' '.join(ov)}", flush=True)
-            rows[name] = dict(run_row(name, ov), method=method, bits=bits)
-            print(f"   ppl {rows[name]['ppl']:.3f} ({rows[name]['seconds']} s)", flush=True)
-            _write(rows)
-    _write(rows)
+            row = dict(run_row(name, ov), method=method, bits=bits)
+            print(f"   ppl {row['ppl']:.3f} ({row['seconds']} s)", flush=True)
+            with _locked():  # rows may finish in other processes meanwhile: merge, never drop
+                _write(dict(_known(), **{name: row}))
+    with _locked():
+        _write(_known())
+
+
+@contextmanager
+def _locked():
+    """An exclusive lock around reading and rewriting the results, for processes running rows side
+    by side (python bench/quality.py ROW in two shells)."""
+    RESULT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULT_FILE.with_suffix(".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write(rows: dict[str, dict]) -> None:
