@@ -103,7 +103,8 @@ def table(rows: dict[str, dict]) -> str:
         rtn = rows.get(_name("rtn", bits))
         recovered = ""
         # no gap to recover where RTN is within 1% of float (W8): the ratio would be noise
-        if rtn and method not in ("rtn",) and fp and rtn["ppl"] > 1.01 * fp:
+        # and none for 2:4, whose loss is mostly the pruning, not the grid RTN is a baseline of
+        if rtn and method != "rtn" and not name.startswith("prune") and fp and rtn["ppl"] > 1.01 * fp:
             recovered = f"{100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - fp):.0f}%"
         budget = (f"{r['steps']} x 4 x 256, {r['train_seconds'] / 60:.0f} min"
                   if r.get("steps") else "calibration only" if method in ("gptq", "awq") else "-")
