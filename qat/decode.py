@@ -97,6 +97,37 @@ def native_step(model, caches: list[tuple[torch.Tensor, torch.Tensor]]):
     return native.DecodeStep(layers, values, cos.float().contiguous(), sin.float().contiguous())
 
 
+def _layers(model, h: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]],
+            pos: int) -> torch.Tensor:
+    """The decoder layers in torch ops for h (1, length, hidden) at positions pos.., writing k and v
+    into the caches."""
+    config, inner = model.config, model.model
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = caches[0][0].shape[-1]
+    length = h.shape[1]
+    positions = torch.arange(pos, pos + length)[None]
+    cos, sin = (t[:, None] for t in inner.rotary_emb(h, positions))
+    for layer, (k_cache, v_cache) in zip(inner.layers, caches):
+        attn = layer.self_attn
+        r = layer.input_layernorm(h)
+        q = attn.q_proj(r).view(1, length, heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(r).view(1, length, kv_heads, head_dim).transpose(1, 2)
+        v = attn.v_proj(r).view(1, length, kv_heads, head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k_cache[:, :, pos:pos + length] = k * cos + _rotate_half(k) * sin
+        v_cache[:, :, pos:pos + length] = v
+        # prefill starts at position 0, so a top-left causal mask is the right one; a single
+        # new token attends to everything cached
+        o = F.scaled_dot_product_attention(
+            q, k_cache[:, :, :pos + length], v_cache[:, :, :pos + length],
+            is_causal=length > 1, scale=attn.scaling, enable_gqa=kv_heads != heads)
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(1, length, heads * head_dim))
+        r = layer.post_attention_layernorm(h)
+        mlp = layer.mlp
+        h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(r)) * mlp.up_proj(r))
+    return h
+
+
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, max_new_tokens: int,
            eos_token_id: int | None = None, native: bool = True) -> torch.Tensor:
@@ -104,54 +135,23 @@ def greedy(model, ids: torch.Tensor, max_new_tokens: int,
     (fewer when `eos_token_id` is produced; it is included). `native=False` keeps every step in
     torch even where the one-call native step applies."""
     _check(model, ids.shape[0])
-    config, inner = model.config, model.model
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    inner = model.model
     h = inner.embed_tokens(ids)
     caches = new_caches(model, ids.shape[1] + max_new_tokens, h.dtype)
     step = native_step(model, caches) if native else None
     out, pos = [], 0
     for _ in range(max_new_tokens):
         length = h.shape[1]
-        if step is not None and length == 1:
+        if step is not None and length == 1:  # all layers in one native call, h in place
             h = h.contiguous()
             step(h.view(-1), pos)
-            pos += 1
-            token = _next(model, h, out)
-            if eos_token_id is not None and int(token) == eos_token_id:
-                break
-            h = inner.embed_tokens(token.view(1, 1))
-            continue
-        positions = torch.arange(pos, pos + length)[None]
-        cos, sin = (t[:, None] for t in inner.rotary_emb(h, positions))
-        for layer, (k_cache, v_cache) in zip(inner.layers, caches):
-            attn = layer.self_attn
-            r = layer.input_layernorm(h)
-            q = attn.q_proj(r).view(1, length, heads, head_dim).transpose(1, 2)
-            k = attn.k_proj(r).view(1, length, kv_heads, head_dim).transpose(1, 2)
-            v = attn.v_proj(r).view(1, length, kv_heads, head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k_cache[:, :, pos:pos + length] = k * cos + _rotate_half(k) * sin
-            v_cache[:, :, pos:pos + length] = v
-            # prefill starts at position 0, so a top-left causal mask is the right one; a single
-            # new token attends to everything cached
-            o = F.scaled_dot_product_attention(
-                q, k_cache[:, :, :pos + length], v_cache[:, :, :pos + length],
-                is_causal=length > 1, scale=attn.scaling, enable_gqa=kv_heads != heads)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, length, heads * head_dim))
-            r = layer.post_attention_layernorm(h)
-            mlp = layer.mlp
-            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(r)) * mlp.up_proj(r))
+        else:
+            h = _layers(model, h, caches, pos)
         pos += length
-        token = _next(model, h, out)
+        token = model.lm_head(inner.norm(h[:, -1:]))[0, -1].argmax()
+        out.append(token)
         if eos_token_id is not None and int(token) == eos_token_id:
             break
         h = inner.embed_tokens(token.view(1, 1))
     return torch.stack(out)
 
-
-def _next(model, h: torch.Tensor, out: list[torch.Tensor]) -> torch.Tensor:
-    """The greedy token after the last position of h (1, T, hidden), appended to `out`."""
-    token = model.lm_head(model.model.norm(h[:, -1:]))[0, -1].argmax()
-    out.append(token)
-    return token
