@@ -15,6 +15,9 @@ from qat.lightning.schedule import lr_multiplier
 from qat.quant import fake_quant_modules, set_fake_quant_enabled
 
 
+TRAINABLE = ("weights", "scales", "all")
+
+
 @dataclass(frozen=True)
 class OptimSpec:
     """AdamW with its own parameter group for quantizer scales, warmup then cosine decay."""
@@ -25,8 +28,12 @@ class OptimSpec:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak lr
+    trainable: str = "weights"  # weights (on the fixed grid) | scales (codes frozen) | all
 
     def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"optim.trainable={self.trainable!r} is not allowed; choose one of "
+                             f"{list(TRAINABLE)}")
         for name in ("lr", "scale_lr"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
@@ -159,7 +166,7 @@ class QATModule(L.LightningModule):
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            if name.endswith("weight_fake_quant.scale"):
+            if name.endswith(("weight_fake_quant.scale", "weight_fake_quant.zero_point")):
                 scales.append(p)
             elif p.ndim >= 2 and "embed" not in name:
                 decay.append(p)

@@ -44,6 +44,7 @@ class Specs:
     distill: DistillSpec
     prune: PruneSpec
     ptq: Any
+    blockwise: Any
 
 
 def _default_ptq():
@@ -51,11 +52,17 @@ def _default_ptq():
     return PTQSpec()
 
 
+def _default_blockwise():
+    from qat.blockwise import BlockwiseSpec
+    return BlockwiseSpec()
+
+
 def build_specs(cfg: DictConfig) -> Specs:
     """Instantiate and validate every spec; raise ConfigError naming the bad field."""
     specs = {}
-    defaults = {"distill": DistillSpec, "prune": PruneSpec, "ptq": _default_ptq}
-    for key in ("model", "data", "quant", "optim", "distill", "prune", "ptq"):
+    defaults = {"distill": DistillSpec, "prune": PruneSpec, "ptq": _default_ptq,
+                "blockwise": _default_blockwise}
+    for key in ("model", "data", "quant", "optim", "distill", "prune", "ptq", "blockwise"):
         if key in defaults and cfg.get(key) is None:
             specs[key] = defaults[key]()  # configs written before these groups existed
             continue
@@ -76,6 +83,16 @@ def build_specs(cfg: DictConfig) -> Specs:
     backends = ("reference", "auto")
     if cfg.export.get("eval_backend", "reference") not in backends:
         raise ConfigError(f"export.eval_backend={cfg.export.eval_backend!r} is not one of {backends}")
+    if specs["blockwise"].enabled:
+        if specs["quant"].weight is None:
+            raise ConfigError("blockwise.enabled=true needs quant.weight (a recipe that quantizes)")
+        if specs["prune"].enabled and specs["prune"].pattern not in ("heads", "channels"):
+            raise ConfigError(f"blockwise.enabled=true with prune.pattern="
+                              f"{specs['prune'].pattern!r} is not supported: block training would "
+                              "move pruned weights off zero; use blockwise=none, or prune heads or "
+                              "channels")
+    if specs["optim"].trainable != "weights" and specs["quant"].weight is None:
+        raise ConfigError(f"optim.trainable={specs['optim'].trainable!r} needs quant.weight")
     return Specs(**specs)
 
 
@@ -85,9 +102,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     try:
         specs = build_specs(cfg)
         check_writable(run_dir, "the run directory (hydra.run.dir)")
-        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
-        if ckpt_path is not None:
-            check_resume_config(ckpt_path, OmegaConf.to_container(cfg, resolve=True))
+        ckpt_path, resume_blocks = _resume_target(cfg, specs, run_dir)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         model, tokenizer = _load_model(specs.model)
         plan(model, specs.quant) if specs.quant.weight is not None else None  # patterns, groups
@@ -97,6 +112,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         # the float model, frozen before pruning and fake quantization touch it
         teacher = build_teacher(specs.distill.teacher, model, tokenizer) \
             if specs.distill.enabled else None
+        float_model = _float_reference(model, teacher, specs) \
+            if specs.blockwise.enabled and ckpt_path is None else None
         if specs.data.generated_samples:
             stages.use_teacher_text(data, teacher, model, tokenizer, specs.data)
         # pruning and PTQ change the float weights: the baseline is measured before either
@@ -123,17 +140,33 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         _remove_run_dir(run_dir)
         raise ConfigError(str(err)) from err
 
-    ptq_report = None
+    ptq_report = block_report = None
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    stage_metrics: dict[str, Any] = {}
+    store = stages.block_store(run_dir, run_config) if specs.blockwise.enabled else None
     if report is not None:
         prepare(model, specs.quant)
         if stages.is_rank_zero():
             print(report)
+        if store is not None and ckpt_path is None and not resume_blocks:
+            store.clear()  # a new run: blocks of an earlier run in this directory do not count
         if specs.quant.init is not None and ckpt_path is None:
-            ptq_report = stages.post_training_quantize(model, specs, data)
+            if store is not None and store.has_init():
+                store.load_init(_blocks(model))
+                print(f"quant.init={specs.quant.init}: loaded from {store.directory} (resumed)")
+            else:
+                ptq_report = stages.post_training_quantize(model, specs, data)
         elif specs.quant.init is not None and stages.is_rank_zero():
             # the checkpoint holds what calibration wrote (weights, grids, folded norm scales)
             print(f"quant.init={specs.quant.init}: skipped, resuming from {ckpt_path}")
-    run_config = OmegaConf.to_container(cfg, resolve=True)
+        if store is not None and ckpt_path is None:
+            stage_metrics, block_report = _block_stage(model, float_model, specs, data, store,
+                                                       cfg, ptq_report is not None)
+            float_model = None
+        elif store is not None and store.exists():  # resumed after the block stage
+            block_report = store.report()
+            stage_metrics = dict(store.init_info() or {})
+        stages.set_trainable(model, specs.optim.trainable)
     if shrunk:  # the checkpoint rebuilds the smaller model from these config changes
         run_config["model_shrink"] = shrunk["config"]
     distiller = Distiller(specs.distill, teacher) if teacher is not None else None
@@ -150,6 +183,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                "scheme": _scheme(report)}
     if fp_ppl is not None:
         metrics["fp_ppl"] = fp_ppl
+    metrics.update({k: v for k, v in stage_metrics.items() if k in ("ptq_ppl", "block_ppl")})
+    if block_report is not None:
+        metrics["blockwise"] = dict(block_report.summary(), ppl=stage_metrics.get("block_ppl"))
     if cfg.eval.quantized_before and report is not None and ckpt_path is None:
         metrics["ptq_ppl"] = _evaluate(trainer, module, data, "ptq", quantized=True)
     set_fake_quant_enabled(model, specs.quant.start_step == 0)
@@ -184,6 +220,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if ptq_report is not None:
         write_json(run_dir / "ptq_report.json", ptq_report.to_dict())
         metrics["ptq_seconds"] = round(ptq_report.seconds, 1)
+    if block_report is not None:
+        write_json(run_dir / "blockwise_report.json", block_report.to_dict())
     if specs.quant.budget_bits is not None:
         metrics["budget_bits"] = specs.quant.budget_bits
     if specs.prune.enabled:
@@ -196,6 +234,63 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     write_json(run_dir / "metrics.json", metrics)
     print(summary(metrics, run_dir))
     return metrics
+
+
+def _resume_target(cfg: DictConfig, specs: Specs, run_dir: Path) -> tuple[Path | None, bool]:
+    """(Lightning checkpoint to resume, whether to resume the block stage instead).
+
+    `ckpt_path=last` in a run killed during the block stage (no last.ckpt yet, but block files)
+    resumes the block stage at its next untrained block."""
+    value = cfg.get("ckpt_path")
+    if specs.blockwise.enabled and str(value) == "last" \
+            and not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        store = stages.block_store(run_dir, OmegaConf.to_container(cfg, resolve=True))
+        if store.exists():
+            store.completed()  # raises now, naming the field, when the config differs
+            return None, True
+    ckpt_path = resolve_ckpt_path(value, run_dir)
+    if ckpt_path is not None:
+        check_resume_config(ckpt_path, OmegaConf.to_container(cfg, resolve=True))
+    return ckpt_path, False
+
+
+def _float_reference(model, teacher, specs: Specs):
+    """The float model the block stage targets: the teacher when it is this model's own float
+    copy in the same dtype, otherwise a frozen copy of its own."""
+    if teacher is not None and specs.distill.teacher.is_self \
+            and next(teacher.parameters()).dtype == next(model.parameters()).dtype:
+        return teacher
+    from qat.distill import freeze
+    import copy
+    return freeze(copy.deepcopy(model))
+
+
+def _blocks(model):
+    from qat.ptq import decoder_blocks
+    return decoder_blocks(model)[1]
+
+
+def _block_stage(model, float_model, specs: Specs, data: TextDataModule, store, cfg: DictConfig,
+                 calibrated: bool) -> tuple[dict[str, Any], Any]:
+    """quant.init's result saved (resume does not calibrate again), its ppl, the block stage,
+    the ppl after it. Returns (metrics, BlockwiseReport)."""
+    info = store.init_info()
+    if info is None:
+        info = {}
+        if cfg.eval.get("stage_ppl", True):
+            info["ptq_ppl"] = stages.quantized_ppl(model, data, cfg.export.dtype)
+            print(f"ppl after quant.init={specs.quant.init or 'none (min/max grid)'}: "
+                  f"{info['ptq_ppl']:.3f}")
+        if stages.is_rank_zero():
+            store.save_init(_blocks(model) if calibrated else None, info)
+    report = stages.block_stage(model, float_model, specs, data, store, cfg.seed)
+    out = dict(info)
+    if cfg.eval.get("stage_ppl", True) and cfg.trainer.max_steps > 0:
+        out["block_ppl"] = stages.quantized_ppl(model, data, cfg.export.dtype)
+        print(f"ppl after the block stage: {out['block_ppl']:.3f}")
+        if stages.is_rank_zero():
+            store.update_info({"block_ppl": out["block_ppl"]})
+    return out, report
 
 
 def _fit(trainer: L.Trainer, module: QATModule, data: TextDataModule, ckpt_path: Path | None,
@@ -282,8 +377,14 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
     rows = [("model", metrics["model"]), ("recipe", metrics["recipe"]),
             ("scheme", metrics["scheme"]), ("steps", metrics["steps"]),
             ("train time", f"{metrics['train_seconds']:.0f} s")]
-    for key, label in (("fp_ppl", "float ppl"), ("ptq_ppl", "quantized ppl before training"),
-                       ("ppl", "ppl after training"), ("export_ppl", "exported model ppl")):
+    staged = "blockwise" in metrics
+    for key, label in (("fp_ppl", "float ppl"),
+                       ("ptq_ppl", "ppl after quant.init" if staged
+                        else "quantized ppl before training"),
+                       ("block_ppl", "ppl after block stage"),
+                       ("ppl", "ppl after end-to-end" if staged and metrics["steps"]
+                        else "ppl after block stage" if staged else "ppl after training"),
+                       ("export_ppl", "exported model ppl")):
         if key in metrics:
             rows.append((label, f"{metrics[key]:.3f}"))
     if "fp_ppl" in metrics:

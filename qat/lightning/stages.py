@@ -247,3 +247,63 @@ def float_ppl(model, data: TextDataModule, cached: bool) -> float:
     if cached and is_rank_zero():
         write_json(path, {"fp_ppl": value})
     return value
+
+
+def set_trainable(model, trainable: str) -> None:
+    """optim.trainable for the end-to-end stage.
+
+    weights: the weights train on the grid quant.init / the block stage left (as before).
+    scales: every quantized weight is frozen on its integer codes and only the scales train
+    (EfficientQAT's E2E-QP: few parameters, little optimizer memory); nothing else trains.
+    all: weights, scales and zero points train together.
+    """
+    from qat.quant import fake_quant_modules
+
+    if trainable == "weights":
+        return
+    if trainable == "scales":
+        model.requires_grad_(False)
+    for module in fake_quant_modules(model):
+        fq = module.weight_fake_quant
+        if trainable == "scales":
+            fq.freeze_codes(module.weight)
+        for p in fq.learn_grid(module.weight, zero_point=trainable == "all"):
+            p.requires_grad_(True)
+
+
+def quantized_ppl(model, data: TextDataModule, dtype: str) -> float:
+    """Protocol perplexity of the fake-quantized model as exported (the rest rounded to `dtype`),
+    without a Trainer: what `ppl` would be if training stopped here."""
+    from qat.eval.perplexity import perplexity
+    from qat.export.compressed_tensors import as_exported
+    from qat.quant import set_fake_quant_enabled
+
+    set_fake_quant_enabled(model, True)
+    was_training = model.training
+    spec = data.spec
+    with as_exported(model.eval(), getattr(torch, dtype)):
+        value = perplexity(model, data.eval_ids, window=spec.eval_window,
+                           max_windows=spec.eval_windows, batch_size=spec.eval_batch_size).ppl
+    model.train(was_training)
+    return value
+
+
+def block_store(run_dir: Path, run_config: dict[str, Any]):
+    """The block stage's files of this run, tied to everything that shapes the blocks."""
+    from qat.blockwise import BlockStore
+
+    keep = ("model", "data", "quant", "ptq", "blockwise", "prune", "seed")
+    return BlockStore(run_dir / "checkpoints" / "blockwise",
+                      {k: run_config.get(k) for k in keep})
+
+
+def block_stage(model, float_model, specs, data: TextDataModule, store, seed: int):
+    """The block stage over `blockwise.samples` training sequences; prints each block's loss."""
+    from qat.blockwise import train_blocks
+
+    spec = specs.blockwise
+    ids = calibration_ids(data, spec.samples, spec.seq_len)
+    report = train_blocks(model, float_model, ids, spec, seed=seed, store=store)
+    if is_rank_zero():
+        print(report)
+    return report

@@ -10,7 +10,7 @@ from qat.quant.grid import (DTYPES, compute_qparams, dequantize, group_view, min
                             qrange, round_scale)
 from qat.quant.observers import build_observer
 from qat.quant.spec import ActivationSpec, WeightSpec
-from qat.quant.ste import fake_quantize, round_ste, scale_gradient
+from qat.quant.ste import exact_ste, fake_quantize, round_ste, scale_gradient
 
 
 class FakeQuantWeight(nn.Module):
@@ -25,6 +25,8 @@ class FakeQuantWeight(nn.Module):
         super().__init__()
         self.spec = spec
         self.enabled = True
+        self.learned_grid = False  # learn_grid: scale (and zero point) are trained parameters
+        self.register_buffer("codes", None)  # freeze_codes: integer codes (int8, grouped shape)
         self.observer = build_observer(spec)
         if spec.learnable_scale:
             if weight is None:
@@ -42,6 +44,70 @@ class FakeQuantWeight(nn.Module):
         return not self.spec.learnable_scale and "scale" in self._buffers
 
     @torch.no_grad()
+    def learn_grid(self, w: torch.Tensor, zero_point: bool = True) -> list[nn.Parameter]:
+        """Make the grid the forward pass uses now a trainable one, and return its parameters.
+
+        The scale (and, asymmetric with `zero_point`, the zero point) become Parameters. Forward
+        rounds them exactly as they are stored (scale to `scale_dtype`, zero point to an integer in
+        range) with straight-through gradients, so what trains is what `freeze_grid` keeps and the
+        export writes. Block-wise QAT trains weights and grid together; end-to-end training of the
+        scales alone pairs this with `freeze_codes`.
+        """
+        if self.learned_grid:
+            return [p for p in (self._parameters.get("scale"), self._parameters.get("zero_point"))
+                    if p is not None]
+        scale, zp = (t.detach().clone() for t in self.qparams(w))
+        self._drop_grid()
+        self.learned_grid = True
+        self.scale = nn.Parameter(scale)
+        if zero_point and not self.spec.symmetric:
+            self.zero_point = nn.Parameter(zp)
+            return [self.scale, self.zero_point]
+        self.register_buffer("zero_point", zp)
+        return [self.scale]
+
+    @torch.no_grad()
+    def freeze_grid(self) -> None:
+        """End `learn_grid`: the learned grid, rounded as forward used it, becomes static."""
+        if not self.learned_grid:
+            return
+        scale, zp = (t.detach().clone() for t in self._learned_qparams())
+        self._drop_grid()
+        self.learned_grid = False
+        if self.spec.learnable_scale:
+            self.scale = nn.Parameter(scale)
+            self.register_buffer("zero_point", zp)
+        else:
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero_point", zp)
+
+    @torch.no_grad()
+    def freeze_codes(self, w: torch.Tensor) -> None:
+        """Fix the integer codes of `w` on the current grid: from now on the weight is
+        (codes - zp) * scale whatever `w` does, so only the grid can still change it."""
+        if self.codes is not None:
+            return
+        scale, zp = self.qparams(w)
+        codes = quantize(self._grouped(w.detach()), scale.detach(), zp.detach(), self.spec.bits)
+        self.codes = codes.to(torch.int8)
+
+    def _drop_grid(self) -> None:
+        for name in ("scale", "zero_point"):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+
+    def _learned_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = DTYPES[self.spec.scale_dtype]
+        tiny = torch.finfo(dtype).tiny
+        scale = exact_ste(self.scale, round_scale(self.scale.detach().clamp(min=tiny),
+                                                  self.spec.scale_dtype))
+        zp = self.zero_point
+        if isinstance(zp, nn.Parameter):
+            qmin, qmax = qrange(self.spec.bits)
+            zp = exact_ste(zp, zp.detach().round().clamp(qmin, qmax))
+        return scale, zp
+
+    @torch.no_grad()
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """Fix (scale, zero_point), shaped (rows, groups, 1), as this quantizer's grid.
 
@@ -54,7 +120,7 @@ class FakeQuantWeight(nn.Module):
         if scale.ndim != 3 or scale.shape[-1] != 1 or zero_point.shape != scale.shape:
             raise ValueError(f"set_qparams wants (rows, groups, 1) scale and zero_point, got "
                              f"{tuple(scale.shape)} and {tuple(zero_point.shape)}")
-        if self.spec.learnable_scale or self.static:
+        if self.spec.learnable_scale or self.static or self.learned_grid:
             if self.scale.shape != scale.shape:
                 raise ValueError(f"set_qparams: scale shape {tuple(scale.shape)} differs from the "
                                  f"quantizer's {tuple(self.scale.shape)}")
@@ -70,8 +136,11 @@ class FakeQuantWeight(nn.Module):
             del self._buffers["scale"], self._buffers["zero_point"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A fresh quantizer has no static buffers yet; take them when the checkpoint has them.
-        if not self.spec.learnable_scale and prefix + "scale" in state_dict and not self.static:
+        # A fresh quantizer has no static buffers (or codes) yet; take them when the checkpoint has.
+        if prefix + "codes" in state_dict and self.codes is None:
+            self.codes = torch.empty_like(state_dict[prefix + "codes"])
+        if not self.spec.learnable_scale and prefix + "scale" in state_dict and not self.static \
+                and not self.learned_grid:
             self.register_buffer("scale", torch.empty_like(state_dict[prefix + "scale"]))
             self.register_buffer("zero_point", torch.empty_like(state_dict[prefix + "zero_point"]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -79,6 +148,8 @@ class FakeQuantWeight(nn.Module):
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) shaped (rows, groups, 1), exactly as the forward pass uses them."""
         spec = self.spec
+        if self.learned_grid:
+            return self._learned_qparams()
         if spec.learnable_scale:
             return round_ste(self.scale, DTYPES[spec.scale_dtype]), self.zero_point
         if self.static:
@@ -105,7 +176,7 @@ class FakeQuantWeight(nn.Module):
         """(scale, zero point or None when symmetric) for the training forward: learned scales
         carry LSQ's gradient scaling."""
         scale, zp = self.qparams(w)
-        if self.spec.learnable_scale:
+        if self.spec.learnable_scale and not self.learned_grid:
             grouped = self._grouped(w)
             per_scale = grouped.shape[-1] if self.spec.granularity != "tensor" else grouped.numel()
             scale = scale_gradient(scale, 1.0 / math.sqrt(per_scale * qrange(self.spec.bits)[1]))
@@ -115,6 +186,9 @@ class FakeQuantWeight(nn.Module):
         if not self.enabled:
             return w
         scale, zp = self.forward_qparams(w)
+        if self.codes is not None:  # frozen codes: only the grid carries a gradient
+            q = self.codes.float() if zp is None else self.codes.float() - zp
+            return (q * scale).reshape(w.shape).to(w.dtype)
         return fake_quantize(self._grouped(w), scale, zp, self.spec.bits).reshape(w.shape)
 
     @torch.no_grad()
@@ -122,18 +196,23 @@ class FakeQuantWeight(nn.Module):
         """Integer codes (int32, shape of w) and (scale, zero_point) as (rows, groups), for export."""
         scale, zp = self.qparams(w)
         scale, zp = scale.detach(), zp.detach()
-        q = quantize(self._grouped(w), scale, zp, self.spec.bits)
+        q = self.codes.float() if self.codes is not None \
+            else quantize(self._grouped(w), scale, zp, self.spec.bits)
         return q.reshape(w.shape).to(torch.int32), scale.squeeze(-1), zp.squeeze(-1)
 
     @torch.no_grad()
     def dequantized(self, w: torch.Tensor) -> torch.Tensor:
         """The weight exactly as the enabled forward pass sees it, with no autograd."""
         scale, zp = self.qparams(w)
-        q = quantize(self._grouped(w), scale.detach(), zp, self.spec.bits)
-        return dequantize(q, scale.detach(), zp).reshape(w.shape).to(w.dtype)
+        scale, zp = scale.detach(), zp.detach()
+        q = self.codes.float() if self.codes is not None \
+            else quantize(self._grouped(w), scale, zp, self.spec.bits)
+        return dequantize(q, scale, zp).reshape(w.shape).to(w.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.spec.describe()}, enabled={self.enabled}"
+        extra = (", learned grid" if self.learned_grid else "") + \
+            (", frozen codes" if self.codes is not None else "")
+        return f"{self.spec.describe()}, enabled={self.enabled}{extra}"
 
 
 class FakeQuantActivation(nn.Module):

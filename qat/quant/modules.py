@@ -46,7 +46,8 @@ class FakeQuantLinear(nn.Linear):
         fq = self.weight_fake_quant
         if not fq.enabled:
             return F.linear(x, self.weight, self.bias)
-        if _autocast(x):  # autocast picks the matmul dtype: let F.linear see the weight
+        if _autocast(x) or fq.codes is not None:  # autocast picks the matmul dtype; frozen codes
+            # ignore the weight: let F.linear see the fake-quantized one
             return F.linear(x, fq(self.weight), self.bias)
         scale, zero_point = fq.forward_qparams(self.weight)
         return fake_quant_linear(x, self.weight, scale, zero_point, self.bias, fq.spec.bits)

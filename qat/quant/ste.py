@@ -2,7 +2,9 @@
 
 Forward: w_hat = (clamp(round(w / s + zp)) - zp) * s. Backward, the straight-through estimator:
   dL/dw = dL/dw_hat where qmin <= w / s + zp <= qmax, else 0;
-  dL/ds = sum over the group of dL/dw_hat * ((q - zp) - (w / s) * inside)   (LSQ, Esser et al. 2020).
+  dL/ds = sum over the group of dL/dw_hat * ((q - zp) - (w / s) * inside)   (LSQ, Esser et al. 2020);
+  dL/dzp = sum over the group of dL/dw_hat * (-s) where clamped, else 0 (inside the range the zero
+  point cancels: round(v) - zp moves with zp), as in EfficientQAT's learned zero points.
 It saves only the inputs (no full-size intermediates) and recomputes the mask in backward, so QAT
 costs little extra memory over float training.
 """
@@ -45,13 +47,17 @@ def _fake_quant_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 
 
 def _ste_grads(grad_w_hat: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
-               zero_point: torch.Tensor | None, bits: int, want_x: bool, want_scale: bool):
-    """dL/dx (straight through inside the range, 0 outside) and the LSQ dL/ds, from dL/dw_hat."""
+               zero_point: torch.Tensor | None, bits: int, want_x: bool, want_scale: bool,
+               want_zero_point: bool = False):
+    """dL/dx (straight through inside the range, 0 outside), the LSQ dL/ds and dL/dzp, from
+    dL/dw_hat."""
     qmin, qmax = qrange(bits)
     v = _codes(x, scale, zero_point, bits)
     # 1.0 inside the range, 0.0 outside, as a float mask: bool compares cost 5x more on a CPU
     inside = v.clamp(qmin, qmax).eq_(v)
-    grad_scale = None
+    grad_scale = grad_zero_point = None
+    if want_zero_point and zero_point is not None:
+        grad_zero_point = _sum_to((1.0 - inside).mul_(grad_w_hat), zero_point.shape).mul_(-scale)
     if want_scale:
         # (q - zp) - (x / s) inside the range, (q - zp) outside; x / s = v - zp.
         q = torch.round(v).clamp_(qmin, qmax)
@@ -60,7 +66,7 @@ def _ste_grads(grad_w_hat: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
             v.sub_(zero_point)
         grad_scale = _sum_to(q.sub_(v.mul_(inside)).mul_(grad_w_hat), scale.shape)
     grad_x = inside.mul_(grad_w_hat) if want_x else None
-    return grad_x, grad_scale
+    return grad_x, grad_scale, grad_zero_point
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -73,9 +79,9 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, scale, zero_point = ctx.saved_tensors
-        grad_x, grad_scale = _ste_grads(grad_out, x, scale, zero_point, ctx.bits,
-                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_x, grad_scale, None, None
+        grad_x, grad_scale, grad_zp = _ste_grads(grad_out, x, scale, zero_point, ctx.bits,
+                                                 *ctx.needs_input_grad[:3])
+        return grad_x, grad_scale, grad_zp, None
 
 
 class _FakeQuantLinear(torch.autograd.Function):
@@ -100,27 +106,27 @@ class _FakeQuantLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, scale, zero_point = ctx.saved_tensors
-        want_x, want_w, want_s, _, want_b, _ = ctx.needs_input_grad
+        want_x, want_w, want_s, want_z, want_b, _ = ctx.needs_input_grad
         grouped = weight.float().view(ctx.group_shape)
         g2 = grad_y.reshape(-1, weight.shape[0])
-        grad_x = grad_w = grad_s = grad_b = None
+        grad_x = grad_w = grad_s = grad_z = grad_b = None
         fused = native.fake_quant_supported(grouped, scale, zero_point)
         if want_x:
             w_hat = _fake_quant_weight(grouped, scale, zero_point, ctx.bits, fused)
             grad_x = (g2 @ w_hat.view(weight.shape).to(g2.dtype)).view(x.shape)
-        if want_w or want_s:
+        if want_w or want_s or want_z:
             grad_w_hat = (g2.t() @ x.reshape(-1, weight.shape[1]).to(g2.dtype)).float()
             grad_w_hat = grad_w_hat.view(ctx.group_shape)
-            if fused and not want_s:
+            if fused and not (want_s or want_z):
                 grad_w = native.mask_grad_(grouped, grad_w_hat.contiguous(), scale, zero_point,
                                            *qrange(ctx.bits))
             else:
-                grad_w, grad_s = _ste_grads(grad_w_hat, grouped, scale, zero_point, ctx.bits,
-                                            want_w, want_s)
+                grad_w, grad_s, grad_z = _ste_grads(grad_w_hat, grouped, scale, zero_point,
+                                                    ctx.bits, want_w, want_s, want_z)
             grad_w = grad_w.view(weight.shape).to(weight.dtype) if grad_w is not None else None
         if want_b:
             grad_b = g2.sum(0).to(grad_y.dtype)
-        return grad_x, grad_w, grad_s, None, grad_b, None
+        return grad_x, grad_w, grad_s, grad_z, grad_b, None
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -154,3 +160,23 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 def round_ste(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round through `dtype` in forward, identity gradient (learned scales stay exportable)."""
     return x + (x.to(dtype).float() - x).detach()
+
+
+class _Through(torch.autograd.Function):
+    """Forward: `value` exactly; backward: the gradient goes to `x` unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def exact_ste(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` (a rounding of x) bit for bit in forward, identity gradient to `x`.
+
+    `x + (value - x).detach()` can miss `value` by an ulp; a learned grid must be exactly the
+    stored one, so that the frozen (exported) grid computes what training computed."""
+    return _Through.apply(x, value.detach())

@@ -1,0 +1,64 @@
+"""BlockwiseSpec: the block stage of block-wise QAT (the Hydra group `blockwise`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+INPUTS = ("quantized", "both")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"blockwise.{name}={value!r} is not allowed; {allowed}")
+
+
+@dataclass(frozen=True)
+class BlockwiseSpec:
+    """Train each decoder block, in order, to reproduce the float model's block output.
+
+    EfficientQAT's Block-AP: the quantized block takes the outputs of the already-trained quantized
+    blocks before it; its target is the float block's output on the float model's own inputs; the
+    block's weights, scales and zero points train together through the straight-through estimator.
+    """
+
+    enabled: bool = False
+    samples: int = 64  # calibration sequences from the training split (a multiple of batch_size)
+    seq_len: int = 256  # tokens per sequence
+    epochs: int = 2  # passes over the samples per block
+    batch_size: int = 4  # sequences per optimizer step
+    lr: float = 1e-5  # block weights (Linears, biases, norms)
+    scale_lr: float = 1e-4  # quantizer scales
+    zero_point_lr: float = 1e-4  # quantizer zero points (asymmetric grids), rounded in forward
+    weight_decay: float = 0.0
+    train_weights: bool = True  # false: only the grid (scales, zero points) trains
+    inputs: str = "quantized"  # quantized: the quantized chain's inputs | both: also the float inputs
+    cache_dtype: str = "float32"  # cached block inputs and targets (bfloat16 halves their memory)
+    progress: bool = True  # a progress bar over blocks with each block's loss
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "seq_len", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(name, value, "it must be a positive integer")
+        if self.samples < self.batch_size:
+            _fail("samples", self.samples, f"it must be at least blockwise.batch_size="
+                  f"{self.batch_size}")
+        for name in ("lr", "scale_lr", "zero_point_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
+                    or not math.isfinite(value):
+                _fail(name, value, "it must be a finite number >= 0 (0 freezes that group)")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            _fail("weight_decay", self.weight_decay, "it must be a number >= 0")
+        if self.inputs not in INPUTS:
+            _fail("inputs", self.inputs, f"choose one of {list(INPUTS)}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            _fail("cache_dtype", self.cache_dtype, f"choose one of {list(CACHE_DTYPES)}")
+        for name in ("enabled", "train_weights", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "it must be true or false")
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.epochs * (self.samples // self.batch_size)

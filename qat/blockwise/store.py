@@ -1,0 +1,136 @@
+"""BlockStore: the block stage's progress on disk, so a killed run resumes at the next block.
+
+    <dir>/init.safetensors       the decoder blocks after quant.init (PTQ), before any training
+    <dir>/block_007.safetensors  block 7 after its training (weights, norms, frozen grid)
+    <dir>/progress.json          the config they were made with and each trained block's result
+
+Every file is written under a temporary name and renamed when complete, tensors through
+safetensors (data, never code). A block counts as done only when its file and its progress entry
+are both there, so a kill at any moment loses at most the block in training.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat.io import atomic_path, write_json
+
+PROGRESS = "progress.json"
+INIT = "init.safetensors"
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+def _load(module: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    device = next(module.parameters()).device
+    module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+
+
+class BlockStore:
+    """Block files and progress under `directory`, tied to the config that made them.
+
+    Args:
+        directory: where the files go (train.py: <run dir>/checkpoints/blockwise).
+        config: the run's model/quant/ptq/blockwise sections; files written under another config
+            are refused, naming the first field that differs.
+    """
+
+    def __init__(self, directory: str | Path, config: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.config = json.loads(json.dumps(config))  # plain JSON values, as read back
+
+    def _progress(self) -> dict[str, Any]:
+        path = self.directory / PROGRESS
+        if not path.is_file():
+            return {"config": self.config, "blocks": []}
+        progress = json.loads(path.read_text())
+        if progress.get("config") != self.config:
+            key = _first_difference(progress.get("config"), self.config)
+            raise ValueError(f"blockwise: {self.directory} holds blocks trained with {key} "
+                             "different from this run's; resume with the run's own config or "
+                             "use a new hydra.run.dir")
+        return progress
+
+    def completed(self) -> list[dict[str, Any]]:
+        """Results of the blocks already trained and saved, in order (consecutive from 0)."""
+        done = []
+        for entry in self._progress()["blocks"]:
+            if not self.block_path(entry["index"]).is_file() or entry["index"] != len(done):
+                break
+            done.append(entry)
+        return done
+
+    def block_path(self, index: int) -> Path:
+        return self.directory / f"block_{index:03d}.safetensors"
+
+    def save(self, index: int, block: nn.Module, result) -> None:
+        """The trained block, then its progress entry (the entry makes it count)."""
+        _save(block.state_dict(), self.block_path(index))
+        progress = self._progress()
+        progress["blocks"] = [b for b in progress["blocks"] if b["index"] < index] + [asdict(result)]
+        write_json(self.directory / PROGRESS, progress)
+
+    def load(self, index: int, block: nn.Module) -> None:
+        _load(block, self.block_path(index))
+
+    def exists(self) -> bool:
+        return (self.directory / PROGRESS).is_file()
+
+    def clear(self) -> None:
+        """A new (not resumed) run: nothing of an earlier run in the same directory counts."""
+        import shutil
+
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    # quant.init's result: resuming must not calibrate again
+    def has_init(self) -> bool:
+        return (self.directory / INIT).is_file() and self.exists()
+
+    def save_init(self, blocks: nn.Module | None, info: dict[str, Any]) -> None:
+        """The PTQ-initialised blocks (None: no quant.init) and what the run measured of them."""
+        if blocks is not None:
+            _save(blocks.state_dict(), self.directory / INIT)
+        self.update_info(info)
+
+    def update_info(self, info: dict[str, Any]) -> None:
+        progress = self._progress()
+        progress["info"] = dict(progress.get("info", {}), **info)
+        write_json(self.directory / PROGRESS, progress)
+
+    def load_init(self, blocks: nn.Module) -> None:
+        _load(blocks, self.directory / INIT)
+
+    def init_info(self) -> dict[str, Any] | None:
+        """What the run measured and noted (ptq_ppl, block_ppl); None before quant.init's save."""
+        return self._progress().get("info") if self.exists() else None
+
+    def report(self):
+        """The BlockwiseReport of the saved blocks (a run resumed after its block stage)."""
+        from qat.blockwise.train import BlockResult, BlockwiseReport
+
+        info = self.init_info() or {}
+        blocks = [BlockResult(**b) for b in self.completed()]
+        return BlockwiseReport(samples=info.get("samples", 0), tokens=info.get("tokens", 0),
+                               seconds=sum(b.seconds for b in blocks),
+                               resumed_blocks=len(blocks), blocks=blocks)
+
+
+def _first_difference(a: Any, b: Any, key: str = "config") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{key}.{k}")
+    return f"{key}={b!r} (the files': {a!r})"

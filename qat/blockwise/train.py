@@ -1,0 +1,243 @@
+"""The block stage: decoder blocks trained one at a time against the float model's block outputs.
+
+    fp_in, q_in = embeddings(ids)                        # (N, T, H) each
+    for block k:
+        target = float_block_k(fp_in)                    # what the float model computes there
+        train block_k (weights + grid, fake-quantized) so that block_k(q_in) ~ target  (MSE)
+        q_in, fp_in = block_k(q_in), target              # the next block sees the quantized chain
+
+Only one block trains at a time; memory holds the block, its optimizer and three (N, T, H)
+activation tensors. The grid trains as `FakeQuantWeight.learn_grid` parameters and is frozen back to
+static qparams after the block, so the exporter writes exactly what was trained.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.blockwise.spec import BlockwiseSpec
+from qat.ptq.calibrate import capture_block_inputs, decoder_blocks, fake_quant_disabled
+from qat.quant.modules import FakeQuantLinear
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BlockResult:
+    index: int
+    name: str
+    loss_before: float  # mean squared error to the float block output, before training
+    loss_after: float
+    seconds: float
+    steps: int
+
+
+@dataclass
+class BlockwiseReport:
+    """What the block stage did, per block; `to_dict` is JSON-serialisable."""
+
+    samples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_blocks: int = 0  # blocks taken from an earlier, interrupted run
+    blocks: list[BlockResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "tokens": self.tokens, "seconds": round(self.seconds, 1),
+                "resumed_blocks": self.resumed_blocks,
+                "blocks": [asdict(b) for b in self.blocks]}
+
+    def summary(self) -> dict[str, Any]:
+        """The metrics.json section: totals and the mean loss before and after."""
+        n = max(len(self.blocks), 1)
+        return {"samples": self.samples, "tokens": self.tokens, "seconds": round(self.seconds, 1),
+                "blocks": len(self.blocks), "resumed_blocks": self.resumed_blocks,
+                "mean_loss_before": sum(b.loss_before for b in self.blocks) / n,
+                "mean_loss_after": sum(b.loss_after for b in self.blocks) / n}
+
+    def __str__(self) -> str:
+        s = self.summary()
+        return (f"blockwise: {s['blocks']} blocks on {self.samples} x "
+                f"{self.tokens // max(self.samples, 1)} tokens, mean block loss "
+                f"{s['mean_loss_before']:.4g} -> {s['mean_loss_after']:.4g}, {self.seconds:.0f} s")
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _Inputs:
+    """The tensors one block call needs besides the hidden states (rotary tables, masks), as the
+    model computed them for a mini-batch of `batch_size` sequences."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
+                 batch_size: int, dtype: torch.dtype) -> None:
+        captured = capture_block_inputs(model, blocks, ids, batch_size)
+        self.hidden = torch.cat([h.to(dtype) for h, _, _ in captured])  # (N, T, H)
+        _, self.args, self.kwargs = captured[0]
+        self.batch_size = batch_size
+
+    def call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _hidden(block(x.float(), *self.args, **self.kwargs))
+
+    @torch.no_grad()
+    def run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """block(x) over all N sequences, in mini-batches, kept in x's dtype."""
+        return torch.cat([self.call(block, b).to(x.dtype) for b in x.split(self.batch_size)])
+
+    @torch.no_grad()
+    def loss(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
+        """Mean squared error of block(x) to target over all N sequences."""
+        total = 0.0
+        for xb, tb in zip(x.split(self.batch_size), target.split(self.batch_size)):
+            total += F.mse_loss(self.call(block, xb), tb.float(), reduction="sum").item()
+        return total / target.numel()
+
+
+def _grid_and_weights(block: nn.Module, spec: BlockwiseSpec) -> list[dict]:
+    """AdamW parameter groups: the block's weights, its scales and its zero points."""
+    scales, zero_points = [], []
+    for module in block.modules():
+        if isinstance(module, FakeQuantLinear):
+            fq = module.weight_fake_quant
+            params = fq.learn_grid(module.weight, zero_point=spec.zero_point_lr > 0)
+            scales.append(params[0])
+            zero_points.extend(params[1:])
+    weights = [p for n, p in block.named_parameters()
+               if "weight_fake_quant" not in n and p.is_floating_point()]
+    groups = [{"params": weights, "lr": spec.lr if spec.train_weights else 0.0,
+               "weight_decay": spec.weight_decay},
+              {"params": scales, "lr": spec.scale_lr, "weight_decay": 0.0},
+              {"params": zero_points, "lr": spec.zero_point_lr, "weight_decay": 0.0}]
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(group["lr"] > 0)
+    return [g for g in groups if g["params"] and g["lr"] > 0]
+
+
+def cosine(step: int, total: int, floor: float = 0.1) -> float:
+    """Learning-rate multiplier: cosine from 1 down to `floor` over `total` steps."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def train_block(block: nn.Module, inputs: _Inputs, q_in: torch.Tensor, target: torch.Tensor,
+                fp_in: torch.Tensor | None, spec: BlockwiseSpec, generator: torch.Generator
+                ) -> int:
+    """Train one block in place; its grid ends frozen as static qparams. Returns the steps taken.
+
+    Each step: a mini-batch of sequences (one seeded shuffle per epoch), loss = MSE(block(q_in),
+    target) (+ MSE(block(fp_in), target) with inputs=both), AdamW on weights, scales, zero points.
+    """
+    trainable = {id(p): p.requires_grad for p in block.parameters()}
+    groups = _grid_and_weights(block, spec)
+    steps = 0
+    try:
+        if groups:
+            optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: cosine(s, spec.steps_per_block))
+            n, bs = q_in.shape[0], spec.batch_size
+            for _ in range(spec.epochs):
+                order = torch.randperm(n, generator=generator)
+                for start in range(0, n - bs + 1, bs):
+                    idx = order[start:start + bs]
+                    goal = target[idx].float()
+                    loss = F.mse_loss(inputs.call(block, q_in[idx]), goal)
+                    if fp_in is not None:
+                        loss = loss + F.mse_loss(inputs.call(block, fp_in[idx]), goal)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"blockwise: loss is {loss.item()} at step "
+                                                 f"{steps}; lower blockwise.lr / scale_lr")
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    schedule.step()
+                    steps += 1
+    finally:
+        for module in block.modules():
+            if isinstance(module, FakeQuantLinear):
+                module.weight_fake_quant.freeze_grid()
+        for p in block.parameters():
+            p.requires_grad_(trainable.get(id(p), True))
+    return steps
+
+
+def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
+                 spec: BlockwiseSpec, *, seed: int = 0, store=None,
+                 on_block: Callable[[BlockResult], None] | None = None) -> BlockwiseReport:
+    """Block-wise QAT of a prepared (and optionally PTQ-initialised) model, in place.
+
+    Args:
+        model: the fake-quantized causal LM; its blocks are trained in order.
+        float_model: the float model with the same architecture (the distillation teacher or a
+            copy taken before quantization); only read.
+        ids: (N, T) calibration token ids; N is cut to a multiple of spec.batch_size.
+        spec: sizes, learning rates and loss.
+        seed: the per-block shuffles are a pure function of (seed, block index).
+        store: a `BlockStore`: blocks it already holds are loaded instead of trained (resume),
+            and each newly trained block is saved to it.
+        on_block: called with each block's result (e.g. a progress bar).
+    Returns:
+        BlockwiseReport; afterwards every quantized Linear holds trained weights and a static grid.
+    """
+    from tqdm.auto import tqdm
+
+    n = ids.shape[0] // spec.batch_size * spec.batch_size
+    if n == 0:
+        raise ValueError(f"blockwise.samples: {ids.shape[0]} calibration sequence(s) are fewer "
+                         f"than blockwise.batch_size={spec.batch_size}")
+    ids = ids[:n]
+    was_training = (model.training, float_model.training)
+    model.eval(), float_model.eval()
+    prefix, blocks = decoder_blocks(model)
+    _, float_blocks = decoder_blocks(float_model)
+    if len(blocks) != len(float_blocks):
+        raise ValueError(f"blockwise: the float model has {len(float_blocks)} decoder blocks, the "
+                         f"student {len(blocks)}; the block stage needs the same architecture")
+    dtype = DTYPES[spec.cache_dtype]
+    report = BlockwiseReport(samples=n, tokens=ids.numel())
+    start = time.perf_counter()
+    quantized = _Inputs(model, blocks, ids, spec.batch_size, dtype)
+    q_in = quantized.hidden
+    with fake_quant_disabled(float_model):
+        fp = _Inputs(float_model, float_blocks, ids, spec.batch_size, dtype)
+    fp_in = fp.hidden
+    done = store.completed() if store is not None else []
+    if store is not None:
+        store.update_info({"samples": n, "tokens": ids.numel()})
+    bar = tqdm(blocks, desc="blockwise", disable=not spec.progress)
+    try:
+        for index, block in enumerate(bar):
+            with fake_quant_disabled(float_model):
+                target = fp.run(float_blocks[index], fp_in)
+            if index < len(done):  # trained by an earlier run: load it, go on from its output
+                store.load(index, block)
+                result = BlockResult(**done[index])
+                report.resumed_blocks += 1
+            else:
+                t0 = time.perf_counter()
+                before = quantized.loss(block, q_in, target)
+                steps = train_block(block, quantized, q_in, target,
+                                    fp_in if spec.inputs == "both" else None, spec,
+                                    torch.Generator().manual_seed(seed * 100_003 + index))
+                after = quantized.loss(block, q_in, target)
+                result = BlockResult(index, f"{prefix}.{index}", before, after,
+                                     round(time.perf_counter() - t0, 2), steps)
+                if store is not None:
+                    store.save(index, block, result)
+            report.blocks.append(result)
+            bar.set_postfix_str(f"loss {result.loss_before:.3g} -> {result.loss_after:.3g}")
+            if on_block is not None:
+                on_block(result)
+            q_in, fp_in = quantized.run(block, q_in), target
+    finally:
+        bar.close()
+        model.train(was_training[0]), float_model.train(was_training[1])
+    report.seconds = time.perf_counter() - start
+    return report
