@@ -58,17 +58,48 @@ for _bits in (3, 4):
         "qat_kd (awq start, lr 1e-4)", _bits,
         [f"recipe=w{_bits}g64_kd", f"trainer.max_steps={QAT_STEPS}", "quant.init=awq",
          "optim.lr=1e-4"])
+# block-wise QAT (issue 15): the *_kd recipes (start, block stage, end-to-end KD of the scales) at
+# a larger budget than the default run's; `block_qat` rows are the same runs' ppl after the block
+# stage (metrics.json blockwise.ppl, measured before their end-to-end stage), with the wall time up
+# to there; `kd_same_time` rows are end-to-end KD alone from the same start with as many steps as
+# fit the block_qat_kd row's wall time (the ablation)
+BLOCK_BUDGET = ["blockwise.samples=128", "blockwise.epochs=4", "trainer.max_steps=20"]
+KD_SAME_TIME_STEPS = {4: 100, 3: 100, 2: 100}  # set from the block_qat_kd rows' wall time
+for _bits in (4, 3, 2):
+    ROWS[f"block_qat_kd_w{_bits}g64"] = ("block_qat_kd", _bits,
+                                         [f"recipe=w{_bits}g64_kd", *BLOCK_BUDGET])
+    ROWS[f"block_qat_w{_bits}g64"] = ("block_qat", _bits, ROWS[f"block_qat_kd_w{_bits}g64"][2])
+    ROWS[f"kd_same_time_w{_bits}g64"] = (
+        "kd_same_time", _bits, [f"recipe=w{_bits}g64_kd", "blockwise=none",
+                                f"trainer.max_steps={KD_SAME_TIME_STEPS[_bits]}"])
+DERIVED = {f"block_qat_w{b}g64": f"block_qat_kd_w{b}g64" for b in (4, 3, 2)}
 # cheapest first, then the rows the goals are about
 ORDER = ([n for n in ROWS if n.startswith("rtn")] + ["gptq_w3g64", "qat_kd_w3g64", "qat_kd_w4g64",
          "qat_kd_w2g64", "gptq_w4g64", "gptq_w2g64"]
          + [n for n in ROWS if n.startswith(("awq", "qat_w", "gptq_w8", "qat_kd_w8"))]
-         + ["prune2of4_qat_kd_w4g64", "qat_kd_w3g64_awq_lr1e-4", "qat_kd_w4g64_awq_lr1e-4"])
+         + ["prune2of4_qat_kd_w4g64", "qat_kd_w3g64_awq_lr1e-4", "qat_kd_w4g64_awq_lr1e-4"]
+         + [f"{m}_w{b}g64" for b in (4, 3, 2) for m in ("block_qat_kd", "kd_same_time")])
 RESULT_FILE = RESULTS / "quality.json"
+
+
+def block_stage_row(name: str, full: dict) -> dict:
+    """The `block_qat` row inside a `block_qat_kd` run: its ppl after the block stage and the wall
+    time up to there (calibration, the PTQ-start eval and the block stage)."""
+    section = full["blockwise"]
+    seconds = full.get("ptq_seconds", 0) + section["seconds"]
+    return {"name": name, "command": full["command"] + "  (ppl after its block stage)",
+            "ppl": section["ppl"], "fp_ppl": full.get("fp_ppl"), "scheme": full.get("scheme"),
+            "ptq_ppl": full.get("ptq_ppl"), "blockwise": section, "seconds": round(seconds),
+            "block_seconds": section["seconds"], "steps": 0, "train_seconds": 0,
+            "derived_from": full["name"]}
 
 
 def _known() -> dict[str, dict]:
     """Rows of this table, plus runs of bench/recipes.py with an identical command."""
     rows = {r["name"]: r for r in json.loads(RESULT_FILE.read_text())} if RESULT_FILE.exists() else {}
+    for name, source in DERIVED.items():
+        if source in rows and rows[source].get("blockwise"):
+            rows[name] = block_stage_row(name, rows[source])
     if RECIPE_RESULTS.exists():
         by_command = {r["command"]: r for r in json.loads(RECIPE_RESULTS.read_text())}
         for name, (_, _, ov) in ROWS.items():
@@ -108,6 +139,12 @@ def table(rows: dict[str, dict]) -> str:
             recovered = f"{100 * (rtn['ppl'] - r['ppl']) / (rtn['ppl'] - fp):.0f}%"
         budget = (f"{r['steps']} x 4 x 256, {r['train_seconds'] / 60:.0f} min"
                   if r.get("steps") else "calibration only" if method in ("gptq", "awq") else "-")
+        if r.get("blockwise"):
+            b = r["blockwise"]
+            budget = (f"block stage {b['samples']} x {b['tokens'] // b['samples']}, "
+                      f"{b['seconds'] / 60:.0f} min" + (f"; e2e {budget}" if r.get("steps") else ""))
+        if r.get("seconds"):
+            budget += f"; wall {r['seconds'] / 60:.0f} min"
         out.append({"method": method, "bits": bits, "scheme": r.get("scheme", ""),
                     "bits/weight": _bpw(dict(r, bits=bits)), "ppl": f"{r['ppl']:.3f}",
                     "vs float": f"{100 * (r['ppl'] / fp - 1):+.1f}%" if fp else "",
@@ -122,6 +159,8 @@ def main(argv: list[str]) -> None:
         known = _known()
         todo = argv or [n for n in ORDER if n not in known]
         for name in todo:
+            if name in DERIVED:
+                continue  # comes with its block_qat_kd run
             method, bits, ov = ROWS[name]
             print(f"== {name}: python train.py {' '.join(ov)}", flush=True)
             row = dict(run_row(name, ov), method=method, bits=bits)

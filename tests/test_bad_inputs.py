@@ -14,7 +14,7 @@ from conftest import compose_train
 from qat.lightning.run import ConfigError, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
+TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
         "eval.fp_ppl=false"]
 
 

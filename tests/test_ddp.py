@@ -12,7 +12,7 @@ from qat.lightning.run import train
 from conftest import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
+RUN = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
        "eval.fp_ppl=false", "trainer.max_steps=6", "optim.lr=1e-3", "export.enabled=true"]
 
 

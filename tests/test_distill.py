@@ -15,7 +15,7 @@ from qat.lightning.run import ConfigError, train
 from conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = ["model=tiny", "data=tiny", "trainer.enable_progress_bar=false"]
+TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "trainer.enable_progress_bar=false"]
 LOSSES = {"forward_kl": ForwardKL, "reverse_kl": ReverseKL, "jsd": JSD}
 
 
@@ -222,7 +222,8 @@ def test_teacher_generated_text_is_sampled_once_and_cached(tiny_llama, tmp_path)
 
 def test_data_free_run_trains_on_teacher_text(tmp_path):
     cfg = compose_train(TINY + ["recipe=w4g128_kd", "trainer.max_steps=2", "logger=none",
-                                "data.generated_samples=6", "data.block_size=32"])
+                                "data.generated_samples=6", "data.block_size=32",
+                                "blockwise.samples=4", "blockwise.seq_len=32"])
     metrics = train(cfg, run_dir=tmp_path)
     assert metrics["steps"] == 2 and math.isfinite(metrics["ppl"])
     assert len(list((Path(__import__("os").environ["QAT_CACHE"]) / "generated").glob("*"))) >= 1

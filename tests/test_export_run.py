@@ -10,7 +10,7 @@ from qat.lightning.run import ConfigError, train
 from conftest import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false"]
+TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false"]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from qat.prune import check_nm
 from conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = ["model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false"]
+TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false"]
 
 
 def test_2of4_kd_run_exports_exactly_2of4_codes(tmp_path):

@@ -9,7 +9,7 @@ from qat.ptq import bits_per_weight
 from conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = ["model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
+TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
         "ptq.calibration_samples=16", "ptq.seq_len=64", "ptq.progress=false"]
 
 

@@ -15,7 +15,7 @@ from conftest import compose_train
 from qat.lightning.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
+TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
         "eval.fp_ppl=false"]
 # Everything that carries state across steps: EMA observers (buffers), a gradual pruning schedule
 # (masks and position in the callback), AdamW moments, warmup + cosine LR, the data position.

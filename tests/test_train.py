@@ -10,7 +10,7 @@ from qat.quant import FakeQuantLinear
 from conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = ["model=tiny", "data=tiny", "logger=csv", "trainer.enable_progress_bar=false"]
+TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=csv", "trainer.enable_progress_bar=false"]
 
 
 def test_tiny_qat_run_lowers_the_loss_and_writes_its_outputs(tmp_path):

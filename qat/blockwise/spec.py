@@ -23,13 +23,13 @@ class BlockwiseSpec:
     """
 
     enabled: bool = False
-    samples: int = 64  # calibration sequences from the training split (a multiple of batch_size)
+    samples: int = 32  # calibration sequences from the training split (a multiple of batch_size)
     seq_len: int = 256  # tokens per sequence
-    epochs: int = 2  # passes over the samples per block
+    epochs: int = 3  # passes over the samples per block
     batch_size: int = 4  # sequences per optimizer step
-    lr: float = 1e-5  # block weights (Linears, biases, norms)
-    scale_lr: float = 1e-4  # quantizer scales
-    zero_point_lr: float = 1e-4  # quantizer zero points (asymmetric grids), rounded in forward
+    lr: float = 3e-4  # block weights (Linears, biases, norms)
+    scale_lr: float = 1e-3  # quantizer scales
+    zero_point_lr: float = 1e-3  # quantizer zero points (asymmetric grids), rounded in forward
     weight_decay: float = 0.0
     train_weights: bool = True  # false: only the grid (scales, zero points) trains
     inputs: str = "quantized"  # quantized: the quantized chain's inputs | both: also the float inputs

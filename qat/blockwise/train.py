@@ -87,17 +87,22 @@ class _Inputs:
         return _hidden(block(x.float(), *self.args, **self.kwargs))
 
     @torch.no_grad()
-    def run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """block(x) over all N sequences, in mini-batches, kept in x's dtype."""
-        return torch.cat([self.call(block, b).to(x.dtype) for b in x.split(self.batch_size)])
+    def run(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, float | None]:
+        """block(x) over all N sequences in mini-batches, kept in x's dtype, and its mean
+        squared error to `target` (None without one)."""
+        outs, total = [], 0.0
+        for i, xb in enumerate(x.split(self.batch_size)):
+            out = self.call(block, xb)
+            if target is not None:
+                tb = target[i * self.batch_size:(i + 1) * self.batch_size].float()
+                total += F.mse_loss(out, tb, reduction="sum").item()
+            outs.append(out.to(x.dtype))
+        return torch.cat(outs), (total / target.numel() if target is not None else None)
 
-    @torch.no_grad()
     def loss(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
         """Mean squared error of block(x) to target over all N sequences."""
-        total = 0.0
-        for xb, tb in zip(x.split(self.batch_size), target.split(self.batch_size)):
-            total += F.mse_loss(self.call(block, xb), tb.float(), reduction="sum").item()
-        return total / target.numel()
+        return self.run(block, x, target)[1]
 
 
 def _grid_and_weights(block: nn.Module, spec: BlockwiseSpec) -> list[dict]:
@@ -215,18 +220,19 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
     try:
         for index, block in enumerate(bar):
             with fake_quant_disabled(float_model):
-                target = fp.run(float_blocks[index], fp_in)
+                target, _ = fp.run(float_blocks[index], fp_in)
             if index < len(done):  # trained by an earlier run: load it, go on from its output
                 store.load(index, block)
                 result = BlockResult(**done[index])
                 report.resumed_blocks += 1
+                q_out, _ = quantized.run(block, q_in)
             else:
                 t0 = time.perf_counter()
                 before = quantized.loss(block, q_in, target)
                 steps = train_block(block, quantized, q_in, target,
                                     fp_in if spec.inputs == "both" else None, spec,
                                     torch.Generator().manual_seed(seed * 100_003 + index))
-                after = quantized.loss(block, q_in, target)
+                q_out, after = quantized.run(block, q_in, target)  # the next block's inputs
                 result = BlockResult(index, f"{prefix}.{index}", before, after,
                                      round(time.perf_counter() - t0, 2), steps)
                 if store is not None:
@@ -235,7 +241,7 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
             bar.set_postfix_str(f"loss {result.loss_before:.3g} -> {result.loss_after:.3g}")
             if on_block is not None:
                 on_block(result)
-            q_in, fp_in = quantized.run(block, q_in), target
+            q_in, fp_in = q_out, target
     finally:
         bar.close()
         model.train(was_training[0]), float_model.train(was_training[1])

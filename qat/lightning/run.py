@@ -86,11 +86,10 @@ def build_specs(cfg: DictConfig) -> Specs:
     if specs["blockwise"].enabled:
         if specs["quant"].weight is None:
             raise ConfigError("blockwise.enabled=true needs quant.weight (a recipe that quantizes)")
-        if specs["prune"].enabled and specs["prune"].pattern not in ("heads", "channels"):
+        if specs["prune"].enabled:
             raise ConfigError(f"blockwise.enabled=true with prune.pattern="
-                              f"{specs['prune'].pattern!r} is not supported: block training would "
-                              "move pruned weights off zero; use blockwise=none, or prune heads or "
-                              "channels")
+                              f"{specs['prune'].pattern!r} is not supported yet (block training "
+                              "would move pruned weights off zero): use blockwise=none with prune")
     if specs["optim"].trainable != "weights" and specs["quant"].weight is None:
         raise ConfigError(f"optim.trainable={specs['optim'].trainable!r} needs quant.weight")
     return Specs(**specs)

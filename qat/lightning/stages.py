@@ -35,12 +35,14 @@ def use_teacher_text(data: TextDataModule, teacher, model, tokenizer, spec: Data
           f"{spec.block_size} tokens ({time.perf_counter() - start:.0f} s)")
 
 
-def calibration_ids(data: TextDataModule, samples: int, seq_len: int) -> torch.Tensor:
+def calibration_ids(data: TextDataModule, samples: int, seq_len: int, owner: str = "ptq"
+                    ) -> torch.Tensor:
     """(samples, seq_len) consecutive training tokens: the first `samples` windows of the split."""
     flat = data.train_blocks.reshape(-1)
     samples = min(samples, flat.numel() // seq_len)
     if samples == 0:
-        raise ValueError(f"ptq.seq_len={seq_len} is longer than the whole training split")
+        raise ValueError(f"{owner}.seq_len={seq_len} is longer than the whole training split "
+                         f"({flat.numel()} tokens)")
     return flat[: samples * seq_len].view(samples, seq_len)
 
 
@@ -302,7 +304,7 @@ def block_stage(model, float_model, specs, data: TextDataModule, store, seed: in
     from qat.blockwise import train_blocks
 
     spec = specs.blockwise
-    ids = calibration_ids(data, spec.samples, spec.seq_len)
+    ids = calibration_ids(data, spec.samples, spec.seq_len, owner="blockwise")
     report = train_blocks(model, float_model, ids, spec, seed=seed, store=store)
     if is_rank_zero():
         print(report)
