@@ -201,7 +201,12 @@ def _write(rows: dict[str, dict]) -> None:
                    "QAT (CE) trains on the corpus's train split, so it also adapts the model to "
                    "the eval domain (W8 QAT ends below the untouched float model); QAT + KD "
                    "matches the float teacher instead. Some rows of 2026-11-29 ran beside another "
-                   "row or the test suite: their wall times are upper bounds.\n\n" + table(rows))
+                   "row or the test suite: their wall times are upper bounds. Block-wise rows (issue 15, "
+                   "2026-12-02): `block_qat_kd` = the *_kd recipe (start, block stage, end-to-end "
+                   "KD of the scales) at the budget in its command; `block_qat` = the same run's "
+                   "ppl after its block stage; the W4 row ran beside the test suite for ~5 of its "
+                   "32 minutes. GPTQ rows dated before 2026-12-02 ran with ptq.act_order=false "
+                   "(the default since then is true).\n\n" + table(rows))
 
 
 if __name__ == "__main__":
