@@ -53,7 +53,7 @@ def test_head_pruning_trains_exports_and_rebuilds_a_smaller_model(tmp_path):
     from qat.export.checkpoint import model_from_checkpoint
     from qat.export.load import load_quantized
 
-    cfg = compose_train(TINY + ["recipe=w4g64_kd", "prune=magnitude", "prune.pattern=heads",
+    cfg = compose_train(TINY + ["recipe=prune50_w4g64_kd", "prune=magnitude", "prune.pattern=heads",
                                 "prune.sparsity=0.5", "trainer.max_steps=2", "quant.weight.group_size=32",
                                 "export.enabled=true"])
     metrics = train(cfg, run_dir=tmp_path)
