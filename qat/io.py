@@ -53,3 +53,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def first_difference(a: Any, b: Any, key: str) -> tuple[str, Any, Any] | None:
+    """The first field where two nested config dicts differ, as (dotted key, a's value, b's), or
+    None when they are equal: what a resume that finds files of another config names."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            found = first_difference(a.get(k), b.get(k), f"{key}.{k}")
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (key, a, b)

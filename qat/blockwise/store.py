@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat.io import atomic_path, write_json
+from qat.io import atomic_path, first_difference, write_json
 
 PROGRESS = "progress.json"
 INIT = "init.safetensors"
@@ -58,10 +58,10 @@ class BlockStore:
             return {"config": self.config, "blocks": []}
         progress = json.loads(path.read_text())
         if progress.get("config") != self.config:
-            key = _first_difference(progress.get("config"), self.config)
-            raise ValueError(f"blockwise: {self.directory} holds blocks trained with {key} "
-                             "different from this run's; resume with the run's own config or "
-                             "use a new hydra.run.dir")
+            key, was, now = first_difference(progress.get("config"), self.config, "config")
+            raise ValueError(f"blockwise: {self.directory} holds blocks trained with {key}="
+                             f"{was!r}, this run has {key}={now!r}; resume with the run's own "
+                             "config or use a new hydra.run.dir")
         return progress
 
     def completed(self) -> list[dict[str, Any]]:
@@ -127,10 +127,3 @@ class BlockStore:
                                seconds=sum(b.seconds for b in blocks),
                                resumed_blocks=len(blocks), blocks=blocks)
 
-
-def _first_difference(a: Any, b: Any, key: str = "config") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{key}.{k}")
-    return f"{key}={b!r} (the files': {a!r})"

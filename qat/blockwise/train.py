@@ -87,22 +87,24 @@ class _Inputs:
         return _hidden(block(x.float(), *self.args, **self.kwargs))
 
     @torch.no_grad()
-    def run(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, float | None]:
-        """block(x) over all N sequences in mini-batches, kept in x's dtype, and its mean
-        squared error to `target` (None without one)."""
+    def run(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
+            keep: bool = True) -> tuple[torch.Tensor | None, float | None]:
+        """block(x) over all N sequences in mini-batches, kept in x's dtype (None with
+        keep=False), and its mean squared error to `target` (None without one)."""
         outs, total = [], 0.0
         for i, xb in enumerate(x.split(self.batch_size)):
             out = self.call(block, xb)
             if target is not None:
                 tb = target[i * self.batch_size:(i + 1) * self.batch_size].float()
                 total += F.mse_loss(out, tb, reduction="sum").item()
-            outs.append(out.to(x.dtype))
-        return torch.cat(outs), (total / target.numel() if target is not None else None)
+            if keep:
+                outs.append(out.to(x.dtype))
+        return (torch.cat(outs) if keep else None,
+                total / target.numel() if target is not None else None)
 
     def loss(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
         """Mean squared error of block(x) to target over all N sequences."""
-        return self.run(block, x, target)[1]
+        return self.run(block, x, target, keep=False)[1]
 
 
 def _grid_and_weights(block: nn.Module, spec: BlockwiseSpec) -> list[dict]:

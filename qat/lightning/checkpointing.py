@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from qat.io import atomic_path
+from qat.io import atomic_path, first_difference
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP = re.compile(r"step=(\d+)")
@@ -72,7 +72,7 @@ def check_resume_config(path: Path, run_config: dict[str, Any]) -> None:
         raise ValueError(str(err).replace("--ckpt ", "ckpt_path=", 1)) from err
     saved = ckpt.get("qat", {}).get("config", {})
     for section in ("model", "quant", "prune"):
-        diff = _first_difference(saved.get(section), run_config.get(section), section)
+        diff = first_difference(saved.get(section), run_config.get(section), section)
         if diff is not None:
             key, was, now = diff
             raise ValueError(f"ckpt_path={path}: {key}={now!r} differs from the checkpoint's "
@@ -80,16 +80,6 @@ def check_resume_config(path: Path, run_config: dict[str, Any]) -> None:
     if "loops" not in ckpt:
         raise ValueError(f"ckpt_path={path}: written by a run with trainer.max_steps=0 (weights "
                          "only): there is no training state to resume")
-
-
-def _first_difference(a: Any, b: Any, key: str) -> tuple[str, Any, Any] | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            found = _first_difference(a.get(k), b.get(k), f"{key}.{k}")
-            if found is not None:
-                return found
-        return None
-    return None if a == b else (key, a, b)
 
 
 def last_good_checkpoint(run_dir: Path) -> tuple[Path, int] | None:

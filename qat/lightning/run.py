@@ -241,15 +241,16 @@ def _resume_target(cfg: DictConfig, specs: Specs, run_dir: Path) -> tuple[Path |
     `ckpt_path=last` in a run killed during the block stage (no last.ckpt yet, but block files)
     resumes the block stage at its next untrained block."""
     value = cfg.get("ckpt_path")
+    config = OmegaConf.to_container(cfg, resolve=True)
     if specs.blockwise.enabled and str(value) == "last" \
             and not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        store = stages.block_store(run_dir, OmegaConf.to_container(cfg, resolve=True))
+        store = stages.block_store(run_dir, config)
         if store.exists():
             store.completed()  # raises now, naming the field, when the config differs
             return None, True
     ckpt_path = resolve_ckpt_path(value, run_dir)
     if ckpt_path is not None:
-        check_resume_config(ckpt_path, OmegaConf.to_container(cfg, resolve=True))
+        check_resume_config(ckpt_path, config)
     return ckpt_path, False
 
 
