@@ -64,15 +64,28 @@ for _bits in (3, 4):
 # to there; `kd_same_time` rows are end-to-end KD alone from the same start with as many steps as
 # fit the block_qat_kd row's wall time (the ablation)
 BLOCK_BUDGET = ["blockwise.samples=128", "blockwise.epochs=4", "trainer.max_steps=20"]
-KD_SAME_TIME_STEPS = {4: 100, 3: 100, 2: 100}  # set from the block_qat_kd rows' wall time
+# end-to-end KD alone trains the weights at lr 1e-4 (the best end-to-end setting measured:
+# qat_kd_w3g64_awq_lr1e-4), as many steps as fit the block_qat_kd row's wall time
+KD_SAME_TIME_STEPS = {4: 150, 3: 100, 2: 100}  # W4: 1936 s of block_qat_kd_w4g64 at 11.75 s a step
 for _bits in (4, 3, 2):
     ROWS[f"block_qat_kd_w{_bits}g64"] = ("block_qat_kd", _bits,
                                          [f"recipe=w{_bits}g64_kd", *BLOCK_BUDGET])
     ROWS[f"block_qat_w{_bits}g64"] = ("block_qat", _bits, ROWS[f"block_qat_kd_w{_bits}g64"][2])
     ROWS[f"kd_same_time_w{_bits}g64"] = (
         "kd_same_time", _bits, [f"recipe=w{_bits}g64_kd", "blockwise=none",
-                                f"trainer.max_steps={KD_SAME_TIME_STEPS[_bits]}"])
+                                f"trainer.max_steps={KD_SAME_TIME_STEPS[_bits]}",
+                                "optim.trainable=weights", "optim.lr=1e-4"])
+# W3: after the block stage, end-to-end KD of the weights (not only the scales), 60 steps
+for _what in ("weights", "all"):
+    ROWS[f"block_qat_kd_w3g64_{_what}"] = (
+        f"block_qat_kd (e2e {_what}, lr 1e-4)", 3,
+        ["recipe=w3g64_kd", *BLOCK_BUDGET[:2], "trainer.max_steps=60", f"optim.trainable={_what}",
+         "optim.lr=1e-4"])
 DERIVED = {f"block_qat_w{b}g64": f"block_qat_kd_w{b}g64" for b in (4, 3, 2)}
+# rows measured by resuming another row's finished block stage (the same config, so the same
+# blocks: the resume test checks that to tolerance 0); their wall time adds that row's block part
+RESUMED = {"block_qat_kd_w3g64_weights": "block_qat_kd_w3g64",
+           "block_qat_kd_w3g64_all": "block_qat_kd_w3g64"}
 # cheapest first, then the rows the goals are about
 ORDER = ([n for n in ROWS if n.startswith("rtn")] + ["gptq_w3g64", "qat_kd_w3g64", "qat_kd_w4g64",
          "qat_kd_w2g64", "gptq_w4g64", "gptq_w2g64"]
@@ -154,13 +167,30 @@ def table(rows: dict[str, dict]) -> str:
                                 "recovered vs RTN", "budget", "command"])
 
 
+def record_resumed(name: str, run_dir: str, seconds: int) -> None:
+    """A RESUMED row from its run dir; wall = this run's + the whole source row's (an upper
+    bound: the source's own end-to-end stage and final evaluations are counted too)."""
+    source = _known()[RESUMED[name]]
+    method, bits, ov = ROWS[name]
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    row = dict(metrics, name=name, command="python train.py " + " ".join(ov), method=method,
+               bits=bits, seconds=seconds + source["seconds"], resumed_from=source["name"],
+               resumed_seconds=seconds, resumed_blockwise=metrics.get("blockwise"),
+               blockwise=source["blockwise"])  # the block stage that trained these blocks
+    with _locked():
+        _write(dict(_known(), **{name: row}))
+
+
 def main(argv: list[str]) -> None:
+    if argv[:1] == ["--record"]:  # --record NAME RUN_DIR SECONDS
+        record_resumed(argv[1], argv[2], int(argv[3]))
+        return
     if argv != ["--table"]:
         known = _known()
         todo = argv or [n for n in ORDER if n not in known]
         for name in todo:
-            if name in DERIVED:
-                continue  # comes with its block_qat_kd run
+            if name in DERIVED or name in RESUMED:
+                continue  # comes with its block_qat_kd run / is recorded with --record
             method, bits, ov = ROWS[name]
             print(f"== {name}: python train.py {' '.join(ov)}", flush=True)
             row = dict(run_row(name, ov), method=method, bits=bits)
@@ -205,7 +235,17 @@ def _write(rows: dict[str, dict]) -> None:
                    "2026-12-02): `block_qat_kd` = the *_kd recipe (start, block stage, end-to-end "
                    "KD of the scales) at the budget in its command; `block_qat` = the same run's "
                    "ppl after its block stage; the W4 row ran beside the test suite for ~5 of its "
-                   "32 minutes. GPTQ rows dated before 2026-12-02 ran with ptq.act_order=false "
+                   "32 minutes, the W3 row beside architecture probes and the test suite (load "
+                   "average 3-5 for most of its 36 minutes), the W2 row partly beside the test "
+                   "suite (load 2-5): wall times are upper bounds. `block_qat_kd (e2e weights)` "
+                   "resumed the W3 row's finished block stage (same config, so the same blocks) "
+                   "and trained the weights end to end for 60 steps; its wall time adds the whole "
+                   "W3 row's (an upper bound). `kd_same_time` = end-to-end KD alone (weights at lr "
+                   "1e-4, from the recipe's start) for the steps that fit the block_qat_kd row's "
+                   "wall time; at W3 `qat_kd (awq start, lr 1e-4)` (36 min) is that ablation. "
+                   "The W3, W2, e2e-weights and kd_same_time rows ran on a 2-core Intel Xeon "
+                   "(AVX-512) machine, the rows before them on a 2-core AMD EPYC. GPTQ "
+                   "rows dated before 2026-12-02 ran with ptq.act_order=false "
                    "(the default since then is true).\n\n" + table(rows))
 
 

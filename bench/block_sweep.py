@@ -1,0 +1,105 @@
+"""Quick block-stage sweep: the first few decoder blocks of the default model, held-out error.
+
+python bench/block_sweep.py '[{"start": "gptq"}, {"start": "rtn", "lr": 1e-3}]'
+
+Each config truncates the model to its first BLOCKS decoder blocks, prepares the w3g64_kd recipe's
+scheme, applies the start (`rtn` = the min/max grid, `gptq`, `awq`; "skip": true measures the start
+alone), runs the block stage with the given `blockwise.*` overrides, and reports the mean squared
+error of the truncated model's last hidden state against the float model's on 16 held-out training
+sequences (before and after the block stage). Minutes per config, not the hours of a full row: a
+proxy for choosing block-stage settings, not a perplexity. Rows go to bench/results/block_sweep.json.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, markdown_table, update_section, write_json  # noqa: E402
+
+BLOCKS = 3
+RECIPE = "recipe=w3g64_kd"
+RESULT_FILE = RESULTS / "block_sweep.json"
+
+
+def run(config: dict) -> dict:
+    import torch
+    from conftest import compose_train
+
+    from qat.blockwise import train_blocks
+    from qat.lightning import stages
+    from qat.lightning.data import TextDataModule
+    from qat.lightning.run import _load_model, build_specs
+    from qat.quant import prepare
+
+    config = dict(config)
+    start, skip = config.pop("start"), config.pop("skip", False)
+    cfg = compose_train([RECIPE, "logger=none", f"quant.init={'null' if start == 'rtn' else start}"]
+                        + [f"blockwise.{k}={v}" for k, v in config.items()])
+    specs = build_specs(cfg)
+    torch.manual_seed(0)
+    model, tokenizer = _load_model(specs.model)
+    model.model.layers = model.model.layers[:BLOCKS]
+    model.config.num_hidden_layers = BLOCKS
+    data = TextDataModule(specs.data, tokenizer, max_positions=2048)
+    data.setup("fit")
+    float_model = copy.deepcopy(model).eval()
+    prepare(model, specs.quant)
+    if specs.quant.init:
+        specs.ptq = replace(specs.ptq, progress=False)
+        stages.post_training_quantize(model, specs, data)
+    held_out = data.train_blocks[2000:2016]
+
+    def error() -> float:
+        with torch.no_grad():
+            a = model.model(input_ids=held_out).last_hidden_state
+            b = float_model.model(input_ids=held_out).last_hidden_state
+            return torch.nn.functional.mse_loss(a, b).item()
+
+    before, t0 = error(), time.perf_counter()
+    if not skip:
+        spec = replace(specs.blockwise, progress=False)
+        ids = stages.calibration_ids(data, spec.samples, spec.seq_len, owner="blockwise")
+        train_blocks(model, float_model, ids, spec, seed=0)
+    return {"start": start, "skip": skip, **config, "blocks": BLOCKS, "before": round(before, 5),
+            "after": round(error(), 5), "seconds": round(time.perf_counter() - t0)}
+
+
+KEYS = ("start", "skip", "blocks", "before", "after", "seconds", "recipe", "command", "note")
+
+
+def table(rows: list[dict]) -> str:
+    out = [{"start": r["start"], "settings": ", ".join(f"{k}={v}" for k, v in r.items()
+                                                      if k not in KEYS) or "defaults",
+            "block stage": "no" if r["skip"] else "yes", "error before": f"{r['before']:.5f}",
+            "error after": f"{r['after']:.5f}", "after / before": f"{r['after'] / r['before']:.3f}",
+            "seconds": r["seconds"], "command": f"`{r['command']}`"} for r in rows]
+    return markdown_table(out, ["start", "settings", "block stage", "error before", "error after",
+                                "after / before", "seconds", "command"])
+
+
+def main(argv: list[str]) -> None:
+    rows = json.loads(RESULT_FILE.read_text()) if RESULT_FILE.exists() else []
+    for config in json.loads(argv[0]) if argv and argv != ["--table"] else []:
+        row = dict(run(config), recipe=RECIPE, command=f"python bench/block_sweep.py '{argv[0]}'")
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        write_json(RESULT_FILE, rows)
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    update_section("block_sweep", "## Block-stage sweep (first 3 blocks, W3 g64 asym)\n\n"
+                   "`python bench/block_sweep.py CONFIGS`: the default model cut to its first "
+                   f"{BLOCKS} blocks, {RECIPE}'s scheme; mean squared error of the last hidden state "
+                   "against the float model's on 16 held-out training sequences, before and after "
+                   "the block stage (a proxy for choosing settings, not a perplexity). "
+                   + " ".join(notes) + "\n\n" + table(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
