@@ -105,6 +105,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         model, tokenizer = _load_model(specs.model)
         plan(model, specs.quant) if specs.quant.weight is not None else None  # patterns, groups
+        stages.check_architecture(model, specs)
         data = TextDataModule(specs.data, tokenizer,
                               max_positions=getattr(model.config, "max_position_embeddings", None))
         data.setup("fit")

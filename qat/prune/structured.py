@@ -192,3 +192,17 @@ def shrink(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:
         setattr(model.config, key, value)
     return {"config": changed, "parameters_before": before,
             "parameters_after": sum(p.numel() for p in model.parameters())}
+
+
+def check_structured(model: nn.Module, pattern: str) -> None:
+    """Raise before any work unless every decoder block has the projections `pattern` cuts."""
+    from qat.quant.structure import decoder_blocks
+
+    children = ATTENTION if pattern == "heads" else MLP
+    _, blocks = decoder_blocks(model)
+    found = sum(len(_blocks(block, children)) for block in blocks)
+    if found != len(blocks):
+        kind = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r})"
+        raise ValueError(f"prune.pattern={pattern!r} is not supported for {kind}: it needs "
+                         f"separate nn.Linear {', '.join(children)} in every decoder block "
+                         f"(found them in {found} of {len(blocks)})")
