@@ -139,6 +139,8 @@ PTQ_TINY = ["ptq.calibration_samples=4", "ptq.seq_len=32", "ptq.progress=false"]
      r"quant.init=smoothquant is not supported for GPT2LMHeadModel .*has no"),
     ("phi3", ["prune=magnitude", "prune.pattern=heads", "prune.sparsity=0.5"],
      r"prune.pattern='heads' is not supported for Phi3ForCausalLM .*q_proj"),
+    ("stablelm", ["prune=magnitude", "prune.pattern=heads", "prune.sparsity=0.5"],
+     r"prune.pattern='heads' is not supported for StableLmForCausalLM .*head_dim"),
     ("opt", ["prune=magnitude", "prune.pattern=channels", "prune.sparsity=0.5"],
      r"prune.pattern='channels' is not supported for OPTForCausalLM .*gate_proj"),
 ])
