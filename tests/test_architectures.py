@@ -51,6 +51,20 @@ def tiny_model_dir(model_type: str, root):
     return directory
 
 
+def _run(source, run_dir, *overrides):
+    from qat.lightning.run import train
+
+    return train(compose_train([
+        "recipe=w4g128", f"model.path={source}", "data=tiny", "logger=none",
+        "trainer.enable_progress_bar=false", "trainer.max_steps=2", "eval.fp_ppl=false",
+        *overrides]), run_dir=run_dir)
+
+
+PTQ_TINY = ["ptq.calibration_samples=4", "ptq.seq_len=32", "ptq.progress=false"]
+BLOCKS_TINY = ["blockwise=default", "blockwise.samples=4", "blockwise.seq_len=32",
+               "blockwise.epochs=1", "blockwise.progress=false", "eval.stage_ppl=false"]
+
+
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 def test_train_export_load_serves_the_trained_model(model_type, tmp_path):
     from compressed_tensors.compressors import PackedQuantizationCompressor
@@ -59,16 +73,15 @@ def test_train_export_load_serves_the_trained_model(model_type, tmp_path):
     from qat.export.checkpoint import model_from_checkpoint
     from qat.export.compressed_tensors import as_exported, read_config
     from qat.export.load import load_quantized
-    from qat.lightning.run import train
     from qat.quant import FakeQuantLinear
 
     source = tiny_model_dir(model_type, tmp_path)
     run_dir = tmp_path / "run"
-    metrics = train(compose_train([
-        "recipe=w4g128", f"model.path={source}", "data=tiny", "logger=none",
-        "trainer.enable_progress_bar=false", "trainer.max_steps=2", "export.enabled=true",
-        "eval.fp_ppl=false"]), run_dir=run_dir)
+    # the whole pipeline: GPTQ start, block stage, 2 steps of KD from the float teacher, export
+    metrics = _run(source, run_dir, "quant.init=gptq", *PTQ_TINY, *BLOCKS_TINY, "distill=kd",
+                   "export.enabled=true")
     assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["ppl"]))
+    assert metrics["blockwise"]["blocks"] == L
 
     trained, _, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     quantized = {n: m for n, m in trained.named_modules() if isinstance(m, FakeQuantLinear)}
@@ -118,18 +131,6 @@ def test_train_export_load_serves_the_trained_model(model_type, tmp_path):
             module = quantized[name]
             ours = module.weight_fake_quant.dequantized(module.weight).to(torch.bfloat16)
             assert torch.equal(theirs, ours), name
-
-
-def _run(source, run_dir, *overrides):
-    from qat.lightning.run import train
-
-    return train(compose_train([
-        "recipe=w4g128", f"model.path={source}", "data=tiny", "logger=none",
-        "trainer.enable_progress_bar=false", "trainer.max_steps=2", "eval.fp_ppl=false",
-        *overrides]), run_dir=run_dir)
-
-
-PTQ_TINY = ["ptq.calibration_samples=4", "ptq.seq_len=32", "ptq.progress=false"]
 
 
 @pytest.mark.parametrize("model_type,overrides,message", [

@@ -57,6 +57,24 @@ def _default_blockwise():
     return BlockwiseSpec()
 
 
+def _check_trainer_keys(cfg: DictConfig) -> None:
+    """trainer.* keys the Lightning Trainer takes; a typo fails here, before the model loads,
+    not as a TypeError after it (`+trainer.max_step=20`)."""
+    import difflib
+    import inspect
+
+    target = cfg.trainer.get("_target_")
+    if target not in ("lightning.Trainer", "lightning.pytorch.Trainer"):
+        return  # a custom trainer class: its own signature decides
+    accepted = sorted(set(inspect.signature(L.Trainer.__init__).parameters) - {"self"})
+    for key in cfg.trainer:
+        if key != "_target_" and key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"trainer.{key} is not a Lightning Trainer argument{hint}; "
+                              f"accepted: {', '.join(accepted)}")
+
+
 def build_specs(cfg: DictConfig) -> Specs:
     """Instantiate and validate every spec; raise ConfigError naming the bad field."""
     specs = {}
@@ -74,6 +92,7 @@ def build_specs(cfg: DictConfig) -> Specs:
         except MissingMandatoryValue as err:
             raise ConfigError(f"{err.full_key} is required (it is ??? in the config): set "
                               f"{err.full_key}=VALUE on the command line") from err
+    _check_trainer_keys(cfg)
     max_steps = cfg.trainer.get("max_steps", -1)
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer >= 0")
