@@ -8,7 +8,8 @@ from torch import nn
 
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import QuantConfig, WeightSpec
-from qat.quant.structure import as_linear, block_patterns, features, is_projection
+from qat.quant.structure import (as_linear, block_patterns, features, is_projection,
+                                  source_class)
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -26,7 +27,7 @@ class LayerReport:
     out_features: int
     spec: WeightSpec
     activation: str | None
-    kind: str = "Linear"  # the module's class before the swap (Conv1D: stored transposed)
+    kind: str = "Linear"  # the model's own class for the layer (Conv1D: stored transposed)
 
     @property
     def scheme(self) -> str:
@@ -101,7 +102,7 @@ def plan(model: nn.Module, config: QuantConfig) -> PrepareReport:
                 "(e.g. 32 or 64), granularity=channel, or add an override for that layer")
         activation = config.activation.describe() if config.activation else None
         report.layers.append(LayerReport(name, in_features, out_features, spec, activation,
-                                         type(modules[name]).__name__))
+                                         source_class(modules[name])))
     if not report.layers:
         raise ValueError("quant.include/exclude select no Linear module to quantize")
     return report
