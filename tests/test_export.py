@@ -1,5 +1,7 @@
 """Export: the packed checkpoint reloads into a model that computes what was trained."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -185,3 +187,19 @@ def test_failed_export_leaves_nothing(tiny_llama, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         export_model(tiny_llama, BrokenTokenizer(), tmp_path / "e")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_is_readable_like_any_model_directory(tiny_llama, tmp_path, umask):
+    """Not mkdtemp's 0700 nor safetensors' 0600: the modes a new file gets under the umask."""
+    prepare(tiny_llama, QuantConfig(weight=WeightSpec(bits=4, group_size=64)))
+    old = os.umask(umask)
+    try:
+        export_model(tiny_llama, None, tmp_path / "e")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o777 & ~umask
+    files = list((tmp_path / "e").iterdir())
+    assert {p.name for p in files} >= {"model.safetensors", "config.json"}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name
