@@ -45,12 +45,26 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            _portable_tokenizer_config(tmp / "tokenizer_config.json")
         (tmp / SERVING_FILE).write_text(json.dumps(serving_report(_layers(model)), indent=2) + "\n")
         verify_export(tmp, expected=tensors)
     return out_dir
 
 
 SERVING_FILE = "serving_report.json"
+# transformers 5 names its fast tokenizer TokenizersBackend; releases before 5 (pyproject admits
+# >= 4.46) know it as PreTrainedTokenizerFast, which 5 still maps to the same class
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    name = config.get("tokenizer_class")
+    if name in PORTABLE_TOKENIZER_CLASSES:
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES[name]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _layers(model: nn.Module) -> list[LayerReport]:
