@@ -203,3 +203,24 @@ def test_export_is_readable_like_any_model_directory(tiny_llama, tmp_path, umask
     assert {p.name for p in files} >= {"model.safetensors", "config.json"}
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name
+
+
+def test_act_order_group_permutation_is_refused_not_ignored(tiny_llama, tmp_path):
+    """A `group` act-order checkpoint (other tools' GPTQ) needs weight_g_idx: refuse, never skip."""
+    from safetensors.torch import load_file, save_file
+
+    prepare(tiny_llama, QuantConfig(weight=WeightSpec(bits=4, group_size=64)))
+    export_model(tiny_llama, None, tmp_path / "e")
+    config_path = tmp_path / "e" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="actorder='group'"):
+        load_quantized(tmp_path / "e")
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = None
+    config_path.write_text(json.dumps(config))
+    weights = load_file(str(tmp_path / "e" / "model.safetensors"))
+    weights["model.layers.0.mlp.up_proj.weight_g_idx"] = torch.arange(128, dtype=torch.int32) // 64
+    save_file(weights, str(tmp_path / "e" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight_g_idx"):
+        load_quantized(tmp_path / "e")

@@ -47,6 +47,10 @@ def spec_from_args(args: dict[str, Any], where: str) -> WeightSpec:
     """Inverse of `weight_args`, with a clear error for what we cannot serve."""
     if args.get("type", "int") != "int":
         raise ValueError(f"{where}: weights type {args.get('type')!r} is not supported; only 'int'")
+    if args.get("actorder") == "group":  # groups follow a stored permutation (weight_g_idx)
+        raise ValueError(f"{where}: weights actorder='group' (a weight_g_idx permutation of the "
+                         "groups) is not supported; only checkpoints whose groups are contiguous "
+                         "(actorder null, 'static' or 'weight') load")
     strategy = args.get("strategy")
     if strategy not in ("tensor", "channel", "group"):
         raise ValueError(f"{where}: weight strategy {strategy!r} is not supported; "

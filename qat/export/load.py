@@ -57,6 +57,9 @@ def _quantized_linear(f, name: str, module: nn.Module, spec: WeightSpec, path: P
     if shape != [out_features, in_features]:
         raise ValueError(f"{path}: tensor '{name}.weight_shape' is {shape} but config.json gives "
                          f"[{out_features}, {in_features}]")
+    if f"{name}.weight_g_idx" in keys:
+        raise ValueError(f"{path}: tensor '{name}.weight_g_idx' (act-order group permutation) is "
+                         "not supported; serving it without would load wrong weights")
     out_f, in_f = shape
     packed = _tensor(f, f"{name}.weight_packed", path)
     if tuple(packed.shape) != (out_f, packed_words(in_f, spec.bits)) or packed.dtype != torch.int32:
