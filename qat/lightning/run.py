@@ -6,6 +6,8 @@ run directory behind.
 """
 from __future__ import annotations
 
+import logging
+
 import shutil
 import time
 from dataclasses import dataclass
@@ -367,8 +369,22 @@ def _evaluate(trainer: L.Trainer, module: QATModule, data: TextDataModule, prefi
     return float(trainer.callback_metrics[f"{prefix}/ppl"])
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "Tip: try installing litlogger" line: an advert, not run information."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def _quiet_lightning() -> None:
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in log.filters):
+        log.addFilter(_NoAdverts())
+
+
 def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None) -> L.Trainer:
     """The Lightning Trainer of `cfg.trainer`, with atomic checkpoint writes and our data order."""
+    _quiet_lightning()
     logger = False
     if cfg.get("logger") and cfg.logger.get("_target_"):
         logger = instantiate(cfg.logger, save_dir=str(run_dir))
