@@ -429,6 +429,11 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
         rows.append(("sparsity", f"{100 * metrics['sparsity']:.1f}% of pruned layers' weights"
                      + (", N:M kept in export" if metrics.get("export_nm_ok") else "")))
     rows.append(("run dir", str(run_dir)))
+    for label, path in (("checkpoint", run_dir / "checkpoints" / "last.ckpt"),
+                        ("metrics", run_dir / "metrics.json")):
+        rows.append((label, str(path)))
+    if metrics.get("export_dir"):
+        rows.append(("export", metrics["export_dir"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "== qat summary =="] + [f"{k:<{width}}  {v}" for k, v in rows])
 
