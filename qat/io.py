@@ -20,6 +20,7 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
     target = tmp if is_dir else tmp / path.name
     try:
         yield target
+        _readable(target)
         if is_dir and path.exists():
             shutil.rmtree(path)
         os.replace(target, path)
@@ -29,6 +30,23 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]
         raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _readable(target: Path) -> None:
+    """Give what was written the modes any new file gets (0644 / 0755 under the usual umask 022):
+    mkdtemp's directory is 0700 and some writers (safetensors) create 0600 files, which a server
+    running as another user could not read."""
+    mask = _umask()
+    paths = [target] + (sorted(target.rglob("*")) if target.is_dir() else [])
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def check_writable(directory: str | os.PathLike, field: str = "output directory") -> None:

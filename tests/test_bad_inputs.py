@@ -77,6 +77,9 @@ CONFIG_CASES = {
     "eval fraction outside (0, 1)": (["data.eval_fraction=1.5"], r"data\.eval_fraction"),
     "negative learning rate": (["optim.lr=-1"], r"optim\.lr=-1"),
     "negative max_steps": (["trainer.max_steps=-5"], r"trainer\.max_steps=-5"),
+    "mistyped trainer key": (["+trainer.max_step=20"],
+                             r"trainer\.max_step is not a Lightning Trainer argument \(did you mean "
+                             r"max_steps.*accepted: .*accumulate_grad_batches"),
     "unknown export dtype": (["export.dtype=int8"], r"export\.dtype='int8'"),
     "unknown export backend": (["export.eval_backend=fast"], r"export\.eval_backend='fast'"),
     "resume with no checkpoint": (["ckpt_path=last"], r"ckpt_path=last: no checkpoint at .*last\.ckpt"),

@@ -34,8 +34,11 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     assert two["export_ppl"] == pytest.approx(one["export_ppl"], rel=1e-5)
     a = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    # Adam divides by sqrt(v): a weight whose gradient is near zero can move by a few float32
+    # ulps of its update more on one side (1.05e-6 seen on an AVX2 machine); a wrong average or a
+    # missed all-reduce moves weights by ~lr = 1e-3
     for key, value in a.items():
-        torch.testing.assert_close(b[key], value, rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(b[key], value, rtol=0, atol=1e-5, msg=key)
     assert (run_dir / "export" / "model.safetensors").is_file()
 
 

@@ -1,5 +1,7 @@
 """Export: the packed checkpoint reloads into a model that computes what was trained."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -185,3 +187,40 @@ def test_failed_export_leaves_nothing(tiny_llama, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         export_model(tiny_llama, BrokenTokenizer(), tmp_path / "e")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_is_readable_like_any_model_directory(tiny_llama, tmp_path, umask):
+    """Not mkdtemp's 0700 nor safetensors' 0600: the modes a new file gets under the umask."""
+    prepare(tiny_llama, QuantConfig(weight=WeightSpec(bits=4, group_size=64)))
+    old = os.umask(umask)
+    try:
+        export_model(tiny_llama, None, tmp_path / "e")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o777 & ~umask
+    files = list((tmp_path / "e").iterdir())
+    assert {p.name for p in files} >= {"model.safetensors", "config.json"}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name
+
+
+def test_act_order_group_permutation_is_refused_not_ignored(tiny_llama, tmp_path):
+    """A `group` act-order checkpoint (other tools' GPTQ) needs weight_g_idx: refuse, never skip."""
+    from safetensors.torch import load_file, save_file
+
+    prepare(tiny_llama, QuantConfig(weight=WeightSpec(bits=4, group_size=64)))
+    export_model(tiny_llama, None, tmp_path / "e")
+    config_path = tmp_path / "e" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="actorder='group'"):
+        load_quantized(tmp_path / "e")
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = None
+    config_path.write_text(json.dumps(config))
+    weights = load_file(str(tmp_path / "e" / "model.safetensors"))
+    weights["model.layers.0.mlp.up_proj.weight_g_idx"] = torch.arange(128, dtype=torch.int32) // 64
+    save_file(weights, str(tmp_path / "e" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight_g_idx"):
+        load_quantized(tmp_path / "e")

@@ -84,3 +84,18 @@ def test_default_model_576_wide_layers_are_flagged_for_marlin():
     assert len(flagged) == 6 * 30  # q k v o gate up; down_proj has in_features 1536
     assert "model.layers.0.self_attn.q_proj" in flagged
     assert not any("1536" in reason for reason in issues)
+
+
+def test_export_tokenizer_names_a_class_every_admitted_transformers_knows(exported_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from qat.models.tiny import tiny_tokenizer
+
+    run_dir, _ = exported_run
+    config = json.loads((run_dir / "export" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # TokenizersBackend is 5.x only
+    loaded, original = AutoTokenizer.from_pretrained(run_dir / "export"), tiny_tokenizer(512)
+    text = "The quick brown fox, 42 times."
+    assert loaded(text).input_ids == original(text).input_ids
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == \
+        (original.bos_token, original.eos_token, original.pad_token)

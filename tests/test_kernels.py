@@ -92,7 +92,8 @@ def test_reference_matches_direct_float(bits, group_size, asymmetric):
 CPU_CASES = [  # bits, group_size, asymmetric, out, in
     (4, 64, False, 576, 576), (4, 64, True, 192, 576), (4, 32, True, 48, 96), (4, 128, False, 64, 256),
     (4, 256, True, 32, 512), (4, None, False, 48, 576), (4, None, True, 16, 96),
-    (8, None, False, 576, 1536), (8, None, True, 48, 40),
+    (8, None, False, 576, 1536), (8, None, True, 48, 48),
+    (8, None, True, 48, 40),  # K % 16 != 0: torch's int8 kernel crashes on AVX-512, so not used
 ]
 
 
@@ -101,7 +102,8 @@ def expected_layout(bits: int, group_size: int | None, in_features: int, backend
     if backend == "auto" and native.available() and native.q4_supported(bits, in_features, group_size,
                                                                          torch.bfloat16):
         return "cpu_native"
-    return {4: "cpu_int4", 8: "cpu_int8" if group_size is None else "canonical"}.get(bits, "canonical")
+    int8 = group_size is None and in_features % 16 == 0
+    return {4: "cpu_int4", 8: "cpu_int8" if int8 else "canonical"}.get(bits, "canonical")
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

@@ -86,8 +86,17 @@ def test_train_py_runs_from_the_command_line(tmp_path):
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "== qat summary ==" in out.stdout
+    assert "litlogger" not in out.stdout + out.stderr  # Lightning's advert line is dropped
+    summary = out.stdout.split("== qat summary ==")[1]
+    assert f"{tmp_path}/run/checkpoints/last.ckpt" in summary
+    assert f"{tmp_path}/run/metrics.json" in summary
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 2
+    typo = subprocess.run([sys.executable, str(root / "train.py"), *TINY, "+trainer.max_step=2",
+                           f"hydra.run.dir={tmp_path}/typo"], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert typo.returncode == 2 and "did you mean max_steps" in typo.stderr
+    assert not (tmp_path / "typo").exists()
     bad = subprocess.run([sys.executable, str(root / "train.py"), *TINY, "quant.weight.bits=12",
                           f"hydra.run.dir={tmp_path}/bad"], capture_output=True, text=True,
                          cwd=tmp_path)

@@ -79,12 +79,14 @@ class _Inputs:
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
                  batch_size: int, dtype: torch.dtype) -> None:
         captured = capture_block_inputs(model, blocks, ids, batch_size)
-        self.hidden = torch.cat([h.to(dtype) for h, _, _ in captured])  # (N, T, H)
-        _, self.args, self.kwargs = captured[0]
+        self.hidden = torch.cat([c.hidden.to(dtype) for c in captured])  # (N, T, H)
+        # every mini-batch has batch_size sequences: the first one's call fits them all
+        self.calls = {id(block): call for block, call in zip(blocks, captured[0].calls)}
         self.batch_size = batch_size
 
     def call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return _hidden(block(x.float(), *self.args, **self.kwargs))
+        args, kwargs = self.calls[id(block)]
+        return _hidden(block(x.float(), *args, **kwargs))
 
     @torch.no_grad()
     def run(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,

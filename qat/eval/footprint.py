@@ -140,16 +140,16 @@ def scheme_grid(group_size: int | None) -> list[tuple[str, WeightSpec]]:
 def shapes_from_model(model, include: tuple[str, ...] | None = None,
                       exclude: tuple[str, ...] | None = None) -> ModelShapes:
     """Quantizable Linears (the recipe defaults: decoder Linears, not lm_head or embeddings)."""
-    from torch import nn
 
     from qat.quant.spec import QuantConfig
-    from qat.quant.swap import matches
+    from qat.quant.structure import features, is_projection
+    from qat.quant.swap import include_patterns, matches
 
     defaults = QuantConfig()
-    include = defaults.include if include is None else include
+    include = include_patterns(model, defaults.include if include is None else include)
     exclude = defaults.exclude if exclude is None else exclude
-    linears = tuple(LinearShape(n, m.out_features, m.in_features)
-                    for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    linears = tuple(LinearShape(n, *reversed(features(m)))
+                    for n, m in model.named_modules() if is_projection(m)
                     and any(matches(n, p) for p in include) and not any(matches(n, p) for p in exclude))
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     return ModelShapes(linears=linears, total_params=total)

@@ -38,6 +38,10 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Any, dict[str, A
         for key, value in config["model_shrink"].items():
             setattr(model.config, key, value)
         model = AutoModelForCausalLM.from_config(model.config).to(model.dtype)
+    if instantiate(config["prune"]).enabled:  # pruning made every Conv1D a Linear (start_pruning)
+        from qat.quant.structure import is_conv1d, linearize
+
+        linearize(model, [n for n, m in model.named_modules() if is_conv1d(m)])
     quant = instantiate(config["quant"])
     if quant.weight is not None:
         prepare(model, quant)

@@ -20,6 +20,7 @@ from torch import nn
 from qat.export.pack import pack, pack_zero_points
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import WeightSpec
+from qat.quant.structure import stored_transposed
 
 FORMAT = "pack-quantized"
 QUANT_METHOD = "compressed-tensors"
@@ -46,6 +47,10 @@ def spec_from_args(args: dict[str, Any], where: str) -> WeightSpec:
     """Inverse of `weight_args`, with a clear error for what we cannot serve."""
     if args.get("type", "int") != "int":
         raise ValueError(f"{where}: weights type {args.get('type')!r} is not supported; only 'int'")
+    if args.get("actorder") == "group":  # groups follow a stored permutation (weight_g_idx)
+        raise ValueError(f"{where}: weights actorder='group' (a weight_g_idx permutation of the "
+                         "groups) is not supported; only checkpoints whose groups are contiguous "
+                         "(actorder null, 'static' or 'weight') load")
     strategy = args.get("strategy")
     if strategy not in ("tensor", "channel", "group"):
         raise ValueError(f"{where}: weight strategy {strategy!r} is not supported; "
@@ -59,18 +64,20 @@ def _exact(name: str) -> str:
     return "re:^" + re.escape(name) + "$"
 
 
-def quantization_config(specs: dict[str, WeightSpec], ignore: list[str]) -> dict[str, Any]:
+def quantization_config(specs: dict[str, WeightSpec], ignore: list[str],
+                        by_name: bool = False) -> dict[str, Any]:
     """config.json's `quantization_config`: one config group per distinct scheme.
 
-    A single scheme targets the class name "Linear" (ignoring the float Linears); mixed precision
-    gets one group per scheme whose targets are the exact module names.
+    A single scheme targets the class name "Linear" (ignoring the float Linears); mixed precision,
+    or `by_name` (layers whose class is not Linear, e.g. GPT-2's Conv1D), gets one group per scheme
+    whose targets are the exact module names.
     """
     by_scheme: dict[WeightSpec, list[str]] = {}
     for name, spec in specs.items():
         key = WeightSpec(bits=spec.bits, granularity=spec.granularity,
                          group_size=spec.effective_group_size, symmetric=spec.symmetric)
         by_scheme.setdefault(key, []).append(name)
-    single = len(by_scheme) == 1
+    single = len(by_scheme) == 1 and not by_name
     groups = {}
     for i, (spec, names) in enumerate(by_scheme.items()):
         groups[f"group_{i}"] = {"targets": ["Linear"] if single else [_exact(n) for n in names],
@@ -123,6 +130,9 @@ def compressed_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach().to(dtype)
     skip = {f"{n}.{p}" for n in quantized for p in ("weight", "bias")}
+    # float Linears made from a Conv1D go back to the (in, out) layout the model's class reads
+    transposed = {f"{n}.weight" for n, m in model.named_modules()
+                  if n not in quantized and stored_transposed(m)}
     seen: dict[int, str] = {}
     for key, value in model.state_dict(keep_vars=False).items():
         if key in skip or ".weight_fake_quant." in key or ".input_fake_quant." in key:
@@ -130,9 +140,11 @@ def compressed_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16
         if value.data_ptr() in seen and getattr(model.config, "tie_word_embeddings", False):
             continue  # tied lm_head: transformers re-ties it on load
         seen[value.data_ptr()] = key
+        if key in transposed:
+            value = value.t()
         tensors[key] = value.detach().to(dtype) if value.is_floating_point() else value
-    ignore = [n for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and not isinstance(m, FakeQuantLinear)]
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+              and not isinstance(m, FakeQuantLinear) and not stored_transposed(m)]
     return {k: v.contiguous() for k, v in tensors.items()}, specs, ignore
 
 
@@ -220,3 +232,40 @@ def describe_serving_issues(issues: dict[str, list[str]]) -> str:
     for reason, names in issues.items():
         lines.append(f"  {len(names)} layer(s): {reason}, e.g. {', '.join(names[:3])}")
     return "vLLM's Marlin kernels cannot serve every layer of this recipe:\n" + "\n".join(lines)
+
+
+def transformers_issues(layers) -> dict[str, list[str]]:
+    """Layers that transformers + compressed-tensors would not load right, grouped by reason.
+
+    compressed-tensors gives its quantized forward to plain nn.Linear modules: a quantized GPT-2
+    Conv1D is left without weights (transformers runs it on random ones), and a Linear subclass
+    with its own forward (FalconLinear) fails to load. Our loader (`qat.load_quantized`) serves
+    both as the Linears they are."""
+    issues: dict[str, list[str]] = {}
+    for layer in layers:
+        if layer.kind == "Conv1D":
+            reason = ("Conv1D layer (GPT-2 style): compressed-tensors quantizes nn.Linear modules "
+                      "only, transformers would run these on random weights")
+        elif layer.kind != "Linear":
+            reason = (f"{layer.kind} (a Linear subclass with its own forward): compressed-tensors' "
+                      "quantized forward does not reach it")
+        else:
+            continue
+        issues.setdefault(reason + "; serve this export with qat.load_quantized", []).append(
+            layer.name)
+    return issues
+
+
+def serving_report(layers) -> dict[str, dict[str, Any]]:
+    """Per serving target: whether it can serve these quantized layers, and why not."""
+    report = {"qat.load_quantized": {"servable": True, "reasons": {}}}
+    for target, issues in (("transformers+compressed-tensors", transformers_issues(layers)),
+                           ("vllm-marlin", serving_issues(layers))):
+        report[target] = {"servable": not issues, "reasons": issues}
+    return report
+
+
+def describe_transformers_issues(issues: dict[str, list[str]]) -> str:
+    lines = [f"  {len(names)} layer(s): {reason}, e.g. {', '.join(names[:3])}"
+             for reason, names in issues.items()]
+    return "transformers + compressed-tensors cannot load this export as it is:\n" + "\n".join(lines)

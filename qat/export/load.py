@@ -7,8 +7,9 @@ float weight, so the parameter memory really shrinks.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from qat.export.compressed_tensors import WEIGHTS_FILE, read_config, spec_from_a
 from qat.export.pack import packed_words, unpack_zero_points
 from qat.kernels import QuantizedLinear
 from qat.quant.spec import WeightSpec
+from qat.quant.structure import features, is_projection
 
 
 def _matches(name: str, module: nn.Module, target: str) -> bool:
@@ -32,7 +34,7 @@ def layer_specs(model: nn.Module, qconfig: dict[str, Any], where: str) -> dict[s
     ignore = qconfig.get("ignore", [])
     specs = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or any(_matches(name, module, t) for t in ignore):
+        if not is_projection(module) or any(_matches(name, module, t) for t in ignore):
             continue
         for targets, spec in groups:
             if any(_matches(name, module, t) for t in targets):
@@ -48,12 +50,16 @@ def _tensor(f, key: str, path: Path) -> torch.Tensor:
         raise ValueError(f"{path}: tensor {key!r} is missing or unreadable ({err})") from err
 
 
-def _quantized_linear(f, name: str, module: nn.Linear, spec: WeightSpec, path: Path,
+def _quantized_linear(f, name: str, module: nn.Module, spec: WeightSpec, path: Path,
                       keys: set[str]) -> QuantizedLinear:
     shape = _tensor(f, f"{name}.weight_shape", path).tolist()
-    if shape != [module.out_features, module.in_features]:
+    in_features, out_features = features(module)  # a Conv1D is stored as the Linear it is
+    if shape != [out_features, in_features]:
         raise ValueError(f"{path}: tensor '{name}.weight_shape' is {shape} but config.json gives "
-                         f"[{module.out_features}, {module.in_features}]")
+                         f"[{out_features}, {in_features}]")
+    if f"{name}.weight_g_idx" in keys:
+        raise ValueError(f"{path}: tensor '{name}.weight_g_idx' (act-order group permutation) is "
+                         "not supported; serving it without would load wrong weights")
     out_f, in_f = shape
     packed = _tensor(f, f"{name}.weight_packed", path)
     if tuple(packed.shape) != (out_f, packed_words(in_f, spec.bits)) or packed.dtype != torch.int32:
@@ -111,7 +117,7 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we build the quantized layers ourselves
-    with torch.device("meta"):
+    with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     specs = layer_specs(model, config_dict["quantization_config"], str(directory / "config.json"))
     try:
@@ -146,7 +152,7 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _materialise_buffers(model, config)
+    _check_complete(model)
     if embedding_bits is not None:
         if embedding_bits != 8:
             raise ValueError(f"embedding_bits={embedding_bits} is not allowed; choose None or 8")
@@ -156,18 +162,28 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
     return model.to(device).eval()
 
 
-def _materialise_buffers(model: nn.Module, config) -> None:
-    """Non-persistent buffers (rotary inv_freq) are not in the file: rebuild their modules off meta."""
-    for name, module in list(model.named_modules()):
-        if not any(b.device.type == "meta" for b in module.buffers(recurse=False)):
-            continue
-        if not hasattr(module, "config"):
-            raise ValueError(f"cannot rebuild the buffers of {name} ({type(module).__name__})")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, type(module)(config=module.config))
-    leftover = [n for n, b in model.named_buffers() if b.device.type == "meta"]
-    leftover += [n for n, p in model.named_parameters() if p.device.type == "meta"]
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build a model with its parameters on the meta device (no memory: the file fills them) but
+    its buffers for real: non-persistent buffers (rotary tables, a scaled embedding's scale) are not
+    in the file, so they must come out of the model's own constructor."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _check_complete(model: nn.Module) -> None:
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    leftover += [n for n, b in model.named_buffers() if b.device.type == "meta"]
     if leftover:
         raise ValueError(f"export is missing tensors for {leftover[:5]}")
 

@@ -12,8 +12,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qat.export.compressed_tensors import WEIGHTS_FILE, compressed_state_dict, quantization_config
+from qat.export.compressed_tensors import (WEIGHTS_FILE, compressed_state_dict, quantization_config,
+                                           serving_report)
 from qat.io import atomic_path
+from qat.quant.modules import FakeQuantLinear
+from qat.quant.structure import source_class
+from qat.quant.swap import LayerReport
 
 
 def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
@@ -28,7 +32,10 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
     if not specs:
         raise ValueError("export: the model has no fake-quantized Linear; run qat.quant.prepare first")
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(specs, ignore)
+    # layers whose own class is not nn.Linear (Conv1D, FalconLinear) are targeted by name
+    by_name = any(source_class(m) != "Linear" for m in model.modules()
+                  if isinstance(m, FakeQuantLinear))
+    config["quantization_config"] = quantization_config(specs, ignore, by_name=by_name)
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     with atomic_path(out_dir, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -38,8 +45,33 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            _portable_tokenizer_config(tmp / "tokenizer_config.json")
+        (tmp / SERVING_FILE).write_text(json.dumps(serving_report(_layers(model)), indent=2) + "\n")
         verify_export(tmp, expected=tensors)
     return out_dir
+
+
+SERVING_FILE = "serving_report.json"
+# transformers 5 names its fast tokenizer TokenizersBackend; releases before 5 (pyproject admits
+# >= 4.46) know it as PreTrainedTokenizerFast, which 5 still maps to the same class
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    name = config.get("tokenizer_class")
+    if name in PORTABLE_TOKENIZER_CLASSES:
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES[name]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _layers(model: nn.Module) -> list[LayerReport]:
+    """The quantized layers as `plan` reported them (name, shape, scheme, own class)."""
+    return [LayerReport(name, m.in_features, m.out_features, m.weight_fake_quant.spec, None,
+                        source_class(m))
+            for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
 
 
 def verify_export(directory: Path, expected: dict[str, torch.Tensor]) -> None:

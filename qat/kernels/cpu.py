@@ -11,7 +11,8 @@ tests/test_kernels.py), which fix the constraints below:
   one dtype; bf16/fp16 are vectorised (fp32 is a slow scalar loop), the result is rounded to that dtype
   from an fp32 accumulator. u - 8 is exactly our signed code q, so symmetric weights need no zero term.
 - ``_weight_int8pack_mm(x (M, K), w int8 (N, K), scale (N,))`` = (x @ w.T) * scale per channel; it
-  crashes (segfault) for bf16 x when K % 8 != 0, hence the K check.
+  crashes (segfault) or returns garbage when K % 16 != 0 on AVX-512 CPUs (K % 8 on AVX2 ones), for bf16
+  and fp16 x alike, hence the K check.
 
 Asymmetric zero points: the int4 kernel's float zero term holds -zp * scale rounded to the kernel dtype,
 so each served weight may differ from the trained (q - zp) * scale by <= 2^-9 |zp * scale|. Measured
@@ -47,8 +48,8 @@ def int4_kernel_group(out_features: int, in_features: int, group_size: int | Non
 
 
 def int8_supported(in_features: int, group_size: int | None) -> bool:
-    """The int8 kernel is per-channel only, and needs K % 8 == 0."""
-    return group_size is None and in_features % 8 == 0
+    """The int8 kernel is per-channel only, and needs K % 16 == 0 (its AVX-512 path)."""
+    return group_size is None and in_features % 16 == 0
 
 
 def _nibbles(w: torch.Tensor) -> torch.Tensor:

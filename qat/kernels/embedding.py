@@ -26,16 +26,22 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Embedding(nn.Module):
     """nn.Embedding over int8 codes with one scale per row; `dtype` is what lookups return."""
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float32):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 embed_scale: torch.Tensor | float | None = None):
         super().__init__()
         codes, scale = quantize_rows(weight)
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.num_embeddings, self.embedding_dim = codes.shape
         self.dtype = dtype
+        # a scaled embedding (Gemma: x sqrt(hidden)) multiplies its lookups, in the table's dtype
+        self.embed_scale = None if embed_scale is None else torch.as_tensor(embed_scale).detach()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.codes[ids].float() * self.scale[ids, None]).to(self.dtype)
+        rows = (self.codes[ids].float() * self.scale[ids, None]).to(self.dtype)
+        if self.embed_scale is not None:
+            rows = rows * self.embed_scale.to(device=rows.device, dtype=self.dtype)
+        return rows
 
     def weight_bytes(self) -> int:
         return self.codes.numel() * self.codes.element_size() + self.scale.numel() * 4
@@ -63,11 +69,20 @@ def int8_embeddings(model: nn.Module) -> nn.Module:
     Tied models (one table for both) keep one int8 table; untied ones get one each.
     """
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if not isinstance(emb, nn.Embedding) or not isinstance(head, nn.Linear) or head.bias is not None:
-        raise ValueError(f"embedding_bits=8 needs an nn.Embedding input and a bias-free nn.Linear "
-                         f"head, got {type(emb).__name__} and {type(head).__name__}")
+    kind = type(model).__name__
+    if not isinstance(emb, nn.Embedding) or not isinstance(head, nn.Linear):
+        raise ValueError(f"embedding_bits=8 needs an nn.Embedding input and an nn.Linear head; "
+                         f"{kind} has {type(emb).__name__} and {type(head).__name__}")
+    if head.bias is not None:
+        raise ValueError(f"embedding_bits=8: the output head of {kind} has a bias, which the int8 "
+                         "head does not serve; load it without embedding_bits")
+    embed_scale = getattr(emb, "embed_scale", None)
+    if type(emb).forward is not nn.Embedding.forward and embed_scale is None:
+        raise ValueError(f"embedding_bits=8: {type(emb).__name__} ({kind}) computes "
+                         "its lookups its own way; only plain and scaled (embed_scale) embeddings "
+                         "are supported")
     tied = head.weight is emb.weight
-    table = Int8Embedding(emb.weight, dtype=emb.weight.dtype)
+    table = Int8Embedding(emb.weight, dtype=emb.weight.dtype, embed_scale=embed_scale)
     model.set_input_embeddings(table)
     model.set_output_embeddings(Int8Head(table if tied else Int8Embedding(head.weight)))
     model.config.tie_word_embeddings = False  # nothing left for transformers to re-tie

@@ -6,6 +6,8 @@ run directory behind.
 """
 from __future__ import annotations
 
+import logging
+
 import shutil
 import time
 from dataclasses import dataclass
@@ -57,6 +59,24 @@ def _default_blockwise():
     return BlockwiseSpec()
 
 
+def _check_trainer_keys(cfg: DictConfig) -> None:
+    """trainer.* keys the Lightning Trainer takes; a typo fails here, before the model loads,
+    not as a TypeError after it (`+trainer.max_step=20`)."""
+    import difflib
+    import inspect
+
+    target = cfg.trainer.get("_target_")
+    if target not in ("lightning.Trainer", "lightning.pytorch.Trainer"):
+        return  # a custom trainer class: its own signature decides
+    accepted = sorted(set(inspect.signature(L.Trainer.__init__).parameters) - {"self"})
+    for key in cfg.trainer:
+        if key != "_target_" and key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"trainer.{key} is not a Lightning Trainer argument{hint}; "
+                              f"accepted: {', '.join(accepted)}")
+
+
 def build_specs(cfg: DictConfig) -> Specs:
     """Instantiate and validate every spec; raise ConfigError naming the bad field."""
     specs = {}
@@ -74,6 +94,7 @@ def build_specs(cfg: DictConfig) -> Specs:
         except MissingMandatoryValue as err:
             raise ConfigError(f"{err.full_key} is required (it is ??? in the config): set "
                               f"{err.full_key}=VALUE on the command line") from err
+    _check_trainer_keys(cfg)
     max_steps = cfg.trainer.get("max_steps", -1)
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer >= 0")
@@ -105,6 +126,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         model, tokenizer = _load_model(specs.model)
         plan(model, specs.quant) if specs.quant.weight is not None else None  # patterns, groups
+        stages.check_architecture(model, specs)
         data = TextDataModule(specs.data, tokenizer,
                               max_positions=getattr(model.config, "max_position_embeddings", None))
         data.setup("fit")
@@ -347,8 +369,22 @@ def _evaluate(trainer: L.Trainer, module: QATModule, data: TextDataModule, prefi
     return float(trainer.callback_metrics[f"{prefix}/ppl"])
 
 
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "Tip: try installing litlogger" line: an advert, not run information."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def _quiet_lightning() -> None:
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in log.filters):
+        log.addFilter(_NoAdverts())
+
+
 def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None) -> L.Trainer:
     """The Lightning Trainer of `cfg.trainer`, with atomic checkpoint writes and our data order."""
+    _quiet_lightning()
     logger = False
     if cfg.get("logger") and cfg.logger.get("_target_"):
         logger = instantiate(cfg.logger, save_dir=str(run_dir))
@@ -393,6 +429,11 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
         rows.append(("sparsity", f"{100 * metrics['sparsity']:.1f}% of pruned layers' weights"
                      + (", N:M kept in export" if metrics.get("export_nm_ok") else "")))
     rows.append(("run dir", str(run_dir)))
+    for label, path in (("checkpoint", run_dir / "checkpoints" / "last.ckpt"),
+                        ("metrics", run_dir / "metrics.json")):
+        rows.append((label, str(path)))
+    if metrics.get("export_dir"):
+        rows.append(("export", metrics["export_dir"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "== qat summary =="] + [f"{k:<{width}}  {v}" for k, v in rows])
 

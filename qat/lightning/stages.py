@@ -106,6 +106,19 @@ def mixed_precision(model, quant: QuantConfig, ptq, data: TextDataModule,
     return replace(quant, overrides={**chosen, **quant.overrides})
 
 
+def check_architecture(model, specs) -> None:
+    """Features that depend on the block layout refuse here, before any work, naming the
+    architecture (what works where: README, "Architectures")."""
+    if specs.quant.init in ("awq", "smoothquant"):
+        from qat.ptq.fold import check_foldable
+
+        check_foldable(model, specs.quant.init)
+    if specs.prune.enabled and specs.prune.pattern in ("heads", "channels"):
+        from qat.prune.structured import check_structured
+
+        check_structured(model, specs.prune.pattern)
+
+
 def start_pruning(model, spec: PruneSpec, data: TextDataModule):
     """Prune what is due at step 0 on the float model (so every eval and a 0-step run see it).
 
@@ -115,6 +128,10 @@ def start_pruning(model, spec: PruneSpec, data: TextDataModule):
     """
     from qat.prune import PruningCallback, last_update_at, prune, shrink
     from qat.prune.spec import STRUCTURED
+    from qat.quant.structure import is_conv1d, linearize
+
+    # GPT-2's Conv1D projections become the Linears they are, so masks follow (out, in) rows
+    linearize(model, [n for n, m in model.named_modules() if is_conv1d(m)])
 
     calibration = data.train_blocks[: spec.calibration_samples] if spec.method == "wanda" else None
     if spec.pattern in STRUCTURED:
@@ -149,13 +166,14 @@ def check_export_nm(out_dir: Path, spec: PruneSpec) -> bool:
     from qat.export.load import load_quantized
     from qat.kernels import QuantizedLinear
     from qat.prune import check_nm
-    from qat.quant.swap import matches
+    from qat.quant.swap import include_patterns, matches
 
     served = load_quantized(out_dir, dtype=torch.float32, backend="reference")
+    include = include_patterns(served, spec.include)
     bad = []
     with torch.no_grad():
         for name, layer in served.named_modules():
-            if not isinstance(layer, QuantizedLinear) or not any(matches(name, p) for p in spec.include) \
+            if not isinstance(layer, QuantizedLinear) or not any(matches(name, p) for p in include) \
                     or any(matches(name, p) for p in spec.exclude):
                 continue
             out = layer(torch.eye(layer.in_features))  # row j: W[:, j] + bias, exactly as served
@@ -168,15 +186,21 @@ def check_export_nm(out_dir: Path, spec: PruneSpec) -> bool:
 
 
 def check_serving(report: PrepareReport, strict: bool) -> None:
-    from qat.export.compressed_tensors import describe_serving_issues, serving_issues
+    from qat.export.compressed_tensors import (describe_serving_issues,
+                                               describe_transformers_issues, serving_issues,
+                                               transformers_issues)
 
-    issues = serving_issues(report.layers)
-    if not issues:
+    messages = []
+    if issues := transformers_issues(report.layers):
+        messages.append(describe_transformers_issues(issues))
+    if issues := serving_issues(report.layers):
+        messages.append(describe_serving_issues(issues))
+    if not messages:
         return
-    message = describe_serving_issues(issues)
     if strict:
-        raise ValueError(message + "\n(export.strict=true; set it false to export anyway)")
-    print("warning: " + message)
+        raise ValueError("\n".join(messages) + "\n(export.strict=true; set it false to export anyway)")
+    for message in messages:
+        print("warning: " + message)
 
 
 def export(model, tokenizer, data: TextDataModule, out_dir: Path, options,

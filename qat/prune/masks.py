@@ -11,18 +11,25 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from qat.quant.structure import block_patterns, is_conv1d, is_projection
 from qat.quant.swap import matches
 
 
-def target_linears(model: nn.Module, include: Iterable[str], exclude: Iterable[str]
+def target_linears(model: nn.Module, include: Iterable[str] | None, exclude: Iterable[str]
                    ) -> dict[str, nn.Linear]:
-    """The nn.Linear modules (FakeQuantLinear included) chosen by fnmatch include/exclude patterns."""
-    include, exclude = tuple(include), tuple(exclude)
-    chosen = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    """The nn.Linear modules (FakeQuantLinear included) chosen by fnmatch include/exclude patterns
+    (include None: every projection inside the decoder blocks)."""
+    include = block_patterns(model) if include is None else tuple(include)
+    exclude = tuple(exclude)
+    chosen = {n: m for n, m in model.named_modules() if is_projection(m)
               and any(matches(n, p) for p in include) and not any(matches(n, p) for p in exclude)}
     if not chosen:
         raise ValueError(f"prune.include={list(include)} / prune.exclude={list(exclude)} select no "
                          "Linear module")
+    conv = [n for n, m in chosen.items() if is_conv1d(m)]
+    if conv:
+        raise ValueError(f"prune: {conv[:3]} are Conv1D layers (GPT-2 style, weights stored "
+                         "transposed); call qat.quant.structure.linearize(model, names) first")
     return chosen
 
 
@@ -107,7 +114,7 @@ def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def sparsity_report(model: nn.Module, include: Iterable[str] = ("*layers.*",),
+def sparsity_report(model: nn.Module, include: Iterable[str] | None = None,
                     exclude: Iterable[str] = ("*lm_head", "*embed*"), pattern: str = "unstructured"
                     ) -> dict:
     """JSON-ready per-layer zeros of the chosen Linears' weights, as the model holds them now.

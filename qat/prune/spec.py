@@ -54,7 +54,8 @@ class PruneSpec:
     end_step: int = 0  # gradual: t_end, where `sparsity` is reached
     every_n_steps: int = 1  # gradual: masks are recomputed every k steps between t0 and t_end
     initial_sparsity: float = 0.0  # gradual: s_i at t0
-    include: tuple[str, ...] = ("*layers.*",)  # fnmatch patterns on Linear module names
+    # fnmatch patterns on Linear module names; None: every projection inside the decoder blocks
+    include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ("*lm_head", "*embed*")  # the tied head and embeddings stay dense
     calibration_samples: int = 128  # wanda: sequences whose activations give ||X_j||_2
 
@@ -70,11 +71,14 @@ class PruneSpec:
             _check_int(name, getattr(self, name), low)
         for name in ("include", "exclude"):
             value = getattr(self, name)
+            if value is None and name == "include":
+                continue
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise ValueError(f"prune.{name} must be a list of name patterns, got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        if not self.include:
-            raise ValueError("prune.include is empty; give at least one module-name pattern")
+        if self.include is not None and not self.include:
+            raise ValueError("prune.include is empty; give at least one module-name pattern, or "
+                             "null for every projection inside the decoder blocks")
         self._check_combinations()
 
     def _check_pattern(self) -> None:

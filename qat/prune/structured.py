@@ -192,3 +192,44 @@ def shrink(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:
         setattr(model.config, key, value)
     return {"config": changed, "parameters_before": before,
             "parameters_after": sum(p.numel() for p in model.parameters())}
+
+
+def check_structured(model: nn.Module, pattern: str) -> None:
+    """Raise before any work unless every decoder block has the projections `pattern` cuts."""
+    from qat.quant.structure import decoder_blocks
+
+    children = ATTENTION if pattern == "heads" else MLP
+    _, blocks = decoder_blocks(model)
+    found = sum(len(_blocks(block, children)) for block in blocks)
+    kind = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r})"
+    if found != len(blocks):
+        raise ValueError(f"prune.pattern={pattern!r} is not supported for {kind}: it needs "
+                         f"separate nn.Linear {', '.join(children)} in every decoder block "
+                         f"(found them in {found} of {len(blocks)})")
+    if pattern == "heads" and not _rebuilds_with_fewer_heads(model, blocks[0]):
+        raise ValueError(f"prune.pattern='heads' is not supported for {kind}: its attention does "
+                         "not take head_dim from the config, so the model with fewer heads cannot "
+                         "be rebuilt from its config (export, resume)")
+
+
+def _rebuilds_with_fewer_heads(model: nn.Module, block: nn.Module) -> bool:
+    """Whether the model's class, given the config `shrink` writes (one KV group fewer, head_dim
+    kept), builds attention of that shape; checked on the meta device (no memory)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from qat.quant.structure import decoder_blocks
+
+    n_heads, n_kv, head_dim = _head_layout(next(iter(_blocks(block, ATTENTION).values())))
+    if n_kv < 2:
+        return True  # nothing can be cut; the sparsity check says so
+    kv = n_kv - 1
+    config = copy.deepcopy(model.config)
+    config.num_attention_heads, config.num_key_value_heads = n_heads // n_kv * kv, kv
+    config.head_dim = head_dim
+    with torch.device("meta"):
+        rebuilt = AutoModelForCausalLM.from_config(config)
+    attn = next(iter(_blocks(decoder_blocks(rebuilt)[1][0], ATTENTION).values()))
+    return (attn.q_proj.out_features, attn.k_proj.out_features) == \
+        (n_heads // n_kv * kv * head_dim, kv * head_dim)

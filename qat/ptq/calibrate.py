@@ -8,31 +8,17 @@ blocks see the already-quantized earlier ones, as in GPTQ.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from qat.quant.modules import FakeQuantLinear
-
-BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h")  # Llama/Qwen/Mistral first
-
+from qat.quant.structure import decoder_blocks
 
 class _Stop(Exception):
-    """Raised by the capture hook: nothing after the first block needs to run."""
-
-
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(dotted path, ModuleList) of the decoder blocks, e.g. ("model.layers", ...)."""
-    for path in BLOCK_PATHS:
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, nn.ModuleList):
-            return path, blocks
-    raise ValueError(f"ptq: no decoder blocks found at any of {list(BLOCK_PATHS)}; calibration "
-                     "supports Hugging Face decoder-only models with a ModuleList of blocks")
+    """Raised after the last block's inputs are recorded: nothing after it needs to run."""
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -56,23 +42,41 @@ def fake_quant_disabled(module: nn.Module) -> Iterator[nn.Module]:
             fq.enabled = enabled
 
 
+@dataclass
+class BlockInputs:
+    """What the decoder blocks receive for one mini-batch: the first block's hidden states, and
+    per block the other positional args and kwargs (position embeddings, attention mask ...).
+
+    Blocks of one model can differ here (Gemma: sliding-window and global layers get their own
+    mask and rotary tables), so each block is later run with its own."""
+
+    hidden: torch.Tensor
+    calls: list[tuple[tuple, dict]]
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
-                         batch_size: int) -> list[tuple[torch.Tensor, tuple, dict]]:
-    """(hidden_states, other args, kwargs) that the first block receives, one entry per mini-batch.
+                         batch_size: int) -> list[BlockInputs]:
+    """Run the model on `ids` in mini-batches with every block replaced by a recorder that passes
+    its input through (no block computes, nothing after the last block runs), and keep what each
+    block was called with: the cost is the embedding lookups."""
+    captured: list[BlockInputs] = []
 
-    The kwargs carry what the model computes once for all blocks (position_embeddings,
-    attention_mask, position_ids), so blocks can then be run on their own.
-    """
-    captured = []
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                captured.append(BlockInputs(hidden, []))
+            captured[-1].calls.append((tuple(args[1:]), kwargs))
+            if index == len(blocks) - 1:
+                raise _Stop
+            return hidden  # only block 0's input is kept: what later blocks get does not matter
+        return forward
 
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, tuple(args[1:]), kwargs))
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    own = [block.__dict__.get("forward") for block in blocks]  # instance-level forwards, if any
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)
     try:
         for batch in ids.split(batch_size):
             try:
@@ -80,7 +84,11 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = forward
     return captured
 
 
@@ -107,15 +115,18 @@ def run_blocks(model: nn.Module, ids: torch.Tensor,
 
     model.eval()
     prefix, blocks = decoder_blocks(model)
-    states = capture_block_inputs(model, blocks, ids, batch_size)
+    captured = capture_block_inputs(model, blocks, ids, batch_size)
+    states = [c.hidden for c in captured]
     for index, block in enumerate(tqdm(blocks, desc="ptq", disable=not progress)):
-        def forward(block=block, states=states) -> None:
-            for hidden, args, kwargs in states:
+        calls = [c.calls[index] for c in captured]
+
+        def forward(block=block, states=states, calls=calls) -> None:
+            for hidden, (args, kwargs) in zip(states, calls):
                 block(hidden, *args, **kwargs)
 
         on_block(f"{prefix}.{index}", block, forward)
-        states = [(_hidden(block(hidden, *args, **kwargs)), args, kwargs)
-                  for hidden, args, kwargs in states]
+        states = [_hidden(block(hidden, *args, **kwargs))
+                  for hidden, (args, kwargs) in zip(states, calls)]
 
 
 class InputStats:

@@ -78,3 +78,40 @@ def rescale_stats(group: ScaleGroup, stats: dict, s: torch.Tensor) -> None:
     (q/k/v usually share one object)."""
     for obj in {id(stats[n]): stats[n] for n in group.linears}.values():
         obj.rescale(s)
+
+
+def check_foldable(model: nn.Module, method: str) -> None:
+    """Raise before any work unless AWQ/SmoothQuant's folds keep this model's function.
+
+    Checked, not assumed from names: a copy of the first block gets random scales folded into its
+    groups and must compute what it computed before, on a few tokens (Gemma's norms scale by
+    1 + weight and its post-attention norm sits after the attention: the names fit, the fold
+    would not)."""
+    import copy
+
+    from qat.ptq.calibrate import _hidden, capture_block_inputs, fake_quant_disabled
+    from qat.quant.structure import decoder_blocks
+
+    kind = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r})"
+    prefix, blocks = decoder_blocks(model)
+    block = copy.deepcopy(blocks[0]).float()  # float32: the check sees the fold, not rounding
+    try:
+        groups = llama_scale_groups(block, f"{prefix}.0")
+    except ValueError as err:
+        raise ValueError(f"quant.init={method} is not supported for {kind}: {err}") from None
+    ids = torch.arange(3, 11, device=next(model.parameters()).device)[None]  # (1, 8)
+    first = capture_block_inputs(model, blocks, ids, 1)[0]
+    args, kwargs = first.calls[0]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad(), fake_quant_disabled(block):
+        want = _hidden(block(first.hidden.float(), *args, **kwargs))
+        for group in groups:
+            n = next(iter(group.linears.values())).weight.shape[1]
+            apply_scale(group, 0.5 + torch.rand(n, generator=generator).to(want.device))
+        got = _hidden(block(first.hidden.float(), *args, **kwargs))
+    error = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+    if not error < 1e-3:
+        raise ValueError(f"quant.init={method} is not supported for {kind}: folding scales into "
+                         f"its blocks changes their output (relative error {error:.2g}); scale "
+                         "folding supports Llama-style blocks whose norms scale linearly "
+                         "(input_layernorm -> q/k/v, post_attention_layernorm -> gate/up)")

@@ -8,6 +8,7 @@ from torch import nn
 from qat.quant.fake_quant import FakeQuantActivation, FakeQuantWeight
 from qat.quant.spec import ActivationSpec, WeightSpec
 from qat.quant.ste import fake_quant_linear
+from qat.quant.structure import TRANSPOSED, source_class, stored_transposed
 
 
 class FakeQuantLinear(nn.Linear):
@@ -18,6 +19,7 @@ class FakeQuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_fake_quant = FakeQuantWeight(weight_spec, self.weight)
         self.input_fake_quant = FakeQuantActivation(activation_spec) if activation_spec else None
+        self.source_class = "Linear"  # the swapped layer's own class (from_linear sets it)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_spec: WeightSpec,
@@ -28,6 +30,9 @@ class FakeQuantLinear(nn.Linear):
         new.weight = linear.weight  # same Parameter: optimizer state and tying survive the swap
         new.bias = linear.bias
         new.weight_fake_quant = FakeQuantWeight(weight_spec, linear.weight)  # real scales, not meta
+        if stored_transposed(linear):
+            setattr(new, TRANSPOSED, True)
+        new.source_class = source_class(linear)  # e.g. Conv1D, FalconLinear: what export names
         return new
 
     def to_linear(self, bake: bool = True) -> nn.Linear:
@@ -38,6 +43,9 @@ class FakeQuantLinear(nn.Linear):
         weight = self.weight_fake_quant.dequantized(self.weight) if bake else self.weight.detach()
         linear.weight = nn.Parameter(weight.clone(), requires_grad=self.weight.requires_grad)
         linear.bias = self.bias
+        if stored_transposed(self):
+            setattr(linear, TRANSPOSED, True)
+            linear.source_class = self.source_class
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

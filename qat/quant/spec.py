@@ -101,7 +101,8 @@ class QuantConfig:
 
     weight: WeightSpec | None = field(default_factory=WeightSpec)  # None: train in float
     activation: ActivationSpec | None = None  # None: weight-only
-    include: tuple[str, ...] = ("*layers.*",)  # fnmatch patterns on module names
+    # fnmatch patterns on module names; None: every projection inside the decoder blocks
+    include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ("lm_head", "*embed*")
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # pattern -> fields
     start_step: int = 0  # fake quantization switches on at this optimizer step
@@ -116,11 +117,14 @@ class QuantConfig:
             object.__setattr__(self, "activation", ActivationSpec(**self.activation))
         for name in ("include", "exclude"):
             value = getattr(self, name)
+            if value is None and name == "include":
+                continue
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise ValueError(f"quant.{name} must be a list of name patterns, got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        if not self.include and self.weight is not None:
-            raise ValueError("quant.include is empty; give at least one module-name pattern")
+        if self.include is not None and not self.include and self.weight is not None:
+            raise ValueError("quant.include is empty; give at least one module-name pattern, or "
+                             "null for every projection inside the decoder blocks")
         if not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(f"quant.start_step={self.start_step!r} must be an integer >= 0")
         inits = (None, "rtn", "gptq", "awq", "smoothquant")

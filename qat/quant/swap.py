@@ -8,6 +8,8 @@ from torch import nn
 
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import QuantConfig, WeightSpec
+from qat.quant.structure import (as_linear, block_patterns, features, is_projection,
+                                  source_class)
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -25,6 +27,7 @@ class LayerReport:
     out_features: int
     spec: WeightSpec
     activation: str | None
+    kind: str = "Linear"  # the model's own class for the layer (Conv1D: stored transposed)
 
     @property
     def scheme(self) -> str:
@@ -57,12 +60,17 @@ class PrepareReport:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [n for n, m in model.named_modules() if is_projection(m)]
 
 
-def _check_patterns(config: QuantConfig, names: list[str]) -> None:
+def include_patterns(model: nn.Module, include: tuple[str, ...] | None) -> tuple[str, ...]:
+    """`include` as given, or (None) every projection inside the model's decoder blocks."""
+    return block_patterns(model) if include is None else include
+
+
+def _check_patterns(config: QuantConfig, names: list[str], include: tuple[str, ...]) -> None:
     sample = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
-    for field_name, patterns in (("include", config.include),
+    for field_name, patterns in (("include", include if config.include is not None else ()),
                                  ("overrides", tuple(config.overrides))):
         for pattern in patterns:
             if not any(matches(n, pattern) for n in names):
@@ -75,32 +83,34 @@ def plan(model: nn.Module, config: QuantConfig) -> PrepareReport:
     if config.weight is None:
         raise ValueError("quant.weight is null: nothing to quantize")
     names = _linear_names(model)
-    _check_patterns(config, names)
+    include = include_patterns(model, config.include)
+    _check_patterns(config, names, include)
     report = PrepareReport()
     modules = dict(model.named_modules())
     for name in names:
-        chosen = any(matches(name, p) for p in config.include) and \
+        chosen = any(matches(name, p) for p in include) and \
             not any(matches(name, p) for p in config.exclude)
         if not chosen:
             report.skipped.append(name)
             continue
-        linear = modules[name]
+        in_features, out_features = features(modules[name])
         spec = config.spec_for(name, matches)
-        if spec.granularity == "group" and linear.in_features % spec.group_size:
+        if spec.granularity == "group" and in_features % spec.group_size:
             raise ValueError(
                 f"quant.weight.group_size={spec.group_size} does not divide in_features="
-                f"{linear.in_features} of layer {name!r}; choose a group size that divides it "
+                f"{in_features} of layer {name!r}; choose a group size that divides it "
                 "(e.g. 32 or 64), granularity=channel, or add an override for that layer")
         activation = config.activation.describe() if config.activation else None
-        report.layers.append(LayerReport(name, linear.in_features, linear.out_features, spec,
-                                         activation))
+        report.layers.append(LayerReport(name, in_features, out_features, spec, activation,
+                                         source_class(modules[name])))
     if not report.layers:
         raise ValueError("quant.include/exclude select no Linear module to quantize")
     return report
 
 
 def prepare(model: nn.Module, config: QuantConfig) -> PrepareReport:
-    """Swap the chosen nn.Linear modules of `model` in place for FakeQuantLinear.
+    """Swap the chosen projections of `model` in place for FakeQuantLinear (a Conv1D becomes the
+    Linear it is, its weight transposed once).
 
     Returns the report of which module got which scheme. Raises ValueError before touching the
     model when a pattern matches nothing or a group size does not fit a layer.
@@ -108,8 +118,8 @@ def prepare(model: nn.Module, config: QuantConfig) -> PrepareReport:
     report = plan(model, config)
     for layer in report.layers:
         parent, child = _parent(model, layer.name)
-        setattr(parent, child, FakeQuantLinear.from_linear(getattr(parent, child), layer.spec,
-                                                          config.activation))
+        setattr(parent, child, FakeQuantLinear.from_linear(as_linear(getattr(parent, child)),
+                                                          layer.spec, config.activation))
     return report
 
 
