@@ -81,6 +81,11 @@ for _what in ("weights", "all"):
         f"block_qat_kd (e2e {_what}, lr 1e-4)", 3,
         ["recipe=w3g64_kd", *BLOCK_BUDGET[:2], "trainer.max_steps=60", f"optim.trainable={_what}",
          "optim.lr=1e-4"])
+# W3 from the AWQ start with a higher block learning rate and more epochs (best in
+# bench/block_sweep.py: 0.0526 vs 0.0626 for the GPTQ start at the defaults), default 32 samples
+ROWS["block_qat_kd_w3g64_awq"] = ("block_qat_kd (awq start, block lr 1e-3 x 6 epochs)", 3,
+                                  ["recipe=w3g64_kd", "quant.init=awq", "blockwise.lr=1e-3",
+                                   "blockwise.epochs=6", "trainer.max_steps=20"])
 DERIVED = {f"block_qat_w{b}g64": f"block_qat_kd_w{b}g64" for b in (4, 3, 2)}
 # rows measured by resuming another row's finished block stage (the same config, so the same
 # blocks: the resume test checks that to tolerance 0); their wall time adds that row's block part
