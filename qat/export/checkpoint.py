@@ -39,9 +39,9 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Any, dict[str, A
             setattr(model.config, key, value)
         model = AutoModelForCausalLM.from_config(model.config).to(model.dtype)
     if instantiate(config["prune"]).enabled:  # pruning made every Conv1D a Linear (start_pruning)
-        from qat.quant.structure import is_conv1d, linearize
+        from qat.quant.structure import linearize
 
-        linearize(model, [n for n, m in model.named_modules() if is_conv1d(m)])
+        linearize(model)
     quant = instantiate(config["quant"])
     if quant.weight is not None:
         prepare(model, quant)

@@ -128,10 +128,10 @@ def start_pruning(model, spec: PruneSpec, data: TextDataModule):
     """
     from qat.prune import PruningCallback, last_update_at, prune, shrink
     from qat.prune.spec import STRUCTURED
-    from qat.quant.structure import is_conv1d, linearize
+    from qat.quant.structure import linearize
 
     # GPT-2's Conv1D projections become the Linears they are, so masks follow (out, in) rows
-    linearize(model, [n for n, m in model.named_modules() if is_conv1d(m)])
+    linearize(model)
 
     calibration = data.train_blocks[: spec.calibration_samples] if spec.method == "wanda" else None
     if spec.pattern in STRUCTURED:

@@ -29,7 +29,7 @@ def target_linears(model: nn.Module, include: Iterable[str] | None, exclude: Ite
     conv = [n for n, m in chosen.items() if is_conv1d(m)]
     if conv:
         raise ValueError(f"prune: {conv[:3]} are Conv1D layers (GPT-2 style, weights stored "
-                         "transposed); call qat.quant.structure.linearize(model, names) first")
+                         "transposed); call qat.quant.structure.linearize(model) first")
     return chosen
 
 

@@ -67,9 +67,11 @@ def stored_transposed(module: nn.Module) -> bool:
     return bool(getattr(module, TRANSPOSED, False))
 
 
-def linearize(model: nn.Module, names) -> list[str]:
-    """Replace the Conv1D modules among `names` by the Linear they are, in place; returns their
-    names. Done once, before pruning or quantization, so both see ordinary (out, in) weights."""
+def linearize(model: nn.Module, names=None) -> list[str]:
+    """Replace the Conv1D modules among `names` (None: all of them) by the Linear they are, in
+    place; returns their names. Done once, before pruning, so it sees ordinary (out, in) weights."""
+    if names is None:
+        names = [n for n, m in model.named_modules() if is_conv1d(m)]
     done = []
     for name in names:
         parent_name, _, child = name.rpartition(".")
