@@ -1,16 +1,17 @@
 """Quick block-stage sweep: the first few decoder blocks of the default model, held-out error.
 
-python bench/block_sweep.py '[{"start": "gptq"}, {"start": "rtn", "lr": 1e-3}]'
+python bench/block_sweep.py '[{"start": "gptq"}, {"start": "rtn", "lr": 1e-3}]' [--recipe w2g64_kd]
 
-Each config truncates the model to its first BLOCKS decoder blocks, prepares the w3g64_kd recipe's
-scheme, applies the start (`rtn` = the min/max grid, `gptq`, `awq`; "skip": true measures the start
-alone), runs the block stage with the given `blockwise.*` overrides, and reports the mean squared
+Each config truncates the model to its first BLOCKS decoder blocks, prepares the recipe's scheme
+(w3g64_kd unless --recipe names another), applies the start (`rtn` = the min/max grid, `gptq`,
+`awq`; "skip": true measures the start alone), runs the block stage with the given `blockwise.*` overrides, and reports the mean squared
 error of the truncated model's last hidden state against the float model's on 16 held-out training
 sequences (before and after the block stage). Minutes per config, not the hours of a full row: a
 proxy for choosing block-stage settings, not a perplexity. Rows go to bench/results/block_sweep.json.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -25,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table, update_section, write_json  # noqa: E402
 
 BLOCKS = 3
-RECIPE = "recipe=w3g64_kd"
+RECIPE = "w3g64_kd"
 RESULT_FILE = RESULTS / "block_sweep.json"
 
 
-def run(config: dict) -> dict:
+def run(config: dict, recipe: str = RECIPE) -> dict:
     import torch
     from conftest import compose_train
 
@@ -41,7 +42,7 @@ def run(config: dict) -> dict:
 
     config = dict(config)
     start, skip = config.pop("start"), config.pop("skip", False)
-    cfg = compose_train([RECIPE, "logger=none", f"quant.init={'null' if start == 'rtn' else start}"]
+    cfg = compose_train([f"recipe={recipe}", "logger=none", f"quant.init={'null' if start == 'rtn' else start}"]
                         + [f"blockwise.{k}={v}" for k, v in config.items()])
     specs = build_specs(cfg)
     torch.manual_seed(0)
@@ -76,29 +77,36 @@ KEYS = ("start", "skip", "blocks", "before", "after", "seconds", "recipe", "comm
 
 
 def table(rows: list[dict]) -> str:
-    out = [{"start": r["start"], "settings": ", ".join(f"{k}={v}" for k, v in r.items()
-                                                      if k not in KEYS) or "defaults",
+    out = [{"recipe": r["recipe"].removeprefix("recipe="), "start": r["start"],
+            "settings": ", ".join(f"{k}={v}" for k, v in r.items() if k not in KEYS) or "defaults",
             "block stage": "no" if r["skip"] else "yes", "error before": f"{r['before']:.5f}",
             "error after": f"{r['after']:.5f}", "after / before": f"{r['after'] / r['before']:.3f}",
             "seconds": r["seconds"], "command": f"`{r['command']}`"} for r in rows]
-    return markdown_table(out, ["start", "settings", "block stage", "error before", "error after",
-                                "after / before", "seconds", "command"])
+    return markdown_table(out, ["recipe", "start", "settings", "block stage", "error before",
+                                "error after", "after / before", "seconds", "command"])
 
 
 def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="?", default="[]", help="JSON list of configs")
+    parser.add_argument("--recipe", default=RECIPE, help="the recipe whose scheme is swept")
+    parser.add_argument("--table", action="store_true", help="only rewrite BENCHMARKS.md")
+    args = parser.parse_args(argv)
     rows = json.loads(RESULT_FILE.read_text()) if RESULT_FILE.exists() else []
-    for config in json.loads(argv[0]) if argv and argv != ["--table"] else []:
-        row = dict(run(config), recipe=RECIPE, command=f"python bench/block_sweep.py '{argv[0]}'")
+    command = "python bench/block_sweep.py '" + args.configs + "'" + (
+        f" --recipe {args.recipe}" if args.recipe != RECIPE else "")
+    for config in [] if args.table else json.loads(args.configs):
+        row = dict(run(config, args.recipe), recipe=f"recipe={args.recipe}", command=command)
         print(json.dumps(row), flush=True)
         rows.append(row)
         write_json(RESULT_FILE, rows)
     notes = sorted({r["note"] for r in rows if r.get("note")})
-    update_section("block_sweep", "## Block-stage sweep (first 3 blocks, W3 g64 asym)\n\n"
-                   "`python bench/block_sweep.py CONFIGS`: the default model cut to its first "
-                   f"{BLOCKS} blocks, {RECIPE}'s scheme; mean squared error of the last hidden state "
-                   "against the float model's on 16 held-out training sequences, before and after "
-                   "the block stage (a proxy for choosing settings, not a perplexity). "
-                   + " ".join(notes) + "\n\n" + table(rows))
+    update_section("block_sweep", "## Block-stage sweep (first 3 blocks)\n\n"
+                   "`python bench/block_sweep.py CONFIGS [--recipe NAME]`: the default model cut to "
+                   f"its first {BLOCKS} blocks, the recipe's scheme; mean squared error of the last "
+                   "hidden state against the float model's on 16 held-out training sequences, before "
+                   "and after the block stage (a proxy for choosing settings, not a perplexity; errors "
+                   "compare within a recipe only). " + " ".join(notes) + "\n\n" + table(rows))
 
 
 if __name__ == "__main__":

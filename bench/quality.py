@@ -28,6 +28,11 @@ BASE = {8: "w8", 4: "w4g64", 3: "w3g64", 2: "w2g64"}
 METHODS = ("rtn", "gptq", "awq", "qat", "qat_kd")
 
 
+# the end-to-end KD rows measured before the *_kd recipes gained the block stage and scale-only
+# training (2026-12-02): these overrides keep their commands reproducing what ran
+PRE_BLOCK_KD = ["blockwise=none", "optim.trainable=weights", "optim.scale_lr=1e-3"]
+
+
 def overrides(method: str, bits: int) -> list[str]:
     recipe = BASE[bits]
     if method == "rtn":
@@ -39,7 +44,8 @@ def overrides(method: str, bits: int) -> list[str]:
     # ModelOpt do: 40 steps cannot undo round-to-nearest's damage at 3 and 2 bits. At 8 bits
     # round-to-nearest is already within 0.1% of float, so those rows start from it.
     init = [] if bits == 8 else ["quant.init=gptq"]
-    return [f"recipe={recipe}{kd}", f"trainer.max_steps={QAT_STEPS}", *init]
+    return [f"recipe={recipe}{kd}", f"trainer.max_steps={QAT_STEPS}", *init,
+            *(PRE_BLOCK_KD if kd and bits != 8 else [])]
 
 
 def _name(method: str, bits: int) -> str:
@@ -57,7 +63,7 @@ for _bits in (3, 4):
     ROWS[f"qat_kd_w{_bits}g64_awq_lr1e-4"] = (
         "qat_kd (awq start, lr 1e-4)", _bits,
         [f"recipe=w{_bits}g64_kd", f"trainer.max_steps={QAT_STEPS}", "quant.init=awq",
-         "optim.lr=1e-4"])
+         "optim.lr=1e-4", *PRE_BLOCK_KD])
 # block-wise QAT (issue 15): the *_kd recipes (start, block stage, end-to-end KD of the scales) at
 # a larger budget than the default run's; `block_qat` rows are the same runs' ppl after the block
 # stage (metrics.json blockwise.ppl, measured before their end-to-end stage), with the wall time up
@@ -67,9 +73,13 @@ BLOCK_BUDGET = ["blockwise.samples=128", "blockwise.epochs=4", "trainer.max_step
 # end-to-end KD alone trains the weights at lr 1e-4 (the best end-to-end setting measured:
 # qat_kd_w3g64_awq_lr1e-4), as many steps as fit the block_qat_kd row's wall time
 KD_SAME_TIME_STEPS = {4: 150, 3: 100, 2: 100}  # W4: 1936 s of block_qat_kd_w4g64 at 11.75 s a step
+# the W3 rows before block_qat_kd_w3g64_awq ran the w3g64_kd recipe's earlier settings (GPTQ start,
+# block lr 3e-4), pinned here so that their commands still reproduce them
+W3_GPTQ_START = ["quant.init=gptq", "blockwise.lr=3e-4"]
 for _bits in (4, 3, 2):
     ROWS[f"block_qat_kd_w{_bits}g64"] = ("block_qat_kd", _bits,
-                                         [f"recipe=w{_bits}g64_kd", *BLOCK_BUDGET])
+                                         [f"recipe=w{_bits}g64_kd", *BLOCK_BUDGET]
+                                         + (W3_GPTQ_START if _bits == 3 else []))
     ROWS[f"block_qat_w{_bits}g64"] = ("block_qat", _bits, ROWS[f"block_qat_kd_w{_bits}g64"][2])
     ROWS[f"kd_same_time_w{_bits}g64"] = (
         "kd_same_time", _bits, [f"recipe=w{_bits}g64_kd", "blockwise=none",
@@ -80,9 +90,10 @@ for _what in ("weights", "all"):
     ROWS[f"block_qat_kd_w3g64_{_what}"] = (
         f"block_qat_kd (e2e {_what}, lr 1e-4)", 3,
         ["recipe=w3g64_kd", *BLOCK_BUDGET[:2], "trainer.max_steps=60", f"optim.trainable={_what}",
-         "optim.lr=1e-4"])
+         "optim.lr=1e-4", *W3_GPTQ_START])
 # W3 from the AWQ start with a higher block learning rate and more epochs (best in
-# bench/block_sweep.py: 0.0526 vs 0.0626 for the GPTQ start at the defaults), default 32 samples
+# bench/block_sweep.py: 0.0526 vs 0.0626 for the GPTQ start at the defaults), default 32 samples:
+# the w3g64_kd recipe's settings since it measured best (its overrides spell them out)
 ROWS["block_qat_kd_w3g64_awq"] = ("block_qat_kd (awq start, block lr 1e-3 x 6 epochs)", 3,
                                   ["recipe=w3g64_kd", "quant.init=awq", "blockwise.lr=1e-3",
                                    "blockwise.epochs=6", "trainer.max_steps=20"])

@@ -45,6 +45,33 @@ def test_export_cli_from_checkpoint_matches_the_run_export(exported_run, tmp_pat
     assert len(packed) == 28 and all((ours[k] == theirs[k]).all() for k in packed)
 
 
+def test_export_model_card_states_what_was_measured(exported_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from qat.export.serving import TARGETS
+
+    run_dir, metrics = exported_run
+    card = (run_dir / "export" / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card
+    assert f"| {metrics['fp_ppl']:.3f} | {metrics['ppl']:.3f} |" in card
+    # W4 g128 symmetric: 4 bits a weight plus one bf16 scale per 128 weights
+    assert "| bits per quantized weight (scales and zero points included) | 16 | 4.125 |" in card
+    stored = sum(t.numel() * t.element_size()
+                 for t in load_file(run_dir / "export" / "model.safetensors").values())
+    assert f"| {stored / 1e6:.1f} MB |" in card
+    assert "| `model.layers.*.self_attn.q_proj` | W4 g128 sym | 2 |" in card
+    report = json.loads((run_dir / "export" / "serving_report.json").read_text())
+    for target in TARGETS:
+        assert f"| {target} | {'yes' if report[target]['servable'] else 'no'} |" in card
+    assert "qat.load_quantized(" in card and "from_pretrained(" in card and "vllm serve" in card
+    # the CLI's export from the checkpoint reads the run's metrics.json for the same facts
+    out = subprocess.run([sys.executable, "-m", "qat.export", "--ckpt",
+                          str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "e")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"| {metrics['ppl']:.3f} |" in (tmp_path / "e" / "README.md").read_text()
+
+
 def test_export_cli_bad_checkpoint(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
@@ -61,25 +88,32 @@ def test_generate_cli_on_export(exported_run):
     assert "tokens/s" in out.stderr and "resident" in out.stderr
 
 
-def test_marlin_constraints_reported_and_strict_fails(tmp_path, capsys):
+def test_serving_targets_warned_and_a_chosen_target_is_strict(tmp_path, capsys):
     cfg = compose_train(TINY + ["recipe=w4g64", "trainer.max_steps=0", "eval.fp_ppl=false",
                                 "quant.weight.bits=3"])
     train(cfg, run_dir=tmp_path / "warn")
-    assert "3-bit weights" in capsys.readouterr().out
-    cfg = compose_train(TINY + ["recipe=w3g64", "export.strict=true"])
-    with pytest.raises(ConfigError, match=r"(?s)Marlin.*3-bit weights"):
-        train(cfg, run_dir=tmp_path / "strict")
-    assert not (tmp_path / "strict").exists()
+    out = capsys.readouterr().out
+    assert "vllm-gpu cannot serve" in out and "vllm-cpu cannot serve" in out
+    assert "3-bit weights: vLLM serves 4- and 8-bit" in out
+    for target, reason in (("vllm-gpu", "3-bit weights"), ("vllm-cpu", "3-bit weights")):
+        cfg = compose_train(TINY + ["recipe=w3g64", f"export.target={target}"])
+        with pytest.raises(ConfigError, match=rf"(?s){target} cannot serve.*{reason}"):
+            train(cfg, run_dir=tmp_path / "strict")
+        assert not (tmp_path / "strict").exists()
+    cfg = compose_train(TINY + ["recipe=w3g64", "export.target=vllm"])
+    with pytest.raises(ConfigError, match="export.target='vllm' is not a serving target; "
+                                          "allowed: null, qat, transformers, vllm-gpu, vllm-cpu"):
+        train(cfg, run_dir=tmp_path / "bad")
 
 
 @pytest.mark.slow
 def test_default_model_576_wide_layers_are_flagged_for_marlin():
-    from qat.export.compressed_tensors import serving_issues
+    from qat.export.serving import marlin_issues
     from qat.models import ModelSpec, load_model
     from qat.quant import QuantConfig, WeightSpec, plan
 
     model, _ = load_model(ModelSpec())
-    issues = serving_issues(plan(model, QuantConfig(weight=WeightSpec(bits=4, group_size=64))).layers)
+    issues = marlin_issues(plan(model, QuantConfig(weight=WeightSpec(bits=4, group_size=64))).layers)
     flagged = issues["in_features 576 not divisible by 128"]
     assert len(flagged) == 6 * 30  # q k v o gate up; down_proj has in_features 1536
     assert "model.layers.0.self_attn.q_proj" in flagged

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qat.export.compressed_tensors import (WEIGHTS_FILE, compressed_state_dict, quantization_config,
-                                           serving_report)
+from qat.export.card import model_card
+from qat.export.compressed_tensors import WEIGHTS_FILE, compressed_state_dict, quantization_config
+from qat.export.serving import serving_report
 from qat.io import atomic_path
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.structure import source_class
@@ -21,11 +23,12 @@ from qat.quant.swap import LayerReport
 
 
 def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
-                 dtype: torch.dtype = torch.bfloat16) -> Path:
+                 dtype: torch.dtype = torch.bfloat16, run: dict[str, Any] | None = None) -> Path:
     """Write `model` (with FakeQuantLinear layers) and `tokenizer` to `out_dir`.
 
     Quantized Linears are stored packed with their scales (and zero points); every other tensor in
-    `dtype`. Returns the directory.
+    `dtype`. `run`: what the model card says about how it was made (base_model, recipe, command,
+    fp_ppl, ppl, eval). Returns the directory.
     """
     out_dir = Path(out_dir)
     tensors, specs, ignore = compressed_state_dict(model, dtype)
@@ -46,12 +49,16 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             _portable_tokenizer_config(tmp / "tokenizer_config.json")
-        (tmp / SERVING_FILE).write_text(json.dumps(serving_report(_layers(model)), indent=2) + "\n")
+        layers = _layers(model)
+        report = serving_report(layers)
+        (tmp / SERVING_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / CARD_FILE).write_text(model_card(layers, tensors, report, ignore, run))
         verify_export(tmp, expected=tensors)
     return out_dir
 
 
 SERVING_FILE = "serving_report.json"
+CARD_FILE = "README.md"
 # transformers 5 names its fast tokenizer TokenizersBackend; releases before 5 (pyproject admits
 # >= 4.46) know it as PreTrainedTokenizerFast, which 5 still maps to the same class
 PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}

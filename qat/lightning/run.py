@@ -156,7 +156,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             specs.quant = stages.mixed_precision(model, specs.quant, specs.ptq, data, report)
             report = plan(model, specs.quant)
         if report is not None:
-            stages.check_serving(report, strict=cfg.export.strict)
+            stages.check_serving(report, target=cfg.export.target)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         _remove_run_dir(run_dir)
         raise ConfigError(str(err)) from err
@@ -202,6 +202,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {"recipe": _recipe_name(cfg), "model": _model_name(specs.model),
                                "scheme": _scheme(report)}
+    if command := _command():
+        metrics["command"] = command
     if fp_ppl is not None:
         metrics["fp_ppl"] = fp_ppl
     metrics.update({k: v for k, v in stage_metrics.items() if k in ("ptq_ppl", "block_ppl")})
@@ -249,7 +251,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         metrics.update(stages.prune_report(model, specs.prune, shrunk, run_dir))
     if cfg.export.enabled and report is not None:
         source = run_dir / "checkpoints" / "last.ckpt" if _sharded(trainer) else None
-        metrics.update(stages.export(model, tokenizer, data, run_dir / "export", cfg.export, source))
+        card = {"base_model": metrics["model"], "recipe": metrics["recipe"],
+                "command": metrics.get("command"), "fp_ppl": metrics.get("fp_ppl"),
+                "ppl": metrics["ppl"], "eval": _eval_protocol(specs.data)}
+        metrics.update(stages.export(model, tokenizer, data, run_dir / "export", cfg.export, source,
+                                     run=card))
         if specs.prune.nm:
             metrics["export_nm_ok"] = stages.check_export_nm(run_dir / "export", specs.prune)
     write_json(run_dir / "metrics.json", metrics)
@@ -450,6 +456,19 @@ def _recipe_name(cfg: DictConfig) -> str:
         return HydraConfig.get().runtime.choices.get("recipe") or "none"
     except Exception:  # composed without Hydra's runtime (tests, notebooks)
         return cfg.get("recipe_name", "none")
+
+
+def _command() -> str | None:
+    """The command line that made this run (None when composed without Hydra's runtime)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return " ".join(["python train.py", *HydraConfig.get().overrides.task])
+    except Exception:  # tests, notebooks
+        return None
+
+
+def _eval_protocol(spec) -> str:
+    return f"{spec.path or spec.name}, {spec.eval_windows} x {spec.eval_window}-token windows"
 
 
 def _model_name(spec: ModelSpec) -> str:

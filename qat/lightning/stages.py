@@ -185,29 +185,27 @@ def check_export_nm(out_dir: Path, spec: PruneSpec) -> bool:
     return True
 
 
-def check_serving(report: PrepareReport, strict: bool) -> None:
-    from qat.export.compressed_tensors import (describe_serving_issues,
-                                               describe_transformers_issues, serving_issues,
-                                               transformers_issues)
+def check_serving(report: PrepareReport, target: str | None) -> None:
+    """Before training: warn about every target that cannot serve the export; `target` must."""
+    from qat.export.serving import CHECKS, check_target, describe
 
-    messages = []
-    if issues := transformers_issues(report.layers):
-        messages.append(describe_transformers_issues(issues))
-    if issues := serving_issues(report.layers):
-        messages.append(describe_serving_issues(issues))
-    if not messages:
-        return
-    if strict:
-        raise ValueError("\n".join(messages) + "\n(export.strict=true; set it false to export anyway)")
-    for message in messages:
-        print("warning: " + message)
+    check_target(target)
+    for name, check in CHECKS.items():
+        if not (issues := check(report.layers)):
+            continue
+        if name == target:
+            raise ValueError(describe(name, issues) + f"\n(export.target={target}; choose another "
+                             "scheme or target, or export.target=null to export anyway)")
+        if target is None:
+            print("warning: " + describe(name, issues))
 
 
 def export(model, tokenizer, data: TextDataModule, out_dir: Path, options,
-            checkpoint: Path | None = None) -> dict[str, Any]:
+            checkpoint: Path | None = None, run: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the export, reload it with the fused kernels and measure what it weighs and scores.
 
     `checkpoint`: rebuild the full model from it first (FSDP: rank zero's gathered weights).
+    `run`: the model card's facts about the run (see `qat.export.writer.export_model`).
     """
     from qat.eval.perplexity import perplexity
     from qat.export.load import load_quantized, weight_bytes
@@ -218,7 +216,7 @@ def export(model, tokenizer, data: TextDataModule, out_dir: Path, options,
 
         model, tokenizer, _ = model_from_checkpoint(checkpoint)
     dtype = getattr(torch, options.dtype)
-    export_model(model, tokenizer, out_dir, dtype=dtype)
+    export_model(model, tokenizer, out_dir, dtype=dtype, run=run)
     result: dict[str, Any] = {"export_dir": str(out_dir), "export_eval_backend": options.eval_backend,
                               "export_bytes": sum(f.stat().st_size for f in out_dir.iterdir())}
     result["export_weight_bytes"] = weight_bytes(load_quantized(out_dir, dtype=dtype))["total"]

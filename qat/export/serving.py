@@ -1,0 +1,127 @@
+"""Which serving stacks can run an export, and why not: computed from the scheme and the layer shapes.
+
+A run checks this before training (`export.target=NAME` makes one target an error, not a warning) and
+every export carries the result as `serving_report.json`. The rules are the facts of each target's
+code and what we measured with it (shared/formats/compressed-tensors.md):
+- `qat`: our loader serves every scheme and layer kind we export.
+- `transformers` (+ compressed-tensors): every width (dense packing since compressed-tensors 0.20),
+  but only plain nn.Linear modules.
+- `vllm-gpu`: vLLM's compressed-tensors weight-only scheme (4 or 8 bits, zero points at 4 bits
+  only) on its Marlin kernels (group -1/32/64/128, in % 128, out % 64).
+- `vllm-cpu`: vLLM's CPUWNA16 kernel: symmetric 4-bit only (no CPU kernel for 8-bit weight-only),
+  even group sizes, in and out % 32, and an AVX-512 build (the AVX2 build lacks the int4 op).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+TARGETS = ("qat", "transformers", "vllm-gpu", "vllm-cpu")
+MARLIN_GROUP_SIZES = (None, 32, 64, 128)  # None: per-channel (-1 in vLLM's terms)
+VLLM_BITS = (4, 8)
+# compressed-tensors before 0.20 (vLLM's pin is 0.17) packs widths that do not divide 32 with
+# padding bits in every word; this export packs densely, as 0.20 and newer read it
+PADDED_BEFORE_0_20 = (3, 5, 6, 7)
+REQUIRES = {
+    "qat": "this project installed: qat.load_quantized(directory)",
+    "transformers": "transformers and compressed-tensors >= 0.20 (dense packing of 3/5/6/7 bits)",
+    "vllm-gpu": "vLLM on an NVIDIA GPU with Marlin (compute capability 8.0+)",
+    "vllm-cpu": "a vLLM CPU build with AVX-512: the AVX2 build lacks the int4 op (measured, 0.32)",
+}
+
+
+def _group(issues: dict[str, list[str]], layer, reasons: list[str]) -> None:
+    for reason in reasons:
+        issues.setdefault(reason, []).append(layer.name)
+
+
+def _vllm_width(spec) -> list[str]:
+    if spec.bits not in VLLM_BITS:
+        padded = " (and its compressed-tensors pin packs them with padding, not densely)" \
+            if spec.bits in PADDED_BEFORE_0_20 else ""
+        return [f"{spec.bits}-bit weights: vLLM serves 4- and 8-bit weight-only layers{padded}"]
+    if spec.bits == 8 and not spec.symmetric:
+        return ["8-bit weights with zero points: vLLM serves zero points at 4 bits only"]
+    return []
+
+
+def marlin_issues(layers) -> dict[str, list[str]]:
+    """Layers vLLM's GPU kernels (Marlin) cannot serve, grouped by reason."""
+    issues: dict[str, list[str]] = {}
+    for layer in layers:
+        spec, reasons = layer.spec, _vllm_width(layer.spec)
+        if spec.granularity == "tensor" or spec.effective_group_size not in MARLIN_GROUP_SIZES:
+            reasons.append(f"{spec.granularity} scales with group size {spec.group_size} "
+                           "(Marlin: per-channel or group 32/64/128)")
+        if layer.in_features % 128:
+            reasons.append(f"in_features {layer.in_features} not divisible by 128")
+        if layer.out_features % 64:
+            reasons.append(f"out_features {layer.out_features} not divisible by 64")
+        _group(issues, layer, reasons)
+    return issues
+
+
+def vllm_cpu_issues(layers) -> dict[str, list[str]]:
+    """Layers vLLM's CPU kernel (CPUWNA16) cannot serve, grouped by reason."""
+    issues: dict[str, list[str]] = {}
+    for layer in layers:
+        spec, reasons = layer.spec, []
+        if spec.bits != 4:
+            reasons.append(f"{spec.bits}-bit weights: vLLM's CPU kernel serves 4-bit weight-only "
+                           "layers only")
+        elif not spec.symmetric:
+            reasons.append("zero points: vLLM's CPU kernel serves symmetric 4-bit only")
+        if spec.granularity == "tensor":
+            reasons.append("per-tensor scales (vLLM: per-channel or group)")
+        elif spec.granularity == "group" and spec.effective_group_size % 2:
+            reasons.append(f"group size {spec.group_size} is odd (vLLM's CPU kernel: even)")
+        for what, size in (("in_features", layer.in_features), ("out_features", layer.out_features)):
+            if size % 32:
+                reasons.append(f"{what} {size} not divisible by 32 (vLLM's CPU kernel)")
+        _group(issues, layer, reasons)
+    return issues
+
+
+def transformers_issues(layers) -> dict[str, list[str]]:
+    """Layers that transformers + compressed-tensors would not load right, grouped by reason.
+
+    compressed-tensors gives its quantized forward to plain nn.Linear modules: a quantized GPT-2
+    Conv1D is left without weights (transformers runs it on random ones), and a Linear subclass
+    with its own forward (FalconLinear) fails to load. Our loader (`qat.load_quantized`) serves
+    both as the Linears they are."""
+    issues: dict[str, list[str]] = {}
+    for layer in layers:
+        if layer.kind == "Conv1D":
+            reason = ("Conv1D layer (GPT-2 style): compressed-tensors quantizes nn.Linear modules "
+                      "only, transformers would run these on random weights")
+        elif layer.kind != "Linear":
+            reason = (f"{layer.kind} (a Linear subclass with its own forward): compressed-tensors' "
+                      "quantized forward does not reach it")
+        else:
+            continue
+        _group(issues, layer, [reason + "; serve this export with qat.load_quantized"])
+    return issues
+
+
+CHECKS = {"qat": lambda layers: {}, "transformers": transformers_issues, "vllm-gpu": marlin_issues,
+          "vllm-cpu": vllm_cpu_issues}
+
+
+def serving_report(layers) -> dict[str, dict[str, Any]]:
+    """Per target: whether it can serve these quantized layers, why not, and what it needs."""
+    report = {}
+    for target in TARGETS:
+        issues = CHECKS[target](layers)
+        report[target] = {"servable": not issues, "reasons": issues, "requires": REQUIRES[target]}
+    return report
+
+
+def describe(target: str, issues: dict[str, list[str]]) -> str:
+    lines = [f"  {len(names)} layer(s): {reason}, e.g. {', '.join(names[:3])}"
+             for reason, names in issues.items()]
+    return f"{target} cannot serve every layer of this export:\n" + "\n".join(lines)
+
+
+def check_target(target: str | None) -> None:
+    if target is not None and target not in TARGETS:
+        raise ValueError(f"export.target={target!r} is not a serving target; allowed: null, "
+                         + ", ".join(TARGETS))
