@@ -5,7 +5,7 @@ every export carries the result as `serving_report.json`. The rules are the fact
 code and what we measured with it (shared/formats/compressed-tensors.md):
 - `qat`: our loader serves every scheme and layer kind we export.
 - `transformers` (+ compressed-tensors): every width (dense packing since compressed-tensors 0.20),
-  but only plain nn.Linear modules.
+  symmetric grids only (it cannot load packed zero points), plain nn.Linear modules only.
 - `vllm-gpu`: vLLM's compressed-tensors weight-only scheme (4 or 8 bits, zero points at 4 bits
   only) on its Marlin kernels (group -1/32/64/128, in % 128, out % 64).
 - `vllm-cpu`: vLLM's CPUWNA16 kernel: symmetric 4-bit only (no CPU kernel for 8-bit weight-only),
@@ -96,6 +96,10 @@ def transformers_issues(layers) -> dict[str, list[str]]:
         elif layer.kind != "Linear":
             reason = (f"{layer.kind} (a Linear subclass with its own forward): compressed-tensors' "
                       "quantized forward does not reach it")
+        elif not layer.spec.symmetric:
+            reason = ("zero points (asymmetric): transformers allocates them unpacked and refuses "
+                      "the packed ones compressed-tensors itself writes (measured with "
+                      "transformers 5.24 + compressed-tensors 0.20.1; llm-compressor issue 1618)")
         else:
             continue
         _group(issues, layer, [reason + "; serve this export with qat.load_quantized"])
