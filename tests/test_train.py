@@ -1,5 +1,6 @@
 """End-to-end runs through Hydra's compose API on the tiny model and corpus."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -82,11 +83,16 @@ def test_train_py_runs_from_the_command_line(tmp_path):
 
     root = CONF.parent
     out = subprocess.run([sys.executable, str(root / "train.py"), *TINY, "trainer.max_steps=2",
-                          f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True,
-                         cwd=tmp_path)
+                          "trainer.enable_progress_bar=true", f"hydra.run.dir={tmp_path}/run"],
+                         capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "== qat summary ==" in out.stdout
     assert "litlogger" not in out.stdout + out.stderr  # Lightning's advert line is dropped
+    # the training bar counts optimizer steps (Lightning's own reads "Epoch 0/-2" here); the
+    # passes before training (float ppl) show bars too
+    assert "Epoch 0" not in out.stdout + out.stderr and "LeafSpec" not in out.stderr
+    assert re.search(r"train: 100%.*\| 2/2 ", out.stdout), out.stdout[-2000:]
+    assert "float ppl: 100%" in out.stderr
     summary = out.stdout.split("== qat summary ==")[1]
     assert f"{tmp_path}/run/checkpoints/last.ckpt" in summary
     assert f"{tmp_path}/run/metrics.json" in summary

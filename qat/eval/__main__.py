@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedding-bits", type=int, choices=(8,), default=None,
                         help="export only: serve the embedding/head as int8 rows")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--progress", action="store_true", help="print a line per batch")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no bar over the windows of each set")
     args = parser.parse_args(argv)
     sets = protocol_sets(args.data, None if args.ood.lower() == "none" else args.ood, args.windows,
                          args.ood_windows, args.fraction, args.ood_fraction)

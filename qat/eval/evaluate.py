@@ -121,6 +121,7 @@ def evaluate(source: str | Path, sets: list[EvalSet], window: int = 512, batch_s
             ids = held_out_ids(tokenizer, eval_set)
             result: PerplexityResult = perplexity(model, ids, window=window,
                                                   max_windows=eval_set.windows,
-                                                  batch_size=batch_size, progress=progress)
+                                                  batch_size=batch_size,
+                                                  progress=progress and f"ppl {eval_set.name}")
             out["results"][eval_set.name] = {"corpus": eval_set.corpus, **asdict(result)}
     return out

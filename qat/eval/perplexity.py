@@ -81,10 +81,19 @@ def window_nll(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.T
     return total, targets.numel()
 
 
+def _bar(total: int, progress: bool | str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=progress if isinstance(progress, str) else "ppl",
+                unit="window", mininterval=2.0)
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512,
                max_windows: int | None = 64, batch_size: int = 4,
-               progress: bool = False) -> PerplexityResult:
+               progress: bool | str = False) -> PerplexityResult:
     """Perplexity of `model` on the first `max_windows` non-overlapping windows of `ids`.
 
     Runs in eval mode and restores the model's training mode afterwards. `batch_size` windows share a
@@ -96,7 +105,7 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512,
         window: tokens per window (the protocol uses 512).
         max_windows: score at most this many windows (protocol: 64 wiki, 32 Shakespeare).
         batch_size: windows per forward pass.
-        progress: print a line per batch with the running perplexity.
+        progress: a bar over windows with the running perplexity (a string labels it).
 
     Returns:
         A `PerplexityResult`.
@@ -108,16 +117,18 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512,
     was_training = model.training
     model.eval()
     nll, count, start = 0.0, 0, time.perf_counter()
+    bar = _bar(windows.shape[0], progress)
     try:
         for b in range(0, windows.shape[0], batch_size):
             batch_nll, n = window_nll(model, windows[b : b + batch_size].to(device))
             nll += float(batch_nll)  # accumulate across batches in float64
             count += n
-            if progress:
-                done = min(b + batch_size, windows.shape[0])
-                print(f"[ppl] {done}/{windows.shape[0]} windows  ppl {math.exp(nll / count):.4f}  "
-                      f"{time.perf_counter() - start:.1f}s", flush=True)
+            if bar is not None:
+                bar.update(min(batch_size, windows.shape[0] - b))
+                bar.set_postfix_str(f"ppl {math.exp(nll / count):.4f}", refresh=False)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     return PerplexityResult(ppl=math.exp(nll / count), nll_sum=nll, n_tokens=count,
                             n_windows=windows.shape[0], seconds=time.perf_counter() - start)

@@ -306,7 +306,7 @@ def _block_stage(model, float_model, specs: Specs, data: TextDataModule, store, 
     if info is None:
         info = {}
         if cfg.eval.get("stage_ppl", True):
-            info["ptq_ppl"] = stages.quantized_ppl(model, data, cfg.export.dtype)
+            info["ptq_ppl"] = stages.quantized_ppl(model, data, cfg.export.dtype, "ppl after init")
             print(f"ppl after quant.init={specs.quant.init or 'none (min/max grid)'}: "
                   f"{info['ptq_ppl']:.3f}")
         if stages.is_rank_zero():
@@ -314,7 +314,8 @@ def _block_stage(model, float_model, specs: Specs, data: TextDataModule, store, 
     report = stages.block_stage(model, float_model, specs, data, store, cfg.seed)
     out = dict(info)
     if cfg.eval.get("stage_ppl", True) and cfg.trainer.max_steps > 0:
-        out["block_ppl"] = stages.quantized_ppl(model, data, cfg.export.dtype)
+        out["block_ppl"] = stages.quantized_ppl(model, data, cfg.export.dtype,
+                                                "ppl after blocks")
         print(f"ppl after the block stage: {out['block_ppl']:.3f}")
         if stages.is_rank_zero():
             store.update_info({"block_ppl": out["block_ppl"]})
@@ -383,9 +384,14 @@ class _NoAdverts(logging.Filter):
 
 
 def _quiet_lightning() -> None:
+    import warnings
+
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoAdverts) for f in log.filters):
         log.addFilter(_NoAdverts())
+    # Lightning 2.6's own use of a torch API that torch 2.13 deprecates: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
+                            module="lightning")
 
 
 def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None) -> L.Trainer:
@@ -395,6 +401,10 @@ def _build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list | None = None
     if cfg.get("logger") and cfg.logger.get("_target_"):
         logger = instantiate(cfg.logger, save_dir=str(run_dir))
     callbacks = list(callbacks or [])
+    if cfg.trainer.get("enable_progress_bar", True):
+        from qat.lightning.progress import StepProgressBar
+
+        callbacks.append(StepProgressBar())
     every = cfg.checkpoint.every_n_steps
     if every:
         from lightning.pytorch.callbacks import ModelCheckpoint

@@ -228,7 +228,8 @@ def export(model, tokenizer, data: TextDataModule, out_dir: Path, options,
         spec = data.spec
         result["export_ppl"] = perplexity(served, data.eval_ids, window=spec.eval_window,
                                           max_windows=spec.eval_windows,
-                                          batch_size=spec.eval_batch_size).ppl
+                                          batch_size=spec.eval_batch_size,
+                                          progress="export ppl").ppl
     return result
 
 
@@ -267,7 +268,7 @@ def float_ppl(model, data: TextDataModule, cached: bool) -> float:
         return float(json.loads(path.read_text())["fp_ppl"])
     spec = data.spec
     value = perplexity(model, data.eval_ids, window=spec.eval_window, max_windows=spec.eval_windows,
-                       batch_size=spec.eval_batch_size).ppl
+                       batch_size=spec.eval_batch_size, progress=is_rank_zero() and "float ppl").ppl
     if cached and is_rank_zero():
         write_json(path, {"fp_ppl": value})
     return value
@@ -295,7 +296,8 @@ def set_trainable(model, trainable: str) -> None:
             p.requires_grad_(True)
 
 
-def quantized_ppl(model, data: TextDataModule, dtype: str) -> float:
+def quantized_ppl(model, data: TextDataModule, dtype: str, label: str = "quantized ppl"
+                  ) -> float:
     """Protocol perplexity of the fake-quantized model as exported (the rest rounded to `dtype`),
     without a Trainer: what `ppl` would be if training stopped here."""
     from qat.eval.perplexity import perplexity
@@ -307,7 +309,8 @@ def quantized_ppl(model, data: TextDataModule, dtype: str) -> float:
     spec = data.spec
     with as_exported(model.eval(), getattr(torch, dtype)):
         value = perplexity(model, data.eval_ids, window=spec.eval_window,
-                           max_windows=spec.eval_windows, batch_size=spec.eval_batch_size).ppl
+                           max_windows=spec.eval_windows, batch_size=spec.eval_batch_size,
+                           progress=is_rank_zero() and label).ppl
     model.train(was_training)
     return value
 
