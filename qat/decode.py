@@ -13,6 +13,8 @@ Its logits equal the torch loop's to float32 rounding (tests/test_decode.py).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -130,28 +132,50 @@ def _layers(model, h: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, max_new_tokens: int,
-           eos_token_id: int | None = None, native: bool = True) -> torch.Tensor:
+           eos_token_id: int | None = None, native: bool = True,
+           threads: int | None = None) -> torch.Tensor:
     """Greedy continuation of `ids` (1, T): returns the new token ids, (n,) with n <= max_new_tokens
     (fewer when `eos_token_id` is produced; it is included). `native=False` keeps every step in
-    torch even where the one-call native step applies."""
+    torch even where the one-call native step applies. `threads`: our kernels' team size per step
+    (None: chosen from the measured step times, see qat.kernels.threads)."""
     _check(model, ids.shape[0])
     inner = model.model
     h = inner.embed_tokens(ids)
     caches = new_caches(model, ids.shape[1] + max_new_tokens, h.dtype)
     step = native_step(model, caches) if native else None
+    governor = _governor(threads)
     out, pos = [], 0
-    for _ in range(max_new_tokens):
-        length = h.shape[1]
-        if step is not None and length == 1:  # all layers in one native call, h in place
-            h = h.contiguous()
-            step(h.view(-1), pos)
-        else:
-            h = _layers(model, h, caches, pos)
-        pos += length
-        token = model.lm_head(inner.norm(h[:, -1:]))[0, -1].argmax()
-        out.append(token)
-        if eos_token_id is not None and int(token) == eos_token_id:
-            break
-        h = inner.embed_tokens(token.view(1, 1))
+    try:
+        for _ in range(max_new_tokens):
+            length = h.shape[1]
+            with governor.step() if governor is not None and length == 1 else nullcontext():
+                if step is not None and length == 1:  # all layers in one native call, in place
+                    h = h.contiguous()
+                    step(h.view(-1), pos)
+                else:
+                    h = _layers(model, h, caches, pos)
+                token = model.lm_head(inner.norm(h[:, -1:]))[0, -1].argmax()
+            pos += length
+            out.append(token)
+            if eos_token_id is not None and int(token) == eos_token_id:
+                break
+            h = inner.embed_tokens(token.view(1, 1))
+    finally:
+        if governor is not None:
+            governor.close()
     return torch.stack(out)
+
+
+def _governor(threads: int | None):
+    """threads=None: our kernels' team size follows the measured step times (one thread when
+    other processes hold the cores); an int fixes it for this call."""
+    from qat.kernels import native
+    from qat.kernels.threads import ThreadGovernor
+
+    if not native.available():
+        return None
+    most = native.max_threads()
+    if threads is not None:
+        return ThreadGovernor(native.set_threads, most, start=threads, adapt=False)
+    return ThreadGovernor(native.set_threads, most)
 

@@ -107,6 +107,10 @@ def _library() -> ctypes.CDLL | None:
     lib.q8_gemv.restype = None
     lib.q4_decode_step.argtypes = [ctypes.POINTER(Q4Layer), i, ctypes.POINTER(Q4Config), p, i, p, p]
     lib.q4_decode_step.restype = ctypes.c_int
+    lib.qat_set_threads.argtypes = [ctypes.c_int]
+    lib.qat_set_threads.restype = None
+    lib.qat_max_threads.argtypes = []
+    lib.qat_max_threads.restype = ctypes.c_int
     lib.fq_minmax.argtypes = [p, p, p, i, i]
     lib.fq_minmax.restype = None
     f = ctypes.c_float
@@ -114,6 +118,18 @@ def _library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [p, p, p, p, i, i, f, f]
         getattr(lib, name).restype = None
     return lib
+
+
+def set_threads(n: int) -> None:
+    """Team size of our kernels' parallel loops (for the calling thread)."""
+    if (lib := _library()) is not None:
+        lib.qat_set_threads(n)
+
+
+def max_threads() -> int:
+    """Our kernels' current team size (OpenMP's default: OMP_NUM_THREADS or the cores)."""
+    lib = _library()
+    return lib.qat_max_threads() if lib is not None else 1
 
 
 def available() -> bool:

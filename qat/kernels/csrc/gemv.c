@@ -12,9 +12,15 @@
  * Scales are bfloat16 bit patterns (q4) or float32 (q8). zp may be NULL (symmetric).
  * Requirements (checked by the caller): K % 32 == 0, group % 32 == 0, K % group == 0.
  */
+#include <omp.h>
 #include <stdlib.h>
 
 #include "q4.h"
+
+/* The team size of every parallel loop here and in decode_step.c, for the calling thread: the
+ * decode loop drops to one thread when other processes hold the cores (qat.kernels.threads). */
+void qat_set_threads(int n) { omp_set_num_threads(n > 0 ? n : 1); }
+int qat_max_threads(void) { return omp_get_max_threads(); }
 
 #ifndef THREADED_MIN
 #define THREADED_MIN (1 << 30)
