@@ -27,7 +27,7 @@ class BlockwiseSpec:
     seq_len: int = 256  # tokens per sequence
     epochs: int = 3  # passes over the samples per block
     batch_size: int = 4  # sequences per optimizer step
-    lr: float = 3e-4  # block weights (Linears, biases, norms)
+    lr: float = 1e-3  # block weights (Linears, biases, norms)
     scale_lr: float = 1e-3  # quantizer scales
     zero_point_lr: float = 1e-3  # quantizer zero points (asymmetric grids), rounded in forward
     weight_decay: float = 0.0
