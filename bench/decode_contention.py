@@ -1,6 +1,6 @@
 """Greedy decode speed when other processes share the cores: quiet, then with busy competitors.
 
-python bench/decode_contention.py [--tokens 64] [--competitors 4] [--model smollm2-135m]
+python bench/decode_contention.py [--tokens 128] [--competitors 4] [--repeats 3] [--model NAME]
 
 The served model is bench/decode.py's fastest: the W4 g64 export in float32 with the int8 table,
 decoded by qat.decode.greedy (one native call per token). Each team size runs on a quiet machine and
@@ -8,12 +8,13 @@ then beside `--competitors` busy-looping Python processes at the same priority: 
 default: qat.kernels.threads picks the team size from the measured step times), one thread, and all
 of them (OpenMP's default before the governor). Run it alone: the quiet rows need a quiet machine
 (the load average before each phase is recorded). Writes bench/results/decode_contention.json and
-the decode_contention section of BENCHMARKS.md.
+the decode_contention section of BENCHMARKS.md. OMP_WAIT_POLICY is left as the caller set it.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,8 +47,9 @@ def rate(model, ids, tokens: int, threads: int | None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--competitors", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the median is reported")
     args = parser.parse_args()
     if not native.available():
         raise SystemExit("no native kernels here: the contention bench measures them")
@@ -66,10 +68,14 @@ def main() -> None:
         try:
             time.sleep(3 if competitors else 0)
             load = os.getloadavg()[0]
-            for name, threads in sizes:
-                tps = rate(served, ids, args.tokens, threads)
+            rates: dict[str, list[float]] = {name: [] for name, _ in sizes}
+            for _ in range(args.repeats):  # rounds over the sizes: drift hits all of them alike
+                for name, threads in sizes:
+                    rates[name].append(rate(served, ids, args.tokens, threads))
+            for name, _ in sizes:
                 rows.append({"threads": name, "competing_processes": competitors,
-                             "tokens_per_s": round(tps, 2), "tokens": args.tokens,
+                             "tokens_per_s": round(statistics.median(rates[name]), 2),
+                             "tokens": args.tokens, "repeats": args.repeats,
                              "load_before": round(load, 2)})
                 print(rows[-1], flush=True)
         finally:
@@ -84,7 +90,8 @@ def main() -> None:
     loaded = {r["threads"]: r["tokens_per_s"] for r in rows if r["competing_processes"]}
     update_section("decode_contention", "## Decode under contention (greedy, CPU)\n\n"
                    f"`{command()}` on {machine()}: the W4 g64 export (float32, int8 table) "
-                   f"decoding {args.tokens} tokens with qat.decode.greedy, quiet and beside "
+                   f"decoding {args.tokens} tokens with qat.decode.greedy (median of "
+                   f"{args.repeats} rounds over the team sizes), quiet and beside "
                    f"{args.competitors} busy-looping processes at the same priority. `auto` is the "
                    "default (qat.kernels.threads: the team size follows the measured step times); "
                    f"`{most}` is OpenMP's default team before it. Loaded `auto` keeps "

@@ -144,6 +144,8 @@ def greedy(model, ids: torch.Tensor, max_new_tokens: int,
     caches = new_caches(model, ids.shape[1] + max_new_tokens, h.dtype)
     step = native_step(model, caches) if native else None
     governor = _governor(threads)
+    if governor is not None:
+        governor.begin()
     out, pos = [], 0
     try:
         for _ in range(max_new_tokens):
@@ -174,8 +176,27 @@ def _governor(threads: int | None):
 
     if not native.available():
         return None
+    global _GOVERNOR
     most = native.max_threads()
     if threads is not None:
-        return ThreadGovernor(native.set_threads, most, start=threads, adapt=False)
-    return ThreadGovernor(native.set_threads, most)
+        return ThreadGovernor(_set_threads, most, start=threads, adapt=False)
+    if _GOVERNOR is None or _GOVERNOR.most != most:  # what it learnt carries over between calls
+        _GOVERNOR = ThreadGovernor(_set_threads, most)
+    return _GOVERNOR
+
+
+def _set_threads(n: int) -> None:
+    """Our kernels' team and torch's (the head's argmax over the vocabulary is a parallel loop
+    too): every barrier in a step waits for the slowest thread."""
+    from qat.kernels import native
+
+    native.set_threads(n)
+    if torch.get_num_threads() != min(n, _TORCH_THREADS):
+        torch.set_num_threads(min(n, _TORCH_THREADS))
+
+
+_TORCH_THREADS = torch.get_num_threads()
+
+
+_GOVERNOR = None
 
