@@ -69,8 +69,8 @@ def main() -> None:
             time.sleep(3 if competitors else 0)
             load = os.getloadavg()[0]
             rates: dict[str, list[float]] = {name: [] for name, _ in sizes}
-            for _ in range(args.repeats):  # rounds over the sizes: drift hits all of them alike
-                for name, threads in sizes:
+            for round_ in range(args.repeats):  # rounds, in alternating order: drift hits all
+                for name, threads in sizes[::-1] if round_ % 2 else sizes:
                     rates[name].append(rate(served, ids, args.tokens, threads))
             for name, _ in sizes:
                 rows.append({"threads": name, "competing_processes": competitors,
@@ -91,7 +91,7 @@ def main() -> None:
     update_section("decode_contention", "## Decode under contention (greedy, CPU)\n\n"
                    f"`{command()}` on {machine()}: the W4 g64 export (float32, int8 table) "
                    f"decoding {args.tokens} tokens with qat.decode.greedy (median of "
-                   f"{args.repeats} rounds over the team sizes), quiet and beside "
+                   f"{args.repeats} rounds over the team sizes, alternating their order), quiet and beside "
                    f"{args.competitors} busy-looping processes at the same priority. `auto` is the "
                    "default (qat.kernels.threads: the team size follows the measured step times); "
                    f"`{most}` is OpenMP's default team before it. Loaded `auto` keeps "
