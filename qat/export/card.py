@@ -16,11 +16,16 @@ QUANTIZED_PARTS = ("weight_packed", "weight_scale", "weight_zero_point")
 MB = 1e6
 
 
+def _pattern(name: str) -> str:
+    """A module name with its block indices as *: model.layers.*.mlp.up_proj."""
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
 def layer_groups(layers) -> list[tuple[str, str, int]]:
-    """(name pattern with block indices as *, scheme, count), in model order."""
+    """(name pattern, scheme, count), in model order."""
     counts: Counter = Counter()
     for layer in layers:
-        counts[(re.sub(r"\.\d+\.", ".*.", layer.name), layer.scheme)] += 1
+        counts[(_pattern(layer.name), layer.scheme)] += 1
     return [(pattern, scheme, n) for (pattern, scheme), n in counts.items()]
 
 
@@ -71,7 +76,7 @@ def model_card(layers, tensors: dict[str, torch.Tensor], report: dict[str, dict[
               f"{size['stored_bytes'] / MB:.1f} MB |", "",
               "## Scheme per layer group", "", "| layers | scheme | count |", "|---|---|---|"]
     lines += [f"| `{pattern}` | {scheme} | {n} |" for pattern, scheme, n in layer_groups(layers)]
-    kept = sorted({re.sub(r"\.\d+\.", ".*.", name) for name in ignore})
+    kept = sorted({_pattern(name) for name in ignore})
     lines += ["", "Not quantized (stored in the export's dtype): embeddings, norms"
               + (", " + ", ".join(f"`{k}`" for k in kept) if kept else "") + ".", "",
               "## Load it", "", "```python", "import qat  # fused dequantize-matmul kernels",

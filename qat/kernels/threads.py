@@ -25,7 +25,8 @@ def running_elsewhere() -> int | None:
     """Threads of other processes running or runnable right now (the kernel's instantaneous count,
     /proc/loadavg's fourth field, less this process's own running threads); None where unknown."""
     try:
-        running = int(open("/proc/loadavg").read().split()[3].split("/")[0])
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
         ours = 0
         for task in os.listdir("/proc/self/task"):
             with open(f"/proc/self/task/{task}/stat") as f:
