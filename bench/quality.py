@@ -103,6 +103,10 @@ ROWS["block_qat_kd_w3g64_awq"] = ("block_qat_kd (awq start, block lr 1e-3 x 6 ep
 # W2 at the block lr the sweep found best (1e-3, the default since): the same budget otherwise
 ROWS["block_qat_kd_w2g64_lr1e-3"] = ("block_qat_kd (block lr 1e-3)", 2,
                                      ["recipe=w2g64_kd", *BLOCK_BUDGET[:3]])
+# W4 at the block lr the sweep found best (1e-3, the default since): the w4g64_kd recipe with the
+# row budget (bench/block_sweep.py: 0.0144 vs 0.0160 at 3e-4 on the first 3 blocks)
+ROWS["block_qat_kd_w4g64_lr1e-3"] = ("block_qat_kd (block lr 1e-3)", 4,
+                                     ["recipe=w4g64_kd", *BLOCK_BUDGET[:3]])
 DERIVED = {f"block_qat_w{b}g64": f"block_qat_kd_w{b}g64" for b in (4, 3, 2)}
 # rows measured by resuming another row's finished block stage (the same config, so the same
 # blocks: the resume test checks that to tolerance 0); their wall time adds that row's block part
