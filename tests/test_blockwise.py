@@ -136,6 +136,61 @@ def test_block_stage_lowers_every_blocks_loss(tiny_llama, spec):
         assert m.weight_fake_quant.static and not m.weight_fake_quant.learned_grid
 
 
+def test_logit_lens_of_the_last_block_is_the_models_own_head(tiny_llama):
+    """Applied to the last block's output, the lens gives the model's logits exactly."""
+    from qat.blockwise.train import logit_lens
+
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = tiny_llama(ids, output_hidden_states=True)
+        # hidden_states[-1] already has the final norm applied; take the last block's raw output
+        raw = {}
+        handle = tiny_llama.model.layers[-1].register_forward_hook(
+            lambda m, a, o: raw.setdefault("h", o[0] if isinstance(o, tuple) else o))
+        logits = tiny_llama(ids).logits
+        handle.remove()
+        torch.testing.assert_close(logit_lens(tiny_llama)(raw["h"]), logits, rtol=0, atol=0)
+    assert out.logits.shape == logits.shape
+
+
+def test_kd_term_is_the_lens_kl_at_sampled_positions(tiny_llama):
+    """The KD term is KL(float || quantized) of the lens logits at kd_tokens positions that the
+    generator picks, with the gradient reaching the block output and not the float target."""
+    from qat.blockwise.train import _kd_term, logit_lens
+    from qat.distill.losses import ForwardKL
+
+    lens = logit_lens(tiny_llama)
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 8, 128, generator=gen).requires_grad_(True)
+    goal = torch.randn(2, 8, 128, generator=gen)
+    spec = BlockwiseSpec(kd_tokens=5, kd_temperature=2.0)
+    value = _kd_term(lens, out, goal, spec, ForwardKL(2.0), torch.Generator().manual_seed(7))
+    pos = torch.randperm(16, generator=torch.Generator().manual_seed(7))[:5]
+    with torch.no_grad():
+        t = (lens(goal.reshape(16, 128)[pos]) / 2).log_softmax(-1)
+        s = (lens(out.reshape(16, 128)[pos]) / 2).log_softmax(-1)
+        want = (t.exp() * (t - s)).sum(-1).mean() * 4
+    torch.testing.assert_close(value, want, rtol=1e-6, atol=1e-7)
+    value.backward()
+    touched = out.grad.reshape(16, 128).abs().sum(-1) > 0
+    assert touched.sum() == 5 and touched[pos].all()
+
+
+def test_block_stage_with_kd_term_trains_other_blocks(tiny_llama):
+    spec = WeightSpec(bits=2, group_size=64, symmetric=False)
+    model, float_model = _tiny_quantized(tiny_llama, spec)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    base = dict(enabled=True, samples=8, batch_size=2, epochs=4, lr=1e-3, scale_lr=1e-3,
+                progress=False, kd_tokens=32)
+    train_blocks(model, float_model, ids, BlockwiseSpec(**base))
+    report = train_blocks(twin, float_model, ids, BlockwiseSpec(**base, kd_weight=1.0))
+    for block in report.blocks:
+        assert block.loss_after < 0.9 * block.loss_before, block
+    w, w_kd = model.model.layers[0].mlp.up_proj.weight, twin.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(w, w_kd)
+
+
 def test_export_after_the_block_stage_serves_the_trained_model(tiny_llama, tmp_path):
     spec = WeightSpec(bits=3, group_size=64, symmetric=False)
     model, float_model = _tiny_quantized(tiny_llama, spec)
@@ -191,6 +246,9 @@ def test_end_to_end_on_the_grid(tmp_path, trainable):
 
 def test_bad_blockwise_values_fail_before_work(tmp_path):
     for override, field in (("blockwise.inputs=floaty", "blockwise.inputs"),
+                            ("blockwise.kd_weight=-1", "blockwise.kd_weight"),
+                            ("blockwise.kd_temperature=0", "blockwise.kd_temperature"),
+                            ("blockwise.kd_tokens=0", "blockwise.kd_tokens"),
                             ("blockwise.epochs=0", "blockwise.epochs"),
                             ("optim.trainable=everything", "optim.trainable"),
                             ("prune=nm", "prune.pattern")):

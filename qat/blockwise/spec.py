@@ -34,6 +34,11 @@ class BlockwiseSpec:
     train_weights: bool = True  # false: only the grid (scales, zero points) trains
     inputs: str = "quantized"  # quantized: the quantized chain's inputs | both: also the float inputs
     cache_dtype: str = "float32"  # cached block inputs and targets (bfloat16 halves their memory)
+    # KD term: weight x KL(float || quantized) of the next-token distributions that the float
+    # model's final norm and head read from the block outputs (the logit lens); 0 turns it off
+    kd_weight: float = 0.0
+    kd_tokens: int = 256  # positions per step the KD term samples (the head is vocabulary-wide)
+    kd_temperature: float = 1.0
     progress: bool = True  # a progress bar over blocks with each block's loss
 
     def __post_init__(self) -> None:
@@ -51,6 +56,16 @@ class BlockwiseSpec:
                 _fail(name, value, "it must be a finite number >= 0 (0 freezes that group)")
         if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             _fail("weight_decay", self.weight_decay, "it must be a number >= 0")
+        for name in ("kd_weight", "kd_temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not math.isfinite(value) or value < 0 or (name == "kd_temperature"
+                                                                 and value == 0):
+                _fail(name, value, "it must be a finite number " + (
+                    ">= 0 (0 turns the KD term off)" if name == "kd_weight" else "> 0"))
+        if not isinstance(self.kd_tokens, int) or isinstance(self.kd_tokens, bool) \
+                or self.kd_tokens < 1:
+            _fail("kd_tokens", self.kd_tokens, "it must be a positive integer")
         if self.inputs not in INPUTS:
             _fail("inputs", self.inputs, f"choose one of {list(INPUTS)}")
         if self.cache_dtype not in CACHE_DTYPES:

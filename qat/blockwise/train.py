@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.blockwise.spec import BlockwiseSpec
+from qat.distill.losses import ForwardKL
 from qat.ptq.calibrate import capture_block_inputs, decoder_blocks, fake_quant_disabled
 from qat.quant.modules import FakeQuantLinear
 
@@ -109,6 +110,44 @@ class _Inputs:
         return self.run(block, x, target, keep=False)[1]
 
 
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
+
+
+def logit_lens(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the model applies after its last block, as a function of hidden states: the final norm
+    (and OPT's project_out), the head and any logit soft-capping. Applied to an earlier block's
+    output it reads that block's next-token guess (the logit lens), which the KD term compares."""
+    prefix, _ = decoder_blocks(model)
+    owner = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
+    norm = next((getattr(owner, n) for n in FINAL_NORMS if isinstance(getattr(owner, n, None),
+                                                                     nn.Module)), None)
+    if norm is None:
+        raise ValueError(f"blockwise.kd_weight > 0: {type(model).__name__} has no final norm "
+                         f"named one of {list(FINAL_NORMS)} beside its blocks ({prefix}); set "
+                         "blockwise.kd_weight=0")
+    project = getattr(owner, "project_out", None)
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def lens(hidden: torch.Tensor) -> torch.Tensor:
+        h = norm(hidden)
+        if project is not None:
+            h = project(h)
+        logits = head(h)
+        return torch.tanh(logits / cap) * cap if cap else logits
+    return lens
+
+
+def _kd_term(lens, out: torch.Tensor, goal: torch.Tensor, spec: BlockwiseSpec,
+             divergence: nn.Module, generator: torch.Generator) -> torch.Tensor:
+    """KL(float || quantized) of the logit-lens distributions at kd_tokens sampled positions."""
+    out, goal = out.reshape(-1, out.shape[-1]), goal.reshape(-1, goal.shape[-1])
+    pos = torch.randperm(out.shape[0], generator=generator)[:spec.kd_tokens]
+    with torch.no_grad():
+        teacher = lens(goal[pos])
+    return divergence(lens(out[pos]), teacher)
+
+
 def _grid_and_weights(block: nn.Module, spec: BlockwiseSpec) -> list[dict]:
     """AdamW parameter groups: the block's weights, its scales and its zero points."""
     scales, zero_points = [], []
@@ -136,13 +175,15 @@ def cosine(step: int, total: int, floor: float = 0.1) -> float:
 
 
 def train_block(block: nn.Module, inputs: _Inputs, q_in: torch.Tensor, target: torch.Tensor,
-                fp_in: torch.Tensor | None, spec: BlockwiseSpec, generator: torch.Generator
-                ) -> int:
+                fp_in: torch.Tensor | None, spec: BlockwiseSpec, generator: torch.Generator,
+                lens: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
     """Train one block in place; its grid ends frozen as static qparams. Returns the steps taken.
 
     Each step: a mini-batch of sequences (one seeded shuffle per epoch), loss = MSE(block(q_in),
-    target) (+ MSE(block(fp_in), target) with inputs=both), AdamW on weights, scales, zero points.
+    target) (+ MSE(block(fp_in), target) with inputs=both, + kd_weight x the logit-lens KL with
+    a `lens`), AdamW on weights, scales, zero points.
     """
+    divergence = ForwardKL(spec.kd_temperature)
     trainable = {id(p): p.requires_grad for p in block.parameters()}
     groups = _grid_and_weights(block, spec)
     steps = 0
@@ -157,7 +198,11 @@ def train_block(block: nn.Module, inputs: _Inputs, q_in: torch.Tensor, target: t
                 for start in range(0, n - bs + 1, bs):
                     idx = order[start:start + bs]
                     goal = target[idx].float()
-                    loss = F.mse_loss(inputs.call(block, q_in[idx]), goal)
+                    out = inputs.call(block, q_in[idx])
+                    loss = F.mse_loss(out, goal)
+                    if lens is not None:
+                        loss = loss + spec.kd_weight * _kd_term(lens, out, goal, spec,
+                                                                divergence, generator)
                     if fp_in is not None:
                         loss = loss + F.mse_loss(inputs.call(block, fp_in[idx]), goal)
                     if not torch.isfinite(loss):
@@ -217,6 +262,7 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
     with fake_quant_disabled(float_model):
         fp = _Inputs(float_model, float_blocks, ids, spec.batch_size, dtype)
     fp_in = fp.hidden
+    lens = logit_lens(float_model) if spec.kd_weight > 0 else None
     done = store.completed() if store is not None else []
     if store is not None:
         store.update_info({"samples": n, "tokens": ids.numel()})
@@ -233,9 +279,11 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
             else:
                 t0 = time.perf_counter()
                 before = quantized.loss(block, q_in, target)
-                steps = train_block(block, quantized, q_in, target,
-                                    fp_in if spec.inputs == "both" else None, spec,
-                                    torch.Generator().manual_seed(seed * 100_003 + index))
+                with fake_quant_disabled(float_model):  # the lens is the float model's
+                    steps = train_block(block, quantized, q_in, target,
+                                        fp_in if spec.inputs == "both" else None, spec,
+                                        torch.Generator().manual_seed(seed * 100_003 + index),
+                                        lens)
                 q_out, after = quantized.run(block, q_in, target)  # the next block's inputs
                 result = BlockResult(index, f"{prefix}.{index}", before, after,
                                      round(time.perf_counter() - t0, 2), steps)
