@@ -272,7 +272,8 @@ def _write(rows: dict[str, dict]) -> None:
                    "The W3, W2, e2e-weights and kd_same_time rows ran on a 2-core Intel Xeon "
                    "(AVX-512) machine, the rows before them on a 2-core AMD EPYC. GPTQ "
                    "rows dated before 2026-12-02 ran with ptq.act_order=false "
-                   "(the default since then is true).\n\n" + table(rows))
+                   "(the default since then is true). The W4 `block_qat_kd (block lr 1e-3)` row "
+                   "(2026-12-03) ran alone (load average 0.0 at its start).\n\n" + table(rows))
 
 
 if __name__ == "__main__":
