@@ -6,12 +6,12 @@ python bench/decode.py --tokens 32 --model tiny
 The quantized side is a real export (written to a temporary directory, reloaded with
 qat.load_quantized: packed int4 weights), served two ways: torch's int4 kernel in bf16 as vLLM-style
 CPU serving would, and our AVX2 GEMV in float32 with the embedding/head held as int8 rows (where
-qat.decode's lean loop runs every decoder layer of a token in one native call; the same loop in torch
-ops is timed beside it). Its weights are the round-to-nearest grid, which decodes at the same
-speed as trained ones. Every model decodes the same prompt greedily with Hugging Face `generate`
-and with the lean loop (the same tokens, checked); tokens/s is the median over repeats, weight
-memory the bytes of parameters and buffers the model holds. Writes bench/results/decode.json and the decode section of
-BENCHMARKS.md.
+qat.serve.decode's lean loop runs every decoder layer of a token in one native call; the same loop
+in torch ops is timed beside it). Its weights are the round-to-nearest grid, which decodes at the
+same speed as trained ones. Every model decodes the same prompt greedily with Hugging Face
+`generate` and with the lean loop (the same tokens, checked); tokens/s is the median over repeats,
+weight memory the bytes of parameters and buffers the model holds. Writes
+bench/results/decode.json and the decode section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, markdown_table, update_section, write_results  # noqa: E402
 
-from qat.decode import greedy, native_step, new_caches  # noqa: E402
-from qat.eval.evaluate import held_out_ids, protocol_sets  # noqa: E402
+from qat.serve.decode import greedy, native_step, new_caches  # noqa: E402
+from qat.data.protocol import held_out_ids, protocol_sets  # noqa: E402
 from qat.eval.perplexity import perplexity  # noqa: E402
 from qat.export.load import load_quantized, weight_bytes  # noqa: E402
-from qat.kernels import native  # noqa: E402
+from qat import native  # noqa: E402
 from qat.export.writer import export_model  # noqa: E402
 from qat.models import ModelSpec, load_model  # noqa: E402
 from qat.quant import QuantConfig, WeightSpec, prepare  # noqa: E402
@@ -52,7 +52,7 @@ def model_bytes(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def decode(model, ids: torch.Tensor, tokens: int, repeats: int,
            lean: bool, native_step: bool = True) -> tuple[float, torch.Tensor]:
-    """Median tokens/s of greedy decoding `tokens` new tokens with HF generate or qat.decode
+    """Median tokens/s of greedy decoding `tokens` new tokens with HF generate or qat.serve.decode
     (with or without its one-call native step); and the tokens of the last repeat."""
     def run(n):
         if lean:
@@ -99,7 +99,7 @@ def main() -> None:
         rate, out = decode(m, ids, args.tokens, args.repeats, lean=False)
         lean_rate, lean_out = decode(m, ids, args.tokens, args.repeats, lean=True)
         if not torch.equal(out, lean_out):
-            raise SystemExit(f"{name}: qat.decode and generate disagree on the greedy tokens")
+            raise SystemExit(f"{name}: qat.serve.decode and generate disagree on the greedy tokens")
         row = {"model": args.model, "weights": name, "kernels": kernels, "tokens": args.tokens,
                "tokens_per_s": round(rate, 2), "lean_tokens_per_s": round(lean_rate, 2),
                "weight_bytes": model_bytes(m), "sample": tokenizer.decode(out[:12])}
@@ -127,7 +127,7 @@ def main() -> None:
     write_results("decode", rows)
     update_section("decode", "## Decode speed (greedy, CPU)\n\n"
                    f"`{command()}` on {machine()}. Greedy decode of {args.tokens} new tokens, "
-                   "batch 1, with Hugging Face `generate` (tokens_per_s) and with `qat.decode`'s "
+                   "batch 1, with Hugging Face `generate` (tokens_per_s) and with `qat.serve.decode`'s "
                    "lean loop (lean_tokens_per_s; the same tokens, checked), OMP_WAIT_POLICY "
                    f"{os.environ.get('OMP_WAIT_POLICY', 'unset (default)')}, median of "
                    f"{args.repeats}; weight memory = bytes of all parameters and buffers held "

@@ -3,7 +3,7 @@
 python bench/decode_contention.py [--tokens 128] [--competitors 4] [--repeats 3] [--model NAME]
 
 The served model is bench/decode.py's fastest: the W4 g64 export in float32 with the int8 table,
-decoded by qat.decode.greedy (one native call per token). Each team size runs on a quiet machine and
+decoded by qat.serve.decode.greedy (one native call per token). Each team size runs on a quiet machine and
 then beside `--competitors` busy-looping Python processes at the same priority: `auto` (the
 default: qat.kernels.threads picks the team size from the measured step times), one thread, and all
 of them (OpenMP's default before the governor). Run it alone: the quiet rows need a quiet machine
@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, markdown_table, update_section, write_results  # noqa: E402
 
-from qat.decode import greedy  # noqa: E402
+from qat.serve.decode import greedy  # noqa: E402
 from qat.export.load import load_quantized  # noqa: E402
 from qat.export.writer import export_model  # noqa: E402
-from qat.kernels import native  # noqa: E402
+from qat import native  # noqa: E402
 from qat.models import ModelSpec, load_model  # noqa: E402
 from qat.quant import QuantConfig, WeightSpec, prepare  # noqa: E402
 
@@ -90,7 +90,7 @@ def main() -> None:
     loaded = {r["threads"]: r["tokens_per_s"] for r in rows if r["competing_processes"]}
     update_section("decode_contention", "## Decode under contention (greedy, CPU)\n\n"
                    f"`{command()}` on {machine()}: the W4 g64 export (float32, int8 table) "
-                   f"decoding {args.tokens} tokens with qat.decode.greedy (median of "
+                   f"decoding {args.tokens} tokens with qat.serve.decode.greedy (median of "
                    f"{args.repeats} rounds over the team sizes, alternating their order), quiet and beside "
                    f"{args.competitors} busy-looping processes at the same priority. `auto` is the "
                    "default (qat.kernels.threads: the team size follows the measured step times); "

@@ -8,7 +8,7 @@ per-channel), both through the autotuned op and with every config of the tuning 
 in the dry run, where the interpreter executes them on CPU). "_t" rows store the same words transposed,
 (KW, N), so that word loads run along N: an experiment to decide whether a loader should transpose them.
 
-Imports only torch, triton and qat.kernels / qat.export.pack: runs where the training stack is absent.
+Imports only torch, triton and qat.kernels / qat.format.pack: runs where the training stack is absent.
 Writes bench/results/gpu_kernels.json (dry run: gpu_kernels_dryrun.json).
 Run: bash bench/gpu.sh [--quick] | python bench/gpu_kernels.py --dry-run (CPU, TRITON_INTERPRET=1, tiny)
 """
@@ -31,7 +31,7 @@ import triton  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing qat
 
-from qat.export.pack import pack  # noqa: E402
+from qat.format.pack import pack  # noqa: E402
 from qat.kernels import linear_reference  # noqa: E402
 from qat.kernels import triton_linear  # noqa: E402  (registers torch.ops.qat.quantized_linear)
 

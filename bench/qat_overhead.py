@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, markdown_table, update_section, write_results  # noqa: E402
 
-from qat.generate import resident_bytes  # noqa: E402
+from qat.serve.generate import resident_bytes  # noqa: E402
 from qat.models import ModelSpec, load_model  # noqa: E402
 from qat.quant import QuantConfig, WeightSpec, prepare  # noqa: E402
 
@@ -57,8 +57,9 @@ def fake_quant_parts(model) -> dict[str, float]:
     fake-quantized weight (made twice a step: forward, and recomputed in backward) and the
     straight-through mask. What the step ratio shows beyond their sum is per-layer Python and
     autograd work, and noise."""
-    from qat.kernels import native
-    from qat.quant.grid import compute_qparams, minmax, qrange
+    from qat import native
+    from qat.format.grid import compute_qparams, qrange
+    from qat.quant.observers import minmax
     from qat.quant.modules import FakeQuantLinear
     from qat.quant.ste import _ste_grads, fake_quant_values
 

@@ -33,5 +33,5 @@ def compose_train(overrides=()):
     """The train config composed from conf/ with `overrides`, as `python train.py ...` would."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "qat" / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))

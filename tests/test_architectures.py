@@ -70,9 +70,10 @@ def test_train_export_load_serves_the_trained_model(model_type, tmp_path):
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
-    from qat.export.checkpoint import model_from_checkpoint
-    from qat.export.compressed_tensors import as_exported, read_config
+    from qat.export.compressed_tensors import as_exported
     from qat.export.load import load_quantized
+    from qat.format.schema import read_config
+    from qat.models.checkpoint import model_from_checkpoint
     from qat.quant import FakeQuantLinear
 
     source = tiny_model_dir(model_type, tmp_path)
@@ -157,7 +158,7 @@ def test_layout_dependent_features_refuse_before_any_work(model_type, overrides,
 
 def test_gpt2_pruned_float_conv1d_is_exported_in_its_own_layout(tmp_path):
     """2:4 pruning turns every Conv1D into a Linear; one kept in float goes back to (in, out)."""
-    from qat.export.checkpoint import model_from_checkpoint
+    from qat.models.checkpoint import model_from_checkpoint
     from qat.export.compressed_tensors import as_exported
     from qat.export.load import load_quantized
 

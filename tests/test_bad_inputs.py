@@ -78,8 +78,13 @@ CONFIG_CASES = {
     "negative learning rate": (["optim.lr=-1"], r"optim\.lr=-1"),
     "negative max_steps": (["trainer.max_steps=-5"], r"trainer\.max_steps=-5"),
     "mistyped trainer key": (["+trainer.max_step=20"],
-                             r"trainer\.max_step is not a Lightning Trainer argument \(did you mean "
-                             r"max_steps.*accepted: .*accumulate_grad_batches"),
+                             r"trainer\.max_step is not a known key \(did you mean max_steps.*trainer "
+                             r"accepts: .*accumulate_grad_batches"),
+    "unknown quant key": (["+quant.weight.bitz=4"],
+                          r"quant\.weight\.bitz is not a known key \(did you mean bits.*accepts: "),
+    "unknown block-stage key": (["+blockwise.epoch=2"], r"blockwise\.epoch .*did you mean epochs"),
+    "unknown data key": (["+data.blocksize=64"], r"data\.blocksize .*did you mean block_size"),
+    "unknown top-level key": (["+optimm.lr=1"], r"optimm .*did you mean optim"),
     "unknown export dtype": (["export.dtype=int8"], r"export\.dtype='int8'"),
     "unknown export backend": (["export.eval_backend=fast"], r"export\.eval_backend='fast'"),
     "resume with no checkpoint": (["ckpt_path=last"], r"ckpt_path=last: no checkpoint at .*last\.ckpt"),
@@ -230,5 +235,5 @@ def test_loading_is_safe_by_construction():
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path}: {call}"
         assert not re.search(r"^\s*(import|from) (c?pickle|dill)\b", text, re.M), path
-    for path in (ROOT / "conf").rglob("*.yaml"):
+    for path in (ROOT / "qat" / "conf").rglob("*.yaml"):
         assert "trust_remote_code: true" not in path.read_text(), path

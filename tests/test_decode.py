@@ -1,13 +1,13 @@
-"""qat.decode.greedy: the same greedy tokens as Hugging Face generate, for float and exported models."""
+"""qat.serve.decode.greedy: the same greedy tokens as Hugging Face generate, for float and exported models."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qat.decode import greedy, native_step, new_caches
+from qat.serve.decode import greedy, native_step, new_caches
 from qat.export.load import load_quantized
 from qat.export.writer import export_model
-from qat.kernels import native
+from qat import native
 from qat.quant import QuantConfig, WeightSpec, prepare
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler or AVX2/FMA")

@@ -9,12 +9,12 @@ import torch
 
 from qat.distill import (JSD, DistillSpec, Distiller, ForwardKL, HiddenStateLoss, ReverseKL,
                          chunked_token_loss, freeze)
-from qat.distill.generate import generated_blocks
+from qat.distill.teacher_text import generated_blocks
 from qat.distill.losses import shifted_targets
 from qat.lightning.run import ConfigError, train
 from conftest import compose_train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "qat" / "conf"
 TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "trainer.enable_progress_bar=false"]
 LOSSES = {"forward_kl": ForwardKL, "reverse_kl": ReverseKL, "jsd": JSD}
 

@@ -25,7 +25,7 @@ def tiny_run(tmp_path_factory):
     from qat.lightning.run import train
 
     run_dir = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "qat" / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
             "model=tiny", "data=tiny", "logger=none", "trainer.max_steps=2",
             "trainer.enable_progress_bar=false", "recipe=w4g128", "eval.fp_ppl=false"])
@@ -44,7 +44,8 @@ def by_hand_ppl(model, ids, window, n_windows):
 
 
 def test_float_model_matches_a_direct_computation(tmp_path, capsys):
-    from qat.lightning.data import DataSpec, TextDataModule
+    from qat.data import DataSpec
+    from qat.lightning.data import TextDataModule
     from qat.models import ModelSpec, load_model
 
     out = run_cli(["tiny"] + TINY_SETS, tmp_path)
@@ -71,7 +72,7 @@ def test_run_dir_reproduces_the_runs_ppl(tiny_run, tmp_path):
 
 
 def test_export_dir_matches_the_run(tiny_run, tmp_path):
-    from qat.export.checkpoint import model_from_checkpoint
+    from qat.models.checkpoint import model_from_checkpoint
     from qat.export.writer import export_model
 
     run_dir, metrics = tiny_run

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qat.export.compressed_tensors import as_exported, read_config
+from qat.export.compressed_tensors import as_exported
 from qat.export.load import load_quantized, weight_bytes
 from qat.export.writer import export_model
+from qat.format.schema import read_config
 from qat.kernels import QuantizedLinear
 from qat.quant import QuantConfig, WeightSpec, prepare
 
@@ -53,6 +54,38 @@ def test_served_equals_trained(peaked_llama, tmp_path, name):
     with torch.no_grad():
         torch.testing.assert_close(served(ids).logits, trained, rtol=1e-5, atol=1e-5)
     assert torch.equal(_greedy(served, ids[:1]), _greedy(peaked_llama, ids[:1]))
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_convert_in_memory_is_the_export_read_back(peaked_llama, tmp_path, name):
+    """convert() builds, without files, bit for bit the model load_quantized reads from the export;
+    the fake-quantized model it came from is left as it was (a copy)."""
+    from qat.export import convert
+
+    prepare(peaked_llama, QuantConfig(weight=SPECS[name]))
+    before = {k: v.clone() for k, v in peaked_llama.state_dict().items()}
+    served = convert(peaked_llama, torch.bfloat16, backend="reference")
+    assert all(torch.equal(v, before[k]) for k, v in peaked_llama.state_dict().items())
+    export_model(served, None, tmp_path / "export")
+    reread = load_quantized(tmp_path / "export", dtype=torch.bfloat16, backend="reference")
+    mine, theirs = served.state_dict(), reread.state_dict()
+    assert mine.keys() == theirs.keys()
+    for key, value in mine.items():
+        assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), key
+    # the export of the converted model is the export of the fake-quantized one, file for file
+    export_model(peaked_llama, None, tmp_path / "direct")
+    for f in ("model.safetensors", "config.json", "README.md", "serving_report.json"):
+        assert (tmp_path / "export" / f).read_bytes() == (tmp_path / "direct" / f).read_bytes(), f
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(served(ids).logits, reread(ids).logits)
+
+
+def test_convert_refuses_a_model_without_fake_quantization(tiny_llama):
+    from qat.export import convert
+
+    with pytest.raises(ValueError, match="no fake-quantized Linear"):
+        convert(tiny_llama)
 
 
 def test_bf16_export_with_fast_kernels_is_close(peaked_llama, tmp_path):

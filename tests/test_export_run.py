@@ -82,7 +82,7 @@ def test_export_cli_bad_checkpoint(tmp_path):
 
 def test_generate_cli_on_export(exported_run):
     run_dir, _ = exported_run
-    out = subprocess.run([sys.executable, "-m", "qat.generate", str(run_dir / "export"), "The",
+    out = subprocess.run([sys.executable, "-m", "qat.serve", str(run_dir / "export"), "The",
                           "--max-new-tokens", "8"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "tokens/s" in out.stderr and "resident" in out.stderr

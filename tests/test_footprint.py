@@ -6,7 +6,7 @@ import pytest
 from qat.eval.footprint import (LinearShape, ModelShapes, estimated_bits_per_weight, export_footprint,
                                 layer_bytes, model_bytes, model_shapes, naive_bytes,
                                 safetensors_bytes)
-from qat.footprint import main
+from qat.footprint.__main__ import main
 from qat.quant import QuantConfig, WeightSpec, prepare
 
 

@@ -54,8 +54,9 @@ def test_compressed_tensors_checkpoint_loads_with_its_weights(tiny_llama, tmp_pa
                                                               symmetric):
     from transformers import AutoModelForCausalLM
 
-    from qat.export.compressed_tensors import spec_from_args
     from qat.export.serving import transformers_issues
+    from qat.format.schema import scheme_from_args
+    from qat.quant import WeightSpec
     from qat.quant.swap import LayerReport
 
     meant = ct_checkpoint(tiny_llama, tmp_path, num_bits=bits, symmetric=symmetric)
@@ -69,7 +70,8 @@ def test_compressed_tensors_checkpoint_loads_with_its_weights(tiny_llama, tmp_pa
                                    atol=1e-6)
 
     # the serving report's transformers verdict is what transformers does with this checkpoint
-    spec = spec_from_args(written["config_groups"]["group_0"]["weights"], "config.json")
+    spec = WeightSpec.from_scheme(scheme_from_args(written["config_groups"]["group_0"]["weights"],
+                                                   "config.json"))
     assert (spec.bits, spec.symmetric, spec.group_size) == (bits, symmetric, GROUP)
     layers = [LayerReport(name, w.shape[1], w.shape[0], spec, None) for name, w in meant.items()]
     servable = not transformers_issues(layers)

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qat.export.pack import pack
+from qat.format.pack import pack
 from qat.kernels import QuantizedLinear, dequantize_weight, linear_reference, triton_available
-from qat.kernels import cpu, native
+from qat import native
+from qat.kernels import cpu
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +224,7 @@ def test_rejects_unrounded_scales_and_bad_shapes():
 
 
 def test_kernels_import_with_torch_only():
-    code = ("import sys, qat.kernels, qat.export.pack; "
+    code = ("import sys, qat.kernels, qat.format.pack; "
             "heavy = {'triton', 'transformers', 'hydra', 'lightning', 'datasets', 'wandb'}; "
             "loaded = heavy & {m.split('.')[0] for m in sys.modules}; assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,

@@ -115,7 +115,7 @@ def test_reference_model_matches_the_protocol():
     protocol windows against a direct computation."""
     from qat.data.corpora import wiki_summaries_entries
     from qat.eval.perplexity import perplexity
-    from qat.lightning.data import split_entries, tokenize
+    from qat.data import split_entries, tokenize
 
     model, tok = load_model(ModelSpec())
     assert sum(p.numel() for p in model.parameters()) == 134_515_008

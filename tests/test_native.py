@@ -1,4 +1,4 @@
-"""Our CPU GEMV (qat/kernels/csrc/gemv.c) and the int8 embedding/head: float32 results equal to
+"""Our CPU GEMV (qat/csrc/gemv.c) and the int8 embedding/head: float32 results equal to
 the reference dequantization up to summation order; skipped where the CPU lacks AVX2/FMA or no C
 compiler is installed."""
 from __future__ import annotations
@@ -9,7 +9,8 @@ from test_kernels import direct_weight, make_codes
 
 from qat.export.writer import export_model
 from qat.export.load import load_quantized, weight_bytes
-from qat.kernels import QuantizedLinear, native
+from qat import native
+from qat.kernels import QuantizedLinear
 from qat.kernels.embedding import Int8Embedding, Int8Head, quantize_rows
 from qat.quant import QuantConfig, WeightSpec, prepare
 
@@ -107,7 +108,7 @@ def test_load_with_int8_embeddings(tiny_llama, tmp_path):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("size", [64, 576, 13])
 def test_fused_fake_quant_is_bit_identical_to_torch(bits, symmetric, size):
-    from qat.quant.grid import qrange
+    from qat.format.grid import qrange
     from qat.quant.ste import _ste_grads, fake_quant_values
 
     g = torch.Generator().manual_seed(bits * 100 + size)
@@ -148,7 +149,7 @@ def test_fake_quant_linear_gradients_unchanged_by_the_fused_kernel(monkeypatch):
 @needs_native
 @pytest.mark.parametrize("size", [64, 13, 8, 1])
 def test_native_minmax_equals_amin_amax(size):
-    from qat.quant.grid import minmax
+    from qat.quant.observers import minmax
 
     w = torch.randn(7, 5, size, generator=torch.Generator().manual_seed(size))
     w[1, 2, -1] = float("nan")  # torch propagates NaN: so must we, wherever it sits

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qat.export import pack as packing
-from qat.export.pack import pack, pack_zero_points, packed_words, unpack, unpack_zero_points
+from qat.format import pack as packing
+from qat.format.pack import pack, pack_zero_points, packed_words, unpack, unpack_zero_points
 
 BITS = range(2, 9)
 # odd widths: shorter than a word, not a multiple of 32 / bits, exactly one 32-element block, several

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from qat.eval.perplexity import eval_windows, perplexity, window_nll
-from qat.lightning.data import DataSpec, TextDataModule
+from qat.data import DataSpec
+from qat.lightning.data import TextDataModule
 from qat.models import ModelSpec, load_model
 
 

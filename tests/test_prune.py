@@ -6,7 +6,7 @@ from torch import nn
 from qat.prune import (PruneSpec, check_nm, collect_input_norms, compute_masks, global_masks,
                        gradual_sparsity, last_update_at, nm_mask, prune, shrink, sparsity_at,
                        sparsity_report, unstructured_mask, wanda_score)
-from qat.quant import FakeQuantLinear, QuantConfig, WeightSpec, convert, prepare
+from qat.quant import FakeQuantLinear, QuantConfig, WeightSpec, prepare, unprepare
 
 
 def tied_scores(*shape, seed=0):
@@ -215,10 +215,10 @@ def test_shrink_refuses_fake_quant_layers_and_uneven_layers(tiny_llama):
     with pytest.raises(ValueError, match="different numbers of MLP channels"):
         shrink(tiny_llama, uneven)
     prepare(tiny_llama, QuantConfig(weight=WeightSpec(bits=4, group_size=64)))
-    with pytest.raises(ValueError, match="convert"):
+    with pytest.raises(ValueError, match="unprepare"):
         shrink(tiny_llama, masks)
     assert tiny_llama.config.intermediate_size == 256  # nothing touched
-    convert(tiny_llama)
+    unprepare(tiny_llama)
     assert shrink(tiny_llama, masks)["config"] == {"intermediate_size": 128}
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qat.export.pack import unpack
+from qat.format.pack import unpack
 from qat.lightning.run import train
 from qat.prune import check_nm
 from conftest import compose_train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "qat" / "conf"
 TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false"]
 
 
@@ -41,7 +41,7 @@ def test_2of4_kd_run_exports_exactly_2of4_codes(tmp_path):
 
 
 def _zero_points(tensors, name, bits, out_f, groups):
-    from qat.export.pack import unpack_zero_points
+    from qat.format.pack import unpack_zero_points
 
     packed = tensors.get(f"{name}.weight_zero_point")
     if packed is None:
@@ -50,7 +50,7 @@ def _zero_points(tensors, name, bits, out_f, groups):
 
 
 def test_head_pruning_trains_exports_and_rebuilds_a_smaller_model(tmp_path):
-    from qat.export.checkpoint import model_from_checkpoint
+    from qat.models.checkpoint import model_from_checkpoint
     from qat.export.load import load_quantized
 
     cfg = compose_train(TINY + ["recipe=prune50_w4g64_kd", "prune=magnitude", "prune.pattern=heads",

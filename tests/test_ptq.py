@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
+from qat.format.grid import compute_qparams, dequantize, quantize
 from qat.export.load import load_quantized
 from qat.export.writer import export_model
 from qat.ptq import PTQSpec, gptq_quantize, kl_to_float, quantize_model, rtn_qparams
 from qat.ptq.apply import write_layer
 from qat.ptq.rtn import fake_quant, grouped
 from qat.quant import FakeQuantLinear, QuantConfig, WeightSpec, prepare
-from qat.quant.grid import compute_qparams, dequantize, quantize
 
 GROUP = WeightSpec(bits=3, group_size=32)
 SPECS = {

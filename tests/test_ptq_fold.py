@@ -4,12 +4,12 @@ import copy
 import pytest
 import torch
 
+from qat.format.grid import dequantize, quantize
 from qat.ptq import kl_to_float, quantize_model
 from qat.ptq.awq import clip_qparams, output_error
 from qat.ptq.calibrate import batched_forward, collect_input_stats
 from qat.ptq.rtn import fake_quant, grouped, rtn_qparams
 from qat.quant import QuantConfig, WeightSpec, prepare, set_fake_quant_enabled
-from qat.quant.grid import dequantize, quantize
 
 SPEC = WeightSpec(bits=3, group_size=32)
 

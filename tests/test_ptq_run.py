@@ -8,7 +8,7 @@ from qat.lightning.run import ConfigError, train
 from qat.ptq import bits_per_weight
 from conftest import compose_train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "qat" / "conf"
 TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
         "ptq.calibration_samples=16", "ptq.seq_len=64", "ptq.progress=false"]
 
@@ -23,7 +23,7 @@ def test_ptq_only_run_exports_and_reloads_like_a_qat_run(tmp_path):
 
 
 def test_gptq_init_then_qat_trains_from_the_calibrated_grid(tmp_path):
-    from qat.export.checkpoint import model_from_checkpoint
+    from qat.models.checkpoint import model_from_checkpoint
     from qat.quant import FakeQuantLinear
 
     cfg = compose_train(TINY + ["recipe=awq_w4g128", "trainer.max_steps=2"])

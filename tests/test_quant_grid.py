@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qat.format.grid import DTYPES, qrange
 from qat.quant import WeightSpec
 from qat.quant.fake_quant import FakeQuantWeight
-from qat.quant.grid import DTYPES, qrange
 
 BITS = range(2, 9)
 LAYOUTS = [("tensor", None), ("channel", None), ("group", 16), ("group", 32)]

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
+from qat.format.grid import qrange
 from qat.quant import WeightSpec
 from qat.quant.fake_quant import FakeQuantActivation, FakeQuantWeight
-from qat.quant.grid import qrange
 from qat.quant.spec import ActivationSpec
 from qat.quant.ste import fake_quantize
 

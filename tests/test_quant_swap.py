@@ -1,9 +1,9 @@
-"""prepare / convert on a real (tiny) transformers model."""
+"""prepare / unprepare on a real (tiny) transformers model."""
 import pytest
 import torch
 from torch import nn
 
-from qat.quant import FakeQuantLinear, QuantConfig, WeightSpec, convert, prepare
+from qat.quant import FakeQuantLinear, QuantConfig, WeightSpec, prepare, unprepare
 from qat.quant.swap import set_fake_quant_enabled
 
 DECODER_LINEARS = 7 * 2  # q k v o gate up down, 2 layers
@@ -60,18 +60,18 @@ def test_regex_patterns(tiny_llama):
 @pytest.mark.parametrize("spec", [WeightSpec(bits=4, group_size=64),
                                   WeightSpec(bits=3, granularity="channel", symmetric=False),
                                   WeightSpec(bits=2, group_size=32, symmetric=False, learnable_scale=True)])
-def test_convert_bake_equals_fake_quant_forward(tiny_llama, spec):
+def test_unprepare_bake_equals_fake_quant_forward(tiny_llama, spec):
     ids = torch.randint(0, 300, (2, 16))
     prepare(tiny_llama, QuantConfig(weight=spec))
     with torch.no_grad():
         fake = tiny_llama(ids).logits
-        convert(tiny_llama, bake=True)
+        unprepare(tiny_llama, bake=True)
         plain = tiny_llama(ids).logits
     assert not any(isinstance(m, FakeQuantLinear) for m in tiny_llama.modules())
     torch.testing.assert_close(plain, fake, rtol=0, atol=0)
 
 
-def test_convert_without_bake_and_disabled_quant_give_the_float_model(tiny_llama):
+def test_unprepare_without_bake_and_disabled_quant_give_the_float_model(tiny_llama):
     ids = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         reference = tiny_llama(ids).logits
@@ -80,7 +80,7 @@ def test_convert_without_bake_and_disabled_quant_give_the_float_model(tiny_llama
         set_fake_quant_enabled(tiny_llama, False)
         disabled = tiny_llama(ids).logits
         set_fake_quant_enabled(tiny_llama, True)
-        convert(tiny_llama, bake=False)
+        unprepare(tiny_llama, bake=False)
         restored = tiny_llama(ids).logits
     assert not torch.equal(quantized, reference)
     torch.testing.assert_close(disabled, reference, rtol=0, atol=0)

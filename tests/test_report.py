@@ -5,7 +5,7 @@ import pytest
 
 from qat.eval.report import parse_scheme
 from qat.quant import WeightSpec
-from qat.report import main
+from qat.report.__main__ import main
 
 LAYERS = [f"model.layers.{i}.{p}" for i in range(2) for p in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -73,10 +73,10 @@ def test_fixed_team_size_and_a_single_core():
 
 
 def test_greedy_tokens_do_not_depend_on_the_team_size(tmp_path):
-    from qat.decode import greedy
+    from qat.serve.decode import greedy
     from qat.export.load import load_quantized
     from qat.export.writer import export_model
-    from qat.kernels import native
+    from qat import native
     from qat.models import ModelSpec
     from qat.models.tiny import tiny_model, tiny_tokenizer
     from qat.quant import QuantConfig, WeightSpec, prepare

@@ -10,7 +10,7 @@ from qat.lightning.run import ConfigError, train
 from qat.quant import FakeQuantLinear
 from conftest import compose_train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "qat" / "conf"
 TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=csv", "trainer.enable_progress_bar=false"]
 
 
@@ -39,7 +39,7 @@ def test_checkpoint_loads_safely_and_holds_config_and_scales(tmp_path):
 
 
 def test_learned_scales_move_and_get_their_own_lr(tmp_path):
-    from qat.export.checkpoint import model_from_checkpoint
+    from qat.models.checkpoint import model_from_checkpoint
 
     cfg = compose_train(TINY + ["recipe=w2g64", "trainer.max_steps=4", "optim.scale_lr=1e-2"])
     train(cfg, run_dir=tmp_path)
@@ -81,7 +81,7 @@ def test_train_py_runs_from_the_command_line(tmp_path):
     import subprocess
     import sys
 
-    root = CONF.parent
+    root = CONF.parents[1]
     out = subprocess.run([sys.executable, str(root / "train.py"), *TINY, "trainer.max_steps=2",
                           "trainer.enable_progress_bar=true", "eval.cache_fp_ppl=false",
                           f"hydra.run.dir={tmp_path}/run"],

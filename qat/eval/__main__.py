@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from qat.eval.evaluate import evaluate, protocol_sets
+from qat.data.protocol import protocol_sets
+from qat.eval.evaluate import evaluate
 from qat.eval.tables import text_table
 
 
@@ -26,7 +27,7 @@ def format_results(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qat.eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog="qat-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="run dir, .ckpt, export dir, model dir or builtin name")
     parser.add_argument("--data", default="wiki", help="in-domain corpus (builtin, file or hub id)")

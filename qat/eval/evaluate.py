@@ -1,6 +1,7 @@
 """Protocol perplexity of anything we produce: a float model, a training run, or an export.
 
-The token ids are built by the very functions `qat.lightning.data.TextDataModule` uses (same split,
+The token ids are built by the very functions `qat.lightning.data.TextDataModule` uses
+(qat.data.protocol) (same split,
 same join, same tokenization), without tokenizing a training split nobody scores here; the windows
 and the NLL pooling are `qat.eval.perplexity`'s. So a run's `ppl` in metrics.json and this module's
 number for the same run directory agree.
@@ -9,49 +10,17 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from qat.data.protocol import EvalSet, held_out_ids
 from qat.eval.perplexity import PerplexityResult, perplexity
 
 KINDS = ("float", "run", "export")
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """One scored text: a corpus, its held-out fraction and how many windows of it count."""
-
-    name: str  # the label in tables and JSON: "eval" (in-domain) or "ood"
-    corpus: str  # builtin (wiki | shakespeare | tiny), a local .txt/.json/.jsonl, or a hub id
-    fraction: float = 0.05  # the last fraction of entries is held out
-    windows: int = 64
-    text_field: str = "text"
-
-
-def protocol_sets(data: str = "wiki", ood: str | None = "shakespeare", windows: int = 64,
-                  ood_windows: int = 32, fraction: float = 0.05,
-                  ood_fraction: float = 0.05) -> list[EvalSet]:
-    """eval-protocol.md's two sets by default: 64 wiki windows and 32 Shakespeare windows."""
-    sets = [EvalSet("eval", data, fraction, windows)]
-    if ood is not None:
-        sets.append(EvalSet("ood", ood, ood_fraction, ood_windows))
-    return sets
-
-
-def held_out_ids(tokenizer, eval_set: EvalSet) -> torch.Tensor:
-    """(N,) ids of the held-out entries joined by blank lines, as TextDataModule builds them."""
-    from qat.lightning.data import load_texts, split_entries, tokenize
-
-    texts = load_texts(eval_set.corpus, eval_set.text_field, f"{eval_set.name} corpus", hub=True)
-    _, held_out = split_entries(texts, eval_set.fraction)
-    if not held_out:
-        raise ValueError(f"{eval_set.name} corpus {eval_set.corpus!r}: {len(texts)} entries leave "
-                         f"nothing to hold out at fraction {eval_set.fraction}")
-    return tokenize(tokenizer, held_out)
 
 
 def source_kind(source: str | Path) -> str:
@@ -79,7 +48,7 @@ def load_for_eval(source: str | Path, backend: str = "auto",
     kind = source_kind(source)
     path = Path(source).expanduser()
     if kind == "run":
-        from qat.export.checkpoint import model_from_checkpoint
+        from qat.models.checkpoint import model_from_checkpoint
         from qat.export.compressed_tensors import as_exported
         from qat.quant import fake_quant_modules
 

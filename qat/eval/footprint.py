@@ -237,7 +237,7 @@ def export_footprint(directory: str | Path) -> dict:
     """
     from transformers import AutoConfig
 
-    from qat.export.compressed_tensors import WEIGHTS_FILE, read_config
+    from qat.format.schema import WEIGHTS_FILE, read_config
     from qat.export.load import layer_specs
 
     directory = Path(directory)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qat.data.protocol import eval_windows
+
 # rows of logits turned into losses at once: (CHUNK, V) float32 at V=49152 is 48 MiB, so the
 # log-softmax of a window never materialises a second (B, T, V) float32 copy of the logits
 CE_CHUNK_ROWS = 256
@@ -28,34 +30,6 @@ class PerplexityResult:
     n_tokens: int  # predicted tokens: n_windows * (window - 1)
     n_windows: int
     seconds: float = 0.0  # wall time of the forward passes
-
-
-def eval_windows(ids: torch.Tensor, window: int, max_windows: int | None = None) -> torch.Tensor:
-    """Cut a 1-D token tensor into its first non-overlapping windows.
-
-    Args:
-        ids: (N,) token ids.
-        window: tokens per window.
-        max_windows: keep at most this many (None: all complete windows).
-
-    Returns:
-        (W, window) int64, W = min(max_windows, N // window); the ragged tail is dropped.
-
-    Raises:
-        ValueError: fewer than `window` tokens, or bad `window` / `max_windows`.
-    """
-    if ids.dim() != 1:
-        raise ValueError(f"ids must be 1-D token ids, got shape {tuple(ids.shape)}")
-    if window < 2:
-        raise ValueError(f"window must be >= 2 (one context + one predicted token), got {window}")
-    if max_windows is not None and max_windows < 1:
-        raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
-    n = ids.numel() // window
-    if n == 0:
-        raise ValueError(f"{ids.numel()} tokens are fewer than one eval window of {window}")
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return ids[: n * window].view(n, window).long()
 
 
 def window_nll(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:

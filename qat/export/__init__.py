@@ -1,4 +1,5 @@
-"""Export: bit packing and the compressed-tensors checkpoint writer/reader.
+"""Export: the served model in memory (`convert`), the compressed-tensors checkpoint writer and
+reader, and what each serving target can run. The integer packing itself is qat.format."""
+from qat.export.convert import convert
 
-Kept import-light on purpose: the inference kernels import `qat.export.pack` with only torch installed.
-"""
+__all__ = ["convert"]

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from qat.export.checkpoint import model_from_checkpoint
+from qat.models.checkpoint import model_from_checkpoint
 from qat.export.writer import export_model
 
 
@@ -22,7 +22,7 @@ def card_facts(ckpt: str, config: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qat.export", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qat-export", description=__doc__)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     parser.add_argument("--out", required=True, help="export directory to create")
     args = parser.parse_args(argv)

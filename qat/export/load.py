@@ -14,11 +14,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from qat.export.compressed_tensors import WEIGHTS_FILE, read_config, spec_from_args
-from qat.export.pack import packed_words, unpack_zero_points
+from qat.export.convert import serving_linear
+from qat.format.pack import packed_words
+from qat.format.schema import WEIGHTS_FILE, read_config, scheme_from_args
 from qat.kernels import QuantizedLinear
 from qat.quant.spec import WeightSpec
-from qat.quant.structure import features, is_projection
+from qat.quant.structure import features, is_projection, source_class
 
 
 def _matches(name: str, module: nn.Module, target: str) -> bool:
@@ -29,7 +30,7 @@ def _matches(name: str, module: nn.Module, target: str) -> bool:
 
 def layer_specs(model: nn.Module, qconfig: dict[str, Any], where: str) -> dict[str, WeightSpec]:
     """Which Linear gets which scheme, resolved as compressed-tensors does (ignore wins)."""
-    groups = [(g.get("targets", []), spec_from_args(g["weights"], f"{where} {name}"))
+    groups = [(g.get("targets", []), WeightSpec.from_scheme(scheme_from_args(g["weights"], f"{where} {name}")))
               for name, g in qconfig.get("config_groups", {}).items() if g.get("weights")]
     ignore = qconfig.get("ignore", [])
     specs = {}
@@ -51,7 +52,7 @@ def _tensor(f, key: str, path: Path) -> torch.Tensor:
 
 
 def _quantized_linear(f, name: str, module: nn.Module, spec: WeightSpec, path: Path,
-                      keys: set[str]) -> QuantizedLinear:
+                      keys: set[str], backend: str) -> QuantizedLinear:
     shape = _tensor(f, f"{name}.weight_shape", path).tolist()
     in_features, out_features = features(module)  # a Conv1D is stored as the Linear it is
     if shape != [out_features, in_features]:
@@ -67,21 +68,17 @@ def _quantized_linear(f, name: str, module: nn.Module, spec: WeightSpec, path: P
                          f"{packed.dtype}; expected ({out_f}, {packed_words(in_f, spec.bits)}) int32")
     scale = _tensor(f, f"{name}.weight_scale", path)
     group_size = spec.effective_group_size
-    if spec.granularity == "tensor":  # one scale: serve it as per-channel
-        scale = scale.reshape(1, 1).expand(out_f, 1).contiguous()
     n_groups = 1 if group_size is None else in_f // group_size
-    if tuple(scale.shape) != (out_f, n_groups):
+    wrong = scale.numel() != 1 if spec.granularity == "tensor" \
+        else tuple(scale.shape) != (out_f, n_groups)
+    if wrong:
         raise ValueError(f"{path}: tensor '{name}.weight_scale' has shape {tuple(scale.shape)}; "
-                         f"expected ({out_f}, {n_groups})")
-    zero_point = None
-    if not spec.symmetric:
-        zp = _tensor(f, f"{name}.weight_zero_point", path)
-        if spec.granularity == "tensor":
-            zero_point = zp.reshape(1, 1).expand(out_f, 1).contiguous()
-        else:
-            zero_point = unpack_zero_points(zp, spec.bits, out_f)
+                         f"expected {(1,) if spec.granularity == 'tensor' else (out_f, n_groups)}")
+    zero_point = _tensor(f, f"{name}.weight_zero_point", path) if not spec.symmetric else None
     bias = _tensor(f, f"{name}.bias", path) if f"{name}.bias" in keys else None
-    return QuantizedLinear(packed, scale, zero_point, in_f, spec.bits, group_size, bias)
+    layer = serving_linear(packed, scale, zero_point, spec, in_f, bias, backend)
+    layer.source_class = source_class(module)  # what a re-export targets by name (Conv1D ...)
+    return layer
 
 
 BACKENDS = ("auto", "torch", "reference")
@@ -128,10 +125,7 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
     for name, spec in specs.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = _quantized_linear(f, name, getattr(parent, child), spec, path, keys)
-        if backend == "reference":  # float32 scales (exact copies) keep the layer off the kernels
-            layer.weight_scale = layer.weight_scale.float()
-        layer.backend = backend
+        layer = _quantized_linear(f, name, getattr(parent, child), spec, path, keys, backend)
         setattr(parent, child, layer)
     state = {}
     for key, param in list(model.state_dict(keep_vars=True).items()):

@@ -14,9 +14,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qat.export.card import model_card
-from qat.export.compressed_tensors import WEIGHTS_FILE, compressed_state_dict, quantization_config
+from qat.export.compressed_tensors import stored_tensors
+from qat.export.convert import convert
 from qat.export.serving import serving_report
+from qat.format.schema import WEIGHTS_FILE, quantization_config
 from qat.io import atomic_path
+from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.structure import source_class
 from qat.quant.swap import LayerReport
@@ -24,21 +27,25 @@ from qat.quant.swap import LayerReport
 
 def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
                  dtype: torch.dtype = torch.bfloat16, run: dict[str, Any] | None = None) -> Path:
-    """Write `model` (with FakeQuantLinear layers) and `tokenizer` to `out_dir`.
+    """Write `model` and `tokenizer` to `out_dir`: a fake-quantized model (FakeQuantLinear layers,
+    converted here) or one that `qat.export.convert` already converted (QuantizedLinear layers).
 
     Quantized Linears are stored packed with their scales (and zero points); every other tensor in
     `dtype`. `run`: what the model card says about how it was made (base_model, recipe, command,
     fp_ppl, ppl, eval). Returns the directory.
     """
     out_dir = Path(out_dir)
-    tensors, specs, ignore = compressed_state_dict(model, dtype)
+    if any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+        model = convert(model, dtype)
+    tensors, specs, ignore = stored_tensors(model, dtype)
     if not specs:
         raise ValueError("export: the model has no fake-quantized Linear; run qat.quant.prepare first")
     config = model.config.to_dict()
     # layers whose own class is not nn.Linear (Conv1D, FalconLinear) are targeted by name
     by_name = any(source_class(m) != "Linear" for m in model.modules()
-                  if isinstance(m, FakeQuantLinear))
-    config["quantization_config"] = quantization_config(specs, ignore, by_name=by_name)
+                  if isinstance(m, QuantizedLinear))
+    config["quantization_config"] = quantization_config({n: s.scheme for n, s in specs.items()}, ignore,
+                                                       by_name=by_name)
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     with atomic_path(out_dir, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -76,9 +83,8 @@ def _portable_tokenizer_config(path: Path) -> None:
 
 def _layers(model: nn.Module) -> list[LayerReport]:
     """The quantized layers as `plan` reported them (name, shape, scheme, own class)."""
-    return [LayerReport(name, m.in_features, m.out_features, m.weight_fake_quant.spec, None,
-                        source_class(m))
-            for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    return [LayerReport(name, m.in_features, m.out_features, m.weight_spec, None, source_class(m))
+            for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
 
 
 def verify_export(directory: Path, expected: dict[str, torch.Tensor]) -> None:

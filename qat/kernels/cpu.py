@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from qat.export.pack import pack, unpack
+from qat.format.pack import pack, unpack
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what the int4 kernel accepts; largest first for per-channel
 INNER_K_TILES = 2  # required argument; the CPU layout does not depend on it (checked on 2.13)

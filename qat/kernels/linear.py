@@ -4,7 +4,7 @@ It holds exactly what the compressed-tensors checkpoint holds (codes packed alon
 scales, integer zero points kept unpacked as int8, the shape) and picks a backend per call:
 
   CUDA + Triton + 2/4/8 bits       -> the fused Triton kernel (reads the canonical words directly)
-  CPU with AVX2, 4 bits, bf16 scales -> our GEMV (qat.kernels.native; canonical words, float32 math)
+  CPU with AVX2, 4 bits, bf16 scales -> our GEMV (qat.native; canonical words, float32 math)
   CPU, 4 bits, supported shape      -> torch's int4 weight-only kernel
   CPU, 8 bits, per-channel          -> torch's int8 weight-only kernel
   anything else                     -> dequantize on the fly + F.linear (the reference; nothing cached)
@@ -23,9 +23,10 @@ import functools
 import torch
 import torch.nn as nn
 
-from qat.export.pack import pack, packed_words
-from qat.kernels import cpu, native
-from qat.kernels.reference import linear_reference
+from qat.format.pack import pack, packed_words
+from qat import native
+from qat.kernels import cpu
+from qat.format.reference import linear_reference
 
 CANONICAL, CPU_INT4, CPU_INT8, CPU_NATIVE = "canonical", "cpu_int4", "cpu_int8", "cpu_native"
 BACKENDS = ("auto", "torch", "reference")
@@ -93,7 +94,7 @@ class QuantizedLinear(nn.Module):
         scale_bf16 = scale.to(torch.bfloat16)
         if not torch.equal(scale_bf16.float(), scale.float()):
             raise ValueError("scales must be rounded through bf16 before export "
-                             "(see qat.quant.grid.round_scale)")
+                             "(see qat.format.grid.round_scale)")
         return cls(pack(q, bits), scale_bf16, zero_point, q.shape[1], bits, group_size, bias)
 
     # ---- dispatch ---------------------------------------------------------------------------------

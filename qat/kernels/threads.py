@@ -50,7 +50,7 @@ def first_choice(most: int, cores: int) -> int:
 class ThreadGovernor:
     """`with governor.step(): ...` around each decode step; `close()` restores the team size.
 
-    `set_threads(n)` applies a team size (qat.kernels.native.set_threads); `most` is the largest;
+    `set_threads(n)` applies a team size (qat.native.set_threads); `most` is the largest;
     `start` the first choice (default: the cores other processes leave); `adapt=False` keeps it;
     `others()` counts other processes' running threads (None: unknown, always measure).
     """

@@ -14,6 +14,7 @@ from typing import Any
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qat.io import atomic_path, first_difference
+from qat.models.checkpoint import read_checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP = re.compile(r"step=(\d+)")
@@ -64,8 +65,6 @@ def check_resume_config(path: Path, run_config: dict[str, Any]) -> None:
 
     Raises ValueError naming `ckpt_path` and the first differing field of model/quant/prune.
     """
-    from qat.export.checkpoint import read_checkpoint
-
     try:
         ckpt = read_checkpoint(path)
     except ValueError as err:

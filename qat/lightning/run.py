@@ -7,10 +7,9 @@ run directory behind.
 from __future__ import annotations
 
 import logging
-
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from qat.data import DataSpec
 from qat.distill import DistillSpec, Distiller, build_teacher
 from qat.io import check_writable, write_json
+from qat.lightning import stages
 from qat.lightning.checkpointing import (AtomicCheckpointIO, check_resume_config,
                                          last_good_checkpoint, resolve_ckpt_path)
-from qat.lightning import stages
-from qat.lightning.data import DataSpec, TextDataModule
+from qat.lightning.data import TextDataModule
+from qat.lightning.keys import UnknownKeyError, check_keys
 from qat.lightning.module import DivergenceError, OptimSpec, QATModule
 from qat.models import ModelSpec, load_model
 from qat.prune.spec import PruneSpec
@@ -59,26 +60,12 @@ def _default_blockwise():
     return BlockwiseSpec()
 
 
-def _check_trainer_keys(cfg: DictConfig) -> None:
-    """trainer.* keys the Lightning Trainer takes; a typo fails here, before the model loads,
-    not as a TypeError after it (`+trainer.max_step=20`)."""
-    import difflib
-    import inspect
-
-    target = cfg.trainer.get("_target_")
-    if target not in ("lightning.Trainer", "lightning.pytorch.Trainer"):
-        return  # a custom trainer class: its own signature decides
-    accepted = sorted(set(inspect.signature(L.Trainer.__init__).parameters) - {"self"})
-    for key in cfg.trainer:
-        if key != "_target_" and key not in accepted:
-            close = difflib.get_close_matches(str(key), accepted, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"trainer.{key} is not a Lightning Trainer argument{hint}; "
-                              f"accepted: {', '.join(accepted)}")
-
-
 def build_specs(cfg: DictConfig) -> Specs:
     """Instantiate and validate every spec; raise ConfigError naming the bad field."""
+    try:
+        check_keys(cfg)
+    except UnknownKeyError as err:
+        raise ConfigError(str(err)) from err
     specs = {}
     defaults = {"distill": DistillSpec, "prune": PruneSpec, "ptq": _default_ptq,
                 "blockwise": _default_blockwise}
@@ -94,7 +81,6 @@ def build_specs(cfg: DictConfig) -> Specs:
         except MissingMandatoryValue as err:
             raise ConfigError(f"{err.full_key} is required (it is ??? in the config): set "
                               f"{err.full_key}=VALUE on the command line") from err
-    _check_trainer_keys(cfg)
     max_steps = cfg.trainer.get("max_steps", -1)
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer >= 0")
@@ -116,11 +102,47 @@ def build_specs(cfg: DictConfig) -> Specs:
     return Specs(**specs)
 
 
+@dataclass
+class Run:
+    """What one run holds between its steps (build -> compress -> fit -> evaluate -> write)."""
+
+    cfg: DictConfig
+    specs: Specs
+    run_dir: Path
+    model: Any
+    tokenizer: Any
+    data: TextDataModule
+    ckpt_path: Path | None = None  # resuming end-to-end training from this checkpoint
+    resume_blocks: bool = False  # resuming the block stage
+    teacher: Any = None
+    float_model: Any = None  # the block stage's target
+    pruner: Any = None
+    shrunk: dict | None = None
+    report: PrepareReport | None = None  # which layer got which scheme; None: float run
+    callbacks: list = field(default_factory=list)  # the user's (callbacks group)
+    ptq_report: Any = None
+    block_report: Any = None
+    module: QATModule | None = None
+    trainer: L.Trainer | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one QAT job; returns the metrics also written to `<run_dir>/metrics.json`."""
-    run_dir = Path(run_dir or _hydra_run_dir())
+    run = build(cfg, Path(run_dir or _hydra_run_dir()))
+    compress(run)
+    fit(run)
+    evaluate(run)
+    return write(run)
+
+
+def build(cfg: DictConfig, run_dir: Path) -> Run:
+    """Everything that can be wrong with the input is found here, before any training: config
+    values and keys, paths, patterns, group sizes, data size, the serving target. A failure raises
+    ConfigError and leaves no run directory behind."""
     try:
         specs = build_specs(cfg)
+        callbacks = _user_callbacks(cfg)
         check_writable(run_dir, "the run directory (hydra.run.dir)")
         ckpt_path, resume_blocks = _resume_target(cfg, specs, run_dir)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -130,137 +152,178 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         data = TextDataModule(specs.data, tokenizer,
                               max_positions=getattr(model.config, "max_position_embeddings", None))
         data.setup("fit")
+        run = Run(cfg, specs, run_dir, model, tokenizer, data, ckpt_path, resume_blocks,
+                  callbacks=callbacks)
         # the float model, frozen before pruning and fake quantization touch it
-        teacher = build_teacher(specs.distill.teacher, model, tokenizer) \
+        run.teacher = build_teacher(specs.distill.teacher, model, tokenizer) \
             if specs.distill.enabled else None
-        float_model = _float_reference(model, teacher, specs) \
+        run.float_model = _float_reference(model, run.teacher, specs) \
             if specs.blockwise.enabled and ckpt_path is None else None
         if specs.data.generated_samples:
-            stages.use_teacher_text(data, teacher, model, tokenizer, specs.data)
+            stages.use_teacher_text(data, run.teacher, model, tokenizer, specs.data)
         # pruning and PTQ change the float weights: the baseline is measured before either
-        fp_ppl = stages.float_ppl(model, data, cached=cfg.eval.cache_fp_ppl) \
-            if cfg.eval.fp_ppl else None
-        pruner, shrunk = stages.start_pruning(model, specs.prune, data) if specs.prune.enabled \
-            else (None, None)
-        report = plan(model, specs.quant) if specs.quant.weight is not None else None
-        outliers = stages.outliers(model, specs, data, run_dir) \
-            if report is not None and specs.ptq.outliers != "off" else None
-        if outliers and specs.ptq.outliers == "protect":
-            from dataclasses import replace
-
-            from qat.ptq import protection_overrides
-            specs.quant = replace(specs.quant, overrides={**protection_overrides(outliers),
-                                                          **specs.quant.overrides})
-            report = plan(model, specs.quant)
-        if report is not None and specs.quant.budget_bits is not None:
-            specs.quant = stages.mixed_precision(model, specs.quant, specs.ptq, data, report)
-            report = plan(model, specs.quant)
-        if report is not None:
-            stages.check_serving(report, target=cfg.export.target)
+        if cfg.eval.fp_ppl:
+            run.metrics["fp_ppl"] = stages.float_ppl(model, data, cached=cfg.eval.cache_fp_ppl)
+        if specs.prune.enabled:
+            run.pruner, run.shrunk = stages.start_pruning(model, specs.prune, data)
+        run.report = _plan_precision(run) if specs.quant.weight is not None else None
+        if run.report is not None:
+            stages.check_serving(run.report, target=cfg.export.target)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         _remove_run_dir(run_dir)
         raise ConfigError(str(err)) from err
+    return run
 
-    ptq_report = block_report = None
+
+def _plan_precision(run: Run) -> PrepareReport:
+    """The final scheme of every layer: outlier protection and the bit budget may change specs."""
+    specs, model = run.specs, run.model
+    report = plan(model, specs.quant)
+    outliers = stages.outliers(model, specs, run.data, run.run_dir) \
+        if specs.ptq.outliers != "off" else None
+    if outliers and specs.ptq.outliers == "protect":
+        from dataclasses import replace
+
+        from qat.ptq import protection_overrides
+        specs.quant = replace(specs.quant, overrides={**protection_overrides(outliers),
+                                                      **specs.quant.overrides})
+        report = plan(model, specs.quant)
+    if specs.quant.budget_bits is not None:
+        specs.quant = stages.mixed_precision(model, specs.quant, specs.ptq, run.data, report)
+        report = plan(model, specs.quant)
+    return report
+
+
+def compress(run: Run) -> None:
+    """Fake quantization in, quant.init (PTQ), the block stage; then the LightningModule and the
+    Trainer that will train end to end."""
+    cfg, specs, model = run.cfg, run.specs, run.model
     run_config = OmegaConf.to_container(cfg, resolve=True)
     stage_metrics: dict[str, Any] = {}
-    store = stages.block_store(run_dir, run_config) if specs.blockwise.enabled else None
-    if report is not None:
+    store = stages.block_store(run.run_dir, run_config) if specs.blockwise.enabled else None
+    if run.report is not None:
         prepare(model, specs.quant)
         if stages.is_rank_zero():
-            print(report)
-        if store is not None and ckpt_path is None and not resume_blocks:
+            print(run.report)
+        if store is not None and run.ckpt_path is None and not run.resume_blocks:
             store.clear()  # a new run: blocks of an earlier run in this directory do not count
-        if specs.quant.init is not None and ckpt_path is None:
+        if specs.quant.init is not None and run.ckpt_path is None:
             if store is not None and store.has_init():
                 store.load_init(_blocks(model))
                 print(f"quant.init={specs.quant.init}: loaded from {store.directory} (resumed)")
             else:
-                ptq_report = stages.post_training_quantize(model, specs, data)
+                run.ptq_report = stages.post_training_quantize(model, specs, run.data)
         elif specs.quant.init is not None and stages.is_rank_zero():
             # the checkpoint holds what calibration wrote (weights, grids, folded norm scales)
-            print(f"quant.init={specs.quant.init}: skipped, resuming from {ckpt_path}")
-        if store is not None and ckpt_path is None:
-            stage_metrics, block_report = _block_stage(model, float_model, specs, data, store,
-                                                       cfg, ptq_report is not None)
-            float_model = None
+            print(f"quant.init={specs.quant.init}: skipped, resuming from {run.ckpt_path}")
+        if store is not None and run.ckpt_path is None:
+            stage_metrics, run.block_report = _block_stage(model, run.float_model, specs, run.data,
+                                                           store, cfg, run.ptq_report is not None)
+            run.float_model = None
         elif store is not None and store.exists():  # resumed after the block stage
-            block_report = store.report()
+            run.block_report = store.report()
             stage_metrics = dict(store.init_info() or {})
         stages.set_trainable(model, specs.optim.trainable)
-    if shrunk:  # the checkpoint rebuilds the smaller model from these config changes
-        run_config["model_shrink"] = shrunk["config"]
-    distiller = Distiller(specs.distill, teacher) if teacher is not None else None
-    module = QATModule(model, specs.optim, specs.quant.start_step, run_config, distiller,
-                       skip_nonfinite=bool(cfg.get("guard", {}).get("skip_nonfinite", False)))
-    callbacks = [pruner] if pruner is not None else []
-    if report is not None:
+    if run.shrunk:  # the checkpoint rebuilds the smaller model from these config changes
+        run_config["model_shrink"] = run.shrunk["config"]
+    distiller = Distiller(specs.distill, run.teacher) if run.teacher is not None else None
+    run.module = QATModule(model, specs.optim, specs.quant.start_step, run_config, distiller,
+                           skip_nonfinite=bool(cfg.get("guard", {}).get("skip_nonfinite", False)))
+    callbacks = [run.pruner] if run.pruner is not None else []
+    if run.report is not None:
         from qat.eval.callbacks import SQNRCallback
 
-        callbacks.append(SQNRCallback(run_dir))
-    trainer = _build_trainer(cfg, run_dir, callbacks)
+        callbacks.append(SQNRCallback(run.run_dir))
+    run.trainer = _build_trainer(cfg, run.run_dir, callbacks + run.callbacks)
 
-    metrics: dict[str, Any] = {"recipe": _recipe_name(cfg), "model": _model_name(specs.model),
-                               "scheme": _scheme(report)}
+    fp_ppl = run.metrics.pop("fp_ppl", None)
+    run.metrics.update({"recipe": _recipe_name(cfg), "model": _model_name(specs.model),
+                        "scheme": _scheme(run.report)})
     if command := _command():
-        metrics["command"] = command
+        run.metrics["command"] = command
     if fp_ppl is not None:
-        metrics["fp_ppl"] = fp_ppl
-    metrics.update({k: v for k, v in stage_metrics.items() if k in ("ptq_ppl", "block_ppl")})
-    if block_report is not None:
-        metrics["blockwise"] = dict(block_report.summary(), ppl=stage_metrics.get("block_ppl"))
-    if cfg.eval.quantized_before and report is not None and ckpt_path is None:
-        metrics["ptq_ppl"] = _evaluate(trainer, module, data, "ptq", quantized=True)
-    set_fake_quant_enabled(model, specs.quant.start_step == 0)
+        run.metrics["fp_ppl"] = fp_ppl
+    run.metrics.update({k: v for k, v in stage_metrics.items() if k in ("ptq_ppl", "block_ppl")})
+    if run.block_report is not None:
+        run.metrics["blockwise"] = dict(run.block_report.summary(),
+                                        ppl=stage_metrics.get("block_ppl"))
 
+
+def fit(run: Run) -> None:
+    """End-to-end training (trainer.max_steps optimizer steps), resumed from run.ckpt_path."""
+    cfg, metrics = run.cfg, run.metrics
+    if cfg.eval.quantized_before and run.report is not None and run.ckpt_path is None:
+        metrics["ptq_ppl"] = _evaluate(run.trainer, run.module, run.data, "ptq", quantized=True)
+    set_fake_quant_enabled(run.model, run.specs.quant.start_step == 0)
     start = time.perf_counter()
     if cfg.trainer.max_steps > 0:
-        _fit(trainer, module, data, ckpt_path, run_dir)
-    train_seconds = time.perf_counter() - start
-    if report is not None:  # the deployed model: everything but the packed weights in export.dtype
+        _fit(run.trainer, run.module, run.data, run.ckpt_path, run.run_dir)
+    metrics["train_seconds"] = round(time.perf_counter() - start, 1)
+
+
+def evaluate(run: Run) -> None:
+    """The final perplexity, of the model as deployed: everything but the packed weights in
+    export.dtype; and what training cost."""
+    cfg, specs, trainer, module, metrics = run.cfg, run.specs, run.trainer, run.module, run.metrics
+    if run.report is not None:
         from qat.export.compressed_tensors import as_exported
 
-        with as_exported(model, getattr(torch, cfg.export.dtype)):
-            metrics["ppl"] = _evaluate(trainer, module, data, "val", quantized=True)
+        with as_exported(run.model, getattr(torch, cfg.export.dtype)):
+            metrics["ppl"] = _evaluate(trainer, module, run.data, "val", quantized=True)
     else:
-        metrics["ppl"] = _evaluate(trainer, module, data, "val", quantized=False)
+        metrics["ppl"] = _evaluate(trainer, module, run.data, "val", quantized=False)
     steps = trainer.global_step
     metrics.update(steps=steps, tokens=steps * specs.data.batch_size * specs.data.block_size
                    * cfg.trainer.get("accumulate_grad_batches", 1) * trainer.world_size,
-                   train_seconds=round(train_seconds, 1),
+                   train_seconds=metrics.pop("train_seconds"),
                    first_loss=module.loss_history[0] if module.loss_history else None,
                    last_loss=module.loss_history[-1] if module.loss_history else None)
-    if ckpt_path is not None:
-        metrics["resumed_from"] = str(ckpt_path)
+    if run.ckpt_path is not None:
+        metrics["resumed_from"] = str(run.ckpt_path)
     if module.skipped_steps:
         metrics["skipped_steps"] = module.skipped_steps
 
-    _save_checkpoint(trainer, module, run_dir / "checkpoints" / "last.ckpt")
+
+def write(run: Run) -> dict[str, Any]:
+    """The final checkpoint, the reports, the export (export.enabled) and metrics.json."""
+    cfg, specs, trainer, metrics, run_dir = run.cfg, run.specs, run.trainer, run.metrics, run.run_dir
+    _save_checkpoint(trainer, run.module, run_dir / "checkpoints" / "last.ckpt")
     if not trainer.is_global_zero:  # reports, export and metrics are rank zero's to write
         return metrics
-    if report is not None:
-        write_json(run_dir / "quant_report.json", report.to_dict())
-    if ptq_report is not None:
-        write_json(run_dir / "ptq_report.json", ptq_report.to_dict())
-        metrics["ptq_seconds"] = round(ptq_report.seconds, 1)
-    if block_report is not None:
-        write_json(run_dir / "blockwise_report.json", block_report.to_dict())
+    if run.report is not None:
+        write_json(run_dir / "quant_report.json", run.report.to_dict())
+    if run.ptq_report is not None:
+        write_json(run_dir / "ptq_report.json", run.ptq_report.to_dict())
+        metrics["ptq_seconds"] = round(run.ptq_report.seconds, 1)
+    if run.block_report is not None:
+        write_json(run_dir / "blockwise_report.json", run.block_report.to_dict())
     if specs.quant.budget_bits is not None:
         metrics["budget_bits"] = specs.quant.budget_bits
     if specs.prune.enabled:
-        metrics.update(stages.prune_report(model, specs.prune, shrunk, run_dir))
-    if cfg.export.enabled and report is not None:
+        metrics.update(stages.prune_report(run.model, specs.prune, run.shrunk, run_dir))
+    if cfg.export.enabled and run.report is not None:
         source = run_dir / "checkpoints" / "last.ckpt" if _sharded(trainer) else None
         card = {"base_model": metrics["model"], "recipe": metrics["recipe"],
                 "command": metrics.get("command"), "fp_ppl": metrics.get("fp_ppl"),
                 "ppl": metrics["ppl"], "eval": _eval_protocol(specs.data)}
-        metrics.update(stages.export(model, tokenizer, data, run_dir / "export", cfg.export, source,
-                                     run=card))
+        metrics.update(stages.export(run.model, run.tokenizer, run.data, run_dir / "export",
+                                     cfg.export, source, run=card))
         if specs.prune.nm:
             metrics["export_nm_ok"] = stages.check_export_nm(run_dir / "export", specs.prune)
     write_json(run_dir / "metrics.json", metrics)
     print(summary(metrics, run_dir))
     return metrics
+
+
+def _user_callbacks(cfg: DictConfig) -> list:
+    """The callbacks group's entries, instantiated (a bad class or argument fails here)."""
+    out = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        try:
+            out.append(instantiate(node))
+        except InstantiationException as err:
+            raise ConfigError(f"callbacks.{name}: {err.__cause__ or err}") from err
+    return out
 
 
 def _resume_target(cfg: DictConfig, specs: Specs, run_dir: Path) -> tuple[Path | None, bool]:

@@ -14,7 +14,8 @@ import torch
 
 from qat.assets import cache_dir
 from qat.io import write_json
-from qat.lightning.data import DataSpec, TextDataModule
+from qat.data import DataSpec
+from qat.lightning.data import TextDataModule
 from qat.prune.spec import PruneSpec
 from qat.quant import PrepareReport, QuantConfig
 
@@ -24,7 +25,7 @@ def use_teacher_text(data: TextDataModule, teacher, model, tokenizer, spec: Data
     import copy
 
     from qat.distill import freeze
-    from qat.distill.generate import generated_blocks
+    from qat.distill.teacher_text import generated_blocks
 
     writer = teacher if teacher is not None else freeze(copy.deepcopy(model))
     start = time.perf_counter()
@@ -201,36 +202,63 @@ def check_serving(report: PrepareReport, target: str | None) -> None:
 
 
 def export(model, tokenizer, data: TextDataModule, out_dir: Path, options,
-            checkpoint: Path | None = None, run: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the export, reload it with the fused kernels and measure what it weighs and scores.
+           checkpoint: Path | None = None, run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Convert in memory, write the export, and measure what the served model weighs and scores.
 
+    The evaluated model is the in-memory conversion; the files are read back and must hold the
+    same tensors (the check that what was measured is what was written).
     `checkpoint`: rebuild the full model from it first (FSDP: rank zero's gathered weights).
     `run`: the model card's facts about the run (see `qat.export.writer.export_model`).
     """
     from qat.eval.perplexity import perplexity
+    from qat.export.convert import cast_float_tensors, convert
     from qat.export.load import load_quantized, weight_bytes
     from qat.export.writer import export_model
 
     if checkpoint is not None:
-        from qat.export.checkpoint import model_from_checkpoint
+        from qat.models.checkpoint import model_from_checkpoint
 
         model, tokenizer, _ = model_from_checkpoint(checkpoint)
     dtype = getattr(torch, options.dtype)
-    export_model(model, tokenizer, out_dir, dtype=dtype, run=run)
+    served = convert(model, dtype, backend=options.eval_backend)
+    export_model(served, tokenizer, out_dir, dtype=dtype, run=run)
     result: dict[str, Any] = {"export_dir": str(out_dir), "export_eval_backend": options.eval_backend,
-                              "export_bytes": sum(f.stat().st_size for f in out_dir.iterdir())}
-    result["export_weight_bytes"] = weight_bytes(load_quantized(out_dir, dtype=dtype))["total"]
+                              "export_bytes": sum(f.stat().st_size for f in out_dir.iterdir()),
+                              "export_weight_bytes": weight_bytes(served)["total"]}
+    # Stored tensors upcast exactly to float32. backend=reference unpacks the stored codes and
+    # computes in float32: it checks the export against the run's ppl to float rounding.
+    # backend=auto runs the CPU int4 kernel, whose bf16 activations move ppl by ~4e-4.
+    cast_float_tensors(served, torch.float32)
+    reread = load_quantized(out_dir, dtype=torch.float32, backend=options.eval_backend)
+    check_same_tensors(served, reread, out_dir)
+    del reread
     if options.evaluate:
-        # Stored tensors upcast exactly to float32. backend=reference unpacks the stored codes
-        # and computes in float32: it checks the export against the run's ppl to float rounding.
-        # backend=auto runs the CPU int4 kernel, whose bf16 activations move ppl by ~4e-4.
-        served = load_quantized(out_dir, dtype=torch.float32, backend=options.eval_backend)
         spec = data.spec
         result["export_ppl"] = perplexity(served, data.eval_ids, window=spec.eval_window,
                                           max_windows=spec.eval_windows,
                                           batch_size=spec.eval_batch_size,
                                           progress="export ppl").ppl
     return result
+
+
+def check_same_tensors(served: torch.nn.Module, reread: torch.nn.Module, out_dir: Path) -> None:
+    """The in-memory served model and the export read back hold the same tensors, bit for bit.
+
+    A float Linear made from a Conv1D (pruning does that) is read back as the Conv1D it was, with
+    the weight in (in, out): compared transposed."""
+    from qat.kernels import QuantizedLinear
+    from qat.quant.structure import stored_transposed
+
+    mine, theirs = served.state_dict(), reread.state_dict()
+    for name, module in served.named_modules():
+        if stored_transposed(module) and not isinstance(module, QuantizedLinear):
+            mine[f"{name}.weight"] = mine[f"{name}.weight"].t()
+    if mine.keys() != theirs.keys():
+        raise OSError(f"{out_dir}: the export read back has other tensors than the converted model "
+                      f"({sorted(mine.keys() ^ theirs.keys())[:3]})")
+    for key, value in mine.items():
+        if value.dtype != theirs[key].dtype or not torch.equal(value, theirs[key]):
+            raise OSError(f"{out_dir}: tensor {key!r} read back differs from the converted model")
 
 
 def is_rank_zero() -> bool:

@@ -98,7 +98,7 @@ def channel_masks(model: nn.Module, sparsity: float, score: ScoreFn) -> dict[str
 
 def _check_plain(linear: nn.Linear) -> None:
     if type(linear) is not nn.Linear:
-        raise ValueError(f"cannot shrink a {type(linear).__name__}; call qat.quant.convert(model) "
+        raise ValueError(f"cannot shrink a {type(linear).__name__}; call qat.quant.unprepare(model) "
                          "first so every Linear is a plain nn.Linear")
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qat.format.grid import compute_qparams, dequantize, quantize
 from qat.ptq.calibrate import InputStats
 from qat.ptq.fold import apply_scale, llama_scale_groups, rescale_stats
 from qat.ptq.rtn import fake_quant, grouped, rtn_qparams
-from qat.quant.grid import compute_qparams, dequantize, minmax, quantize
+from qat.quant.observers import minmax
 from qat.quant.spec import WeightSpec
 
 MIN_SCALE = 1e-4  # llm-awq's floor on mean |x|^alpha

@@ -3,7 +3,7 @@ columns not yet quantized through the inverse Hessian of the layer-output error.
 
 Numerics follow the reference implementation: H = 2 X^T X / n, `damp` * mean(diag H) added to the
 diagonal, dead inputs (diag H = 0) zeroed, the upper Cholesky factor of H^-1, and lazy batch
-updates over blocks of columns. Grids are our grid (qat.quant.grid), so the export is unchanged.
+updates over blocks of columns. Grids are our grid (qat.format.grid), so the export is unchanged.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qat.format.grid import compute_qparams, dequantize, quantize
 from qat.ptq.rtn import rtn_qparams
-from qat.quant.grid import compute_qparams, dequantize, quantize
 from qat.quant.spec import WeightSpec
 
 DAMP_RETRIES = 4  # each retry multiplies damp by 10 when H + damp*I is not positive definite

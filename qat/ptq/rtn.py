@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from qat.quant.grid import compute_qparams, dequantize, group_view, minmax, quantize
+from qat.format.grid import compute_qparams, dequantize, group_view, quantize
+from qat.quant.observers import minmax
 from qat.quant.spec import WeightSpec
 
 

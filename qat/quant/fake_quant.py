@@ -6,9 +6,9 @@ import math
 import torch
 from torch import nn
 
-from qat.quant.grid import (DTYPES, compute_qparams, dequantize, group_view, minmax, quantize,
-                            qrange, round_scale)
-from qat.quant.observers import build_observer
+from qat.format.grid import (DTYPES, compute_qparams, dequantize, group_view, quantize, qrange,
+                             round_scale)
+from qat.quant.observers import build_observer, minmax
 from qat.quant.spec import ActivationSpec, WeightSpec
 from qat.quant.ste import exact_ste, fake_quantize, round_ste, scale_gradient
 

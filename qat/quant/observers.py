@@ -4,7 +4,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat.quant.grid import minmax
+from qat import native
+
+
+def minmax(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max over the last dim, kept as (rows, groups, 1); one native pass over a
+    float32 CPU tensor (torch's amin and amax are two, and aminmax is slower still on a CPU)."""
+    if not grouped.requires_grad and native.minmax_supported(grouped):
+        return native.minmax(grouped)
+    return grouped.amin(dim=-1, keepdim=True), grouped.amax(dim=-1, keepdim=True)
 
 
 class MinMaxObserver(nn.Module):

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from qat.format.schema import Scheme
+
 WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
 ACTIVATION_GRANULARITIES = ("token", "tensor")
 OBSERVERS = ("minmax", "moving_average")
@@ -62,6 +64,16 @@ class WeightSpec:
     @property
     def effective_group_size(self) -> int | None:
         return self.group_size if self.granularity == "group" else None
+
+    @property
+    def scheme(self) -> Scheme:
+        """What an export stores of this spec."""
+        return Scheme(self.bits, self.granularity, self.effective_group_size, self.symmetric)
+
+    @classmethod
+    def from_scheme(cls, scheme: Scheme) -> "WeightSpec":
+        return cls(bits=scheme.bits, granularity=scheme.strategy, group_size=scheme.group_size,
+                   symmetric=scheme.symmetric)
 
     def describe(self) -> str:
         """Short scheme name such as 'W4 g64 sym' used in reports."""

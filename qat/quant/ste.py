@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qat.kernels import native
-from qat.quant.grid import qrange
+from qat import native
+from qat.format.grid import qrange
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int

@@ -123,8 +123,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> PrepareReport:
     return report
 
 
-def convert(model: nn.Module, bake: bool = True) -> nn.Module:
-    """Replace every FakeQuantLinear by a plain nn.Linear, in place.
+def unprepare(model: nn.Module, bake: bool = True) -> nn.Module:
+    """Undo `prepare`: every FakeQuantLinear becomes a plain nn.Linear again, in place (the served
+    model of packed layers is `qat.export.convert`).
 
     With `bake` the new weights are the fake-quantized weights, so the plain model computes what the
     weight-quantized model computed; without it, the float weights come back.

@@ -1,4 +1,7 @@
-"""Rebuild the fake-quantized model from a run checkpoint alone (the run config lives inside it)."""
+"""Rebuild the fake-quantized model from a run checkpoint alone (the run config lives inside it).
+
+Below the trainer: the export and eval commands read runs without importing Lightning.
+"""
 from __future__ import annotations
 
 from pathlib import Path

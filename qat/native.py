@@ -158,7 +158,7 @@ def linear_q4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     """
     rows = x.numel() // x.shape[-1]
     if rows > MAX_ROWS:
-        from qat.kernels.reference import linear_reference
+        from qat.format.reference import linear_reference
 
         return linear_reference(x, packed, scale, zero_point, 4, group_size, in_features,
                                 bias).to(x.dtype)
@@ -249,7 +249,7 @@ def mask_grad_(w: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
 class DecodeStep:
     """Every decoder layer of one new token in one native call (csrc/decode_step.c).
 
-    Built by qat.decode from a Llama-style model whose decoder Linears are all 4-bit GEMV layers;
+    Built by qat.serve.decode from a Llama-style model whose decoder Linears are all 4-bit GEMV layers;
     it keeps the tensors it points to alive. Calling it runs the layers on h (hidden,) float32 in
     place and writes the token's k and v into the caches at `pos`.
     """

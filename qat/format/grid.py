@@ -2,14 +2,12 @@
 
 These are the compressed-tensors numerics (``../shared/formats/compressed-tensors.md``):
 q = clamp(round(w / scale + zp), qmin, qmax) and w_hat = (q - zp) * scale, with an integer zero point
-and min/max first extended to include 0. The fake quantizer, the PTQ methods and the exporter all call
-these, so a trained grid and an exported grid cannot drift apart.
+and min/max first extended to include 0. The fake quantizer, the PTQ methods and the packer all call
+these (torch only), so a trained grid and an exported grid cannot drift apart.
 """
 from __future__ import annotations
 
 import torch
-
-from qat.kernels import native
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -69,11 +67,3 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bit
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     return (q - zero_point) * scale
-
-
-def minmax(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group min and max over the last dim, kept as (rows, groups, 1); one native pass over a
-    float32 CPU tensor (torch's amin and amax are two, and aminmax is slower still on a CPU)."""
-    if not grouped.requires_grad and native.minmax_supported(grouped):
-        return native.minmax(grouped)
-    return grouped.amin(dim=-1, keepdim=True), grouped.amax(dim=-1, keepdim=True)

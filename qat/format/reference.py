@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qat.export.pack import unpack
+from qat.format.pack import unpack
 
 
 def expand_groups(t: torch.Tensor, group_size: int | None, in_features: int) -> torch.Tensor:

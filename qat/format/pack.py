@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from qat.format.grid import qrange
+
 BLOCK = 32  # elements per block: 32 * b bits is exactly b words, so blocks never share a word
 CHUNK_ELEMENTS = 1 << 22  # elements per chunk: bounds the int64 temporaries to ~100 MB
 
@@ -63,7 +65,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     if q.dim() != 2:
         raise ValueError(f"pack expects a 2-D (out, in) tensor, got shape {tuple(q.shape)}")
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    lo, hi = qrange(bits)
     if q.is_floating_point() and not torch.equal(q, q.round()):
         raise ValueError("pack expects integer codes; got a float tensor with fractional values")
     if q.numel():

@@ -12,7 +12,7 @@ from qat.eval.report import write_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qat.report", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qat-report", description=__doc__)
     parser.add_argument("sweep_dir", help="directory holding run dirs with metrics.json")
     args = parser.parse_args(argv)
     try:

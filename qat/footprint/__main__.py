@@ -127,7 +127,7 @@ def report(model: str | None, params: float | None, group_size: int | None) -> t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qat.footprint", description=__doc__,
+    parser = argparse.ArgumentParser(prog="qat-footprint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="HF model dir, export dir, builtin (smollm2-135m, tiny) or hub id")

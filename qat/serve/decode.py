@@ -7,7 +7,7 @@ one plain pass per token over the decoder layers, with a preallocated KV cache a
 bookkeeping. Greedy tokens match `generate` (tests/test_decode.py).
 
 An export served by our 4-bit GEMV (float32, every decoder Linear 4-bit) goes further: after the
-prompt, each token runs all decoder layers in one native call (qat.kernels.native.DecodeStep:
+prompt, each token runs all decoder layers in one native call (qat.native.DecodeStep:
 norms, rotary, attention and the Linears in C), leaving only the embedding and the head to torch.
 Its logits equal the torch loop's to float32 rounding (tests/test_decode.py).
 """
@@ -29,10 +29,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _check(model, batch: int) -> None:
     kind = getattr(model.config, "model_type", None)
     if kind not in SUPPORTED:
-        raise ValueError(f"qat.decode supports model_type in {list(SUPPORTED)}, got {kind!r}; "
+        raise ValueError(f"qat.serve.decode supports model_type in {list(SUPPORTED)}, got {kind!r}; "
                          "use model.generate")
     if batch != 1:
-        raise ValueError(f"qat.decode decodes one sequence (batch 1), got batch {batch}")
+        raise ValueError(f"qat.serve.decode decodes one sequence (batch 1), got batch {batch}")
 
 
 _LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -53,7 +53,7 @@ def native_step(model, caches: list[tuple[torch.Tensor, torch.Tensor]]):
     """A native.DecodeStep over `caches` (from new_caches) when every decoder Linear is served by
     our 4-bit GEMV and the glue is what csrc/decode_step.c computes (RMSNorm, SiLU MLP, float32
     embeddings and caches); else None."""
-    from qat.kernels import native
+    from qat import native
     from qat.kernels.linear import CPU_NATIVE, QuantizedLinear
 
     config, inner = model.config, model.model
@@ -171,7 +171,7 @@ def greedy(model, ids: torch.Tensor, max_new_tokens: int,
 def _governor(threads: int | None):
     """threads=None: our kernels' team size follows the measured step times (one thread when
     other processes hold the cores); an int fixes it for this call."""
-    from qat.kernels import native
+    from qat import native
     from qat.kernels.threads import ThreadGovernor
 
     if not native.available():
@@ -188,7 +188,7 @@ def _governor(threads: int | None):
 def _set_threads(n: int) -> None:
     """Our kernels' team and torch's (the head's argmax over the vocabulary is a parallel loop
     too): every barrier in a step waits for the slowest thread."""
-    from qat.kernels import native
+    from qat import native
 
     native.set_threads(n)
     if torch.get_num_threads() != min(n, _TORCH_THREADS):

@@ -7,7 +7,7 @@
  * as much as the 4-bit matmuls themselves; here the step is memory-bound on the packed weights.
  * Linears that share an input (q/k/v, gate/up) run as one parallel loop over their rows.
  *
- * Layouts: the caches are the torch tensors of qat.decode, (kv_heads, max_len, head_dim) float32;
+ * Layouts: the caches are the torch tensors of qat.serve.decode, (kv_heads, max_len, head_dim) float32;
  * cos/sin are the model's rotary tables for this position, (head_dim,) each; Linear weights are
  * the compressed-tensors words (see gemv.c).
  */

@@ -1,0 +1,1 @@
+"""Hydra configs (groups as folders; recipes in recipe/), read through pkg://qat.conf."""

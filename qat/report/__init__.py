@@ -1,0 +1,1 @@
+"""The qat-report command (python -m qat.report); the tables and plot are qat.eval.report."""

@@ -1,0 +1,2 @@
+"""Serving an export: the lean greedy decode loop (decode) and text generation (generate, the
+qat-generate command)."""

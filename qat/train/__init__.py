@@ -1,0 +1,1 @@
+"""The training command: `qat-train` / `python -m qat.train` / `python train.py` (see __main__)."""
