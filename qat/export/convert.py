@@ -2,7 +2,7 @@
 prepare -> train -> convert).
 
 Every `FakeQuantLinear` becomes a `QuantizedLinear` holding the very codes, scales and zero points
-its forward pass used (packed as the export stores them); every other parameter and persistent
+its forward pass used (codes packed as the export stores them); every other parameter and persistent
 buffer is cast to the export's dtype. The result is what `load_quantized` builds from the files, so
 the exporter writes it and a run evaluates it without a disk round trip; re-reading the files stays
 as the check.
@@ -10,64 +10,39 @@ as the check.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qat.format.pack import pack, pack_zero_points, unpack_zero_points
 from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import WeightSpec
 from qat.quant.structure import TRANSPOSED, source_class, stored_transposed
 
 
-@dataclass
-class PackedLayer:
-    """The stored tensors of one quantized Linear."""
-
-    weight_packed: torch.Tensor
-    weight_scale: torch.Tensor
-    weight_shape: torch.Tensor
-    weight_zero_point: torch.Tensor | None
-
-
-def pack_layer(module: FakeQuantLinear, scale_dtype: torch.dtype = torch.bfloat16) -> PackedLayer:
-    """Codes, scales and zero points exactly as the fake quantizer's forward pass uses them."""
-    spec = module.weight_fake_quant.spec
-    q, scale, zp = module.weight_fake_quant.quantized(module.weight)  # (out, in), (out, G), (out, G)
-    if spec.granularity == "tensor":
-        scale, zp = scale.reshape(1), zp.reshape(1)
-    zero_point = None
-    if not spec.symmetric:
-        zero_point = pack_zero_points(zp.reshape(scale.shape[0], -1).to(torch.int32), spec.bits) \
-            if spec.granularity != "tensor" else zp.to(torch.int32)
-    return PackedLayer(weight_packed=pack(q, spec.bits),
-                       weight_scale=scale.to(scale_dtype).contiguous(),
-                       weight_shape=torch.tensor(list(module.weight.shape), dtype=torch.int64),
-                       weight_zero_point=zero_point)
-
-
-def serving_linear(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
-                   weight_zero_point: torch.Tensor | None, spec: WeightSpec, in_features: int,
-                   bias: torch.Tensor | None, backend: str = "auto") -> QuantizedLinear:
-    """The served layer from its stored tensors (zero points packed as stored, or None), as both
-    `convert` and `load_quantized` build it. `weight_spec` rides along for the exporter."""
-    out_features = weight_packed.shape[0]
-    if spec.granularity == "tensor":  # one scale (and zero point): served as per-channel
-        weight_scale = weight_scale.reshape(1, 1).expand(out_features, 1).contiguous()
-    zero_point = None
-    if weight_zero_point is not None:
-        zero_point = weight_zero_point.reshape(1, 1).expand(out_features, 1).contiguous() \
-            if spec.granularity == "tensor" \
-            else unpack_zero_points(weight_zero_point, spec.bits, out_features)
-    layer = QuantizedLinear(weight_packed, weight_scale, zero_point, in_features, spec.bits,
-                            spec.effective_group_size, bias)
-    if backend == "reference":  # float32 scales (exact copies) keep the layer off the kernels
+def serve_as(layer: QuantizedLinear, spec: WeightSpec, backend: str = "auto") -> QuantizedLinear:
+    """Set a built layer up for serving, as both `convert` and `load_quantized` do: its backend
+    (reference: float32 scales, exact copies, keep it off the kernels) and the `weight_spec` the
+    exporter writes."""
+    if backend == "reference":
         layer.weight_scale = layer.weight_scale.float()
     layer.backend = backend
     layer.weight_spec = spec
     return layer
+
+
+def _quantized_linear(module: FakeQuantLinear, dtype: torch.dtype, backend: str) -> QuantizedLinear:
+    """The codes, scales and zero points exactly as the fake quantizer's forward pass uses them."""
+    spec = module.weight_fake_quant.spec
+    with torch.no_grad():
+        q, scale, zp = module.weight_fake_quant.quantized(module.weight)  # (out, in), (rows, G) x 2
+    if spec.granularity == "tensor":  # one scale (and zero point): served as per-channel
+        scale, zp = (t.reshape(1, 1).expand(module.out_features, 1) for t in (scale, zp))
+    bias = module.bias.detach().to(dtype) if module.bias is not None else None
+    layer = QuantizedLinear.from_quantized(q, scale.to(torch.bfloat16).contiguous(),
+                                           None if spec.symmetric else zp, spec.bits,
+                                           spec.effective_group_size, bias)
+    return serve_as(layer, spec, backend)
 
 
 def convert(model: nn.Module, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
@@ -85,11 +60,7 @@ def convert(model: nn.Module, dtype: torch.dtype = torch.bfloat16, backend: str 
     for name, module in list(model.named_modules()):
         if not isinstance(module, FakeQuantLinear):
             continue
-        with torch.no_grad():
-            packed = pack_layer(module)
-        bias = module.bias.detach().to(dtype) if module.bias is not None else None
-        layer = serving_linear(packed.weight_packed, packed.weight_scale, packed.weight_zero_point,
-                               module.weight_fake_quant.spec, module.in_features, bias, backend)
+        layer = _quantized_linear(module, dtype, backend)
         layer.source_class = source_class(module)
         if stored_transposed(module):
             setattr(layer, TRANSPOSED, True)

@@ -14,8 +14,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from qat.export.convert import serving_linear
-from qat.format.pack import packed_words
+from qat.export.convert import serve_as
+from qat.format.pack import packed_words, unpack_zero_points
 from qat.format.schema import WEIGHTS_FILE, read_config, scheme_from_args
 from qat.kernels import QuantizedLinear
 from qat.quant.spec import WeightSpec
@@ -30,7 +30,8 @@ def _matches(name: str, module: nn.Module, target: str) -> bool:
 
 def layer_specs(model: nn.Module, qconfig: dict[str, Any], where: str) -> dict[str, WeightSpec]:
     """Which Linear gets which scheme, resolved as compressed-tensors does (ignore wins)."""
-    groups = [(g.get("targets", []), WeightSpec.from_scheme(scheme_from_args(g["weights"], f"{where} {name}")))
+    groups = [(g.get("targets", []),
+               WeightSpec.from_scheme(scheme_from_args(g["weights"], f"{where} {name}")))
               for name, g in qconfig.get("config_groups", {}).items() if g.get("weights")]
     ignore = qconfig.get("ignore", [])
     specs = {}
@@ -74,9 +75,16 @@ def _quantized_linear(f, name: str, module: nn.Module, spec: WeightSpec, path: P
     if wrong:
         raise ValueError(f"{path}: tensor '{name}.weight_scale' has shape {tuple(scale.shape)}; "
                          f"expected {(1,) if spec.granularity == 'tensor' else (out_f, n_groups)}")
-    zero_point = _tensor(f, f"{name}.weight_zero_point", path) if not spec.symmetric else None
+    if spec.granularity == "tensor":  # one scale: serve it as per-channel
+        scale = scale.reshape(1, 1).expand(out_f, 1).contiguous()
+    zero_point = None
+    if not spec.symmetric:
+        zp = _tensor(f, f"{name}.weight_zero_point", path)
+        zero_point = zp.reshape(1, 1).expand(out_f, 1).contiguous() if spec.granularity == "tensor" \
+            else unpack_zero_points(zp, spec.bits, out_f)
     bias = _tensor(f, f"{name}.bias", path) if f"{name}.bias" in keys else None
-    layer = serving_linear(packed, scale, zero_point, spec, in_f, bias, backend)
+    layer = serve_as(QuantizedLinear(packed, scale, zero_point, in_f, spec.bits, group_size, bias),
+                     spec, backend)
     layer.source_class = source_class(module)  # what a re-export targets by name (Conv1D ...)
     return layer
 

@@ -44,8 +44,8 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
     # layers whose own class is not nn.Linear (Conv1D, FalconLinear) are targeted by name
     by_name = any(source_class(m) != "Linear" for m in model.modules()
                   if isinstance(m, QuantizedLinear))
-    config["quantization_config"] = quantization_config({n: s.scheme for n, s in specs.items()}, ignore,
-                                                       by_name=by_name)
+    schemes = {name: spec.scheme for name, spec in specs.items()}
+    config["quantization_config"] = quantization_config(schemes, ignore, by_name=by_name)
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     with atomic_path(out_dir, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)

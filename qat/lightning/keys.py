@@ -103,7 +103,7 @@ def check_keys(cfg: DictConfig) -> None:
             for name in node:
                 if not isinstance(node[name], DictConfig) or "_target_" not in node[name]:
                     raise UnknownKeyError(f"callbacks.{name} must be a callback config with a "
-                                          f"_target_ (see conf/callbacks/lr_monitor.yaml)")
+                                          f"_target_ (see qat/conf/callbacks/lr_monitor.yaml)")
                 _check_node(node[name], f"callbacks.{name}")
         elif sections[key] is not None and "_target_" not in node:
             for sub in node:

@@ -211,16 +211,17 @@ def export(model, tokenizer, data: TextDataModule, out_dir: Path, options,
     `run`: the model card's facts about the run (see `qat.export.writer.export_model`).
     """
     from qat.eval.perplexity import perplexity
-    from qat.export.convert import cast_float_tensors, convert
+    from qat.export.convert import cast_float_tensors, convert, serve_as
     from qat.export.load import load_quantized, weight_bytes
     from qat.export.writer import export_model
+    from qat.kernels import QuantizedLinear
 
     if checkpoint is not None:
         from qat.models.checkpoint import model_from_checkpoint
 
         model, tokenizer, _ = model_from_checkpoint(checkpoint)
     dtype = getattr(torch, options.dtype)
-    served = convert(model, dtype, backend=options.eval_backend)
+    served = convert(model, dtype)  # as load_quantized(out_dir, dtype) serves it by default
     export_model(served, tokenizer, out_dir, dtype=dtype, run=run)
     result: dict[str, Any] = {"export_dir": str(out_dir), "export_eval_backend": options.eval_backend,
                               "export_bytes": sum(f.stat().st_size for f in out_dir.iterdir()),
@@ -229,6 +230,9 @@ def export(model, tokenizer, data: TextDataModule, out_dir: Path, options,
     # computes in float32: it checks the export against the run's ppl to float rounding.
     # backend=auto runs the CPU int4 kernel, whose bf16 activations move ppl by ~4e-4.
     cast_float_tensors(served, torch.float32)
+    for layer in served.modules():
+        if isinstance(layer, QuantizedLinear):
+            serve_as(layer, layer.weight_spec, options.eval_backend)
     reread = load_quantized(out_dir, dtype=torch.float32, backend=options.eval_backend)
     check_same_tensors(served, reread, out_dir)
     del reread
@@ -242,17 +246,12 @@ def export(model, tokenizer, data: TextDataModule, out_dir: Path, options,
 
 
 def check_same_tensors(served: torch.nn.Module, reread: torch.nn.Module, out_dir: Path) -> None:
-    """The in-memory served model and the export read back hold the same tensors, bit for bit.
+    """The export read back stores what the in-memory served model stores, bit for bit (the file
+    already equals the latter: the writer's verify_export). Compared in the stored layout, so a
+    float Linear made from a Conv1D matches the Conv1D the loader rebuilds."""
+    from qat.export.compressed_tensors import stored_tensors
 
-    A float Linear made from a Conv1D (pruning does that) is read back as the Conv1D it was, with
-    the weight in (in, out): compared transposed."""
-    from qat.kernels import QuantizedLinear
-    from qat.quant.structure import stored_transposed
-
-    mine, theirs = served.state_dict(), reread.state_dict()
-    for name, module in served.named_modules():
-        if stored_transposed(module) and not isinstance(module, QuantizedLinear):
-            mine[f"{name}.weight"] = mine[f"{name}.weight"].t()
+    mine, theirs = (stored_tensors(m, torch.float32)[0] for m in (served, reread))
     if mine.keys() != theirs.keys():
         raise OSError(f"{out_dir}: the export read back has other tensors than the converted model "
                       f"({sorted(mine.keys() ^ theirs.keys())[:3]})")
