@@ -3,10 +3,10 @@
 python bench/decode_contention.py [--tokens 128] [--competitors 4] [--repeats 3] [--model NAME]
 
 The served model is bench/decode.py's fastest: the W4 g64 export in float32 with the int8 table,
-decoded by qat.serve.decode.greedy (one native call per token). Each team size runs on a quiet machine and
-then beside `--competitors` busy-looping Python processes at the same priority: `auto` (the
-default: qat.kernels.threads picks the team size from the measured step times), one thread, and all
-of them (OpenMP's default before the governor). Run it alone: the quiet rows need a quiet machine
+decoded by qat.serve.decode.greedy (one native call per token, on csrc/team.c's team). Each team
+size runs on a quiet machine and then beside `--competitors` busy-looping Python processes at the
+same priority: `auto` (the default, threads=None: all cores for a one-call token), one thread, and
+all of them given explicitly. Run it alone: the quiet rows need a quiet machine
 (the load average before each phase is recorded). Writes bench/results/decode_contention.json and
 the decode_contention section of BENCHMARKS.md. OMP_WAIT_POLICY is left as the caller set it.
 """
@@ -93,8 +93,9 @@ def main() -> None:
                    f"decoding {args.tokens} tokens with qat.serve.decode.greedy (median of "
                    f"{args.repeats} rounds over the team sizes, alternating their order), quiet and beside "
                    f"{args.competitors} busy-looping processes at the same priority. `auto` is the "
-                   "default (qat.kernels.threads: the team size follows the measured step times); "
-                   f"`{most}` is OpenMP's default team before it. Loaded `auto` keeps "
+                   "default (threads=None: the whole token is one native call on csrc/team.c's "
+                   f"team of all cores, whose threads never wait for each other); `{most}` names "
+                   "that size explicitly. Loaded `auto` keeps "
                    f"{loaded['auto'] / quiet['auto']:.2f}x of its quiet speed (goal >= 0.25x; "
                    f"`{most}` threads keep {loaded.get(str(most), 0) / quiet.get(str(most), 1):.2f}x); "
                    f"quiet `auto` runs at {quiet['auto'] / quiet.get(str(most), quiet['auto']):.3f}x "

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("gemv.c", "decode_step.c",
-                                                                "fake_quant.c")]
-HEADERS = [Path(__file__).parent / "csrc" / "q4.h"]
+                                                                "fake_quant.c", "team.c")]
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("q4.h", "team.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-DTHREADED_MIN=200000", "-shared",
          "-fPIC"]
 MAX_ROWS = 16  # rows of x above which a dequantize + F.linear (GEMM) is faster than M GEMVs
@@ -92,6 +92,12 @@ class Q4Config(ctypes.Structure):
         ("eps", ctypes.c_float), ("attn_scale", ctypes.c_float)]
 
 
+class Q8Head(ctypes.Structure):
+    """csrc/decode_step.c's Q8Head: the int8 head, with the final RMSNorm before it."""
+    _fields_ = [("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("norm", ctypes.c_void_p),
+                ("vocab", ctypes.c_int64), ("eps", ctypes.c_float)]
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("QAT_NATIVE", "1") == "0" or not _cpu_has_avx2_fma():
@@ -105,8 +111,15 @@ def _library() -> ctypes.CDLL | None:
     lib.q4_gemv.restype = ctypes.c_int
     lib.q8_gemv.argtypes = [p, i, i, p, p, p, i]
     lib.q8_gemv.restype = None
-    lib.q4_decode_step.argtypes = [ctypes.POINTER(Q4Layer), i, ctypes.POINTER(Q4Config), p, i, p, p]
+    lib.q4_decode_step.argtypes = [ctypes.POINTER(Q4Layer), i, ctypes.POINTER(Q4Config), p, i, p, p,
+                                   ctypes.POINTER(Q8Head), p, p, ctypes.c_int]
     lib.q4_decode_step.restype = ctypes.c_int
+    lib.q4_step_buffer_floats.argtypes = [ctypes.POINTER(Q4Config), i]
+    lib.q4_step_buffer_floats.restype = i
+    lib.qat_team_patience.argtypes = [i]
+    lib.qat_team_patience.restype = None
+    lib.qat_team_quiesce.argtypes = []
+    lib.qat_team_quiesce.restype = None
     lib.qat_set_threads.argtypes = [ctypes.c_int]
     lib.qat_set_threads.restype = None
     lib.qat_max_threads.argtypes = []
@@ -130,6 +143,13 @@ def max_threads() -> int:
     """Our kernels' current team size (OpenMP's default: OMP_NUM_THREADS or the cores)."""
     lib = _library()
     return lib.qat_max_threads() if lib is not None else 1
+
+
+def team_patience(ns: int | None) -> None:
+    """How long a team thread waits for another's chunk before computing it itself (csrc/team.h);
+    None restores the default, 0 makes every wait a steal (for tests of the commit protocol)."""
+    if (lib := _library()) is not None:
+        lib.qat_team_patience(-1 if ns is None else ns)
 
 
 def available() -> bool:
@@ -247,14 +267,19 @@ def mask_grad_(w: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
 
 
 class DecodeStep:
-    """Every decoder layer of one new token in one native call (csrc/decode_step.c).
+    """Every decoder layer of one new token in one native call (csrc/decode_step.c), and with an
+    int8 head (codes, scale, final-norm weight, eps) the token itself.
 
     Built by qat.serve.decode from a Llama-style model whose decoder Linears are all 4-bit GEMV layers;
     it keeps the tensors it points to alive. Calling it runs the layers on h (hidden,) float32 in
-    place and writes the token's k and v into the caches at `pos`.
+    place, writes the token's k and v into the caches at `pos` and returns the next token (the
+    argmax of the head's logits) or None without a head. `threads`: the team's size (csrc/team.h:
+    no thread waits for another, so a busy machine slows the step down, it does not stall it).
+    `close()` waits until no helper thread still reads these tensors.
     """
 
-    def __init__(self, layers: list[dict], config: dict, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, layers: list[dict], config: dict, cos: torch.Tensor, sin: torch.Tensor,
+                 head: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None):
         self._keep = [cos, sin]
         self.layers = (Q4Layer * len(layers))()
         for slot, layer in zip(self.layers, layers):
@@ -264,6 +289,18 @@ class DecodeStep:
                 setattr(slot, name, self._pointer(layer[name]))
         self.config = Q4Config(**config)
         self.cos, self.sin, self.dim = cos, sin, config["head_dim"]
+        self.head = None
+        if head is not None:
+            codes, scale, norm, eps = head
+            if codes.shape[1] != config["hidden"] or codes.shape[0] >= 2 ** 24:
+                raise ValueError(f"DecodeStep: head codes {tuple(codes.shape)} need (vocab < 2**24, "
+                                 f"hidden {config['hidden']})")
+            self.head = Q8Head(self._pointer(codes), self._pointer(scale), self._pointer(norm),
+                               codes.shape[0], eps)
+        lib = _library()
+        vocab = 0 if self.head is None else self.head.vocab
+        self.buffer = torch.empty(lib.q4_step_buffer_floats(ctypes.byref(self.config), vocab))
+        self.token = torch.zeros(1, dtype=torch.int64)
 
     def _pointer(self, t: torch.Tensor | None) -> int | None:
         if t is None:
@@ -279,13 +316,26 @@ class DecodeStep:
                         self._pointer(bias), in_features, packed.shape[0],
                         group_size or in_features)
 
-    def __call__(self, h: torch.Tensor, pos: int) -> None:
+    def __call__(self, h: torch.Tensor, pos: int, threads: int = 1) -> int | None:
         if not (h.dtype == torch.float32 and h.is_contiguous() and h.numel() == self.config.hidden):
             raise ValueError("DecodeStep runs one token: h must be contiguous float32 (hidden,)")
         if not 0 <= pos < self.config.max_len:
             raise ValueError(f"position {pos} is outside the cache (max_len {self.config.max_len})")
         offset = pos * self.dim * 4  # bytes into the (max_len, head_dim) float32 rotary tables
-        if _library().q4_decode_step(self.layers, len(self.layers), ctypes.byref(self.config),
-                                     h.data_ptr(), pos, self.cos.data_ptr() + offset,
-                                     self.sin.data_ptr() + offset):
+        done = _library().q4_decode_step(
+            self.layers, len(self.layers), ctypes.byref(self.config), h.data_ptr(), pos,
+            self.cos.data_ptr() + offset, self.sin.data_ptr() + offset,
+            None if self.head is None else ctypes.byref(self.head), self.buffer.data_ptr(),
+            self.token.data_ptr(), max(1, threads))
+        if done == -1:
             raise MemoryError("q4_decode_step: out of memory")
+        if done:
+            raise ValueError("q4_decode_step: a phase has more chunks than a team job holds")
+        return None if self.head is None else int(self.token)
+
+    def close(self) -> None:
+        _library().qat_team_quiesce()
+
+    def __del__(self) -> None:
+        if _library is not None and _library() is not None:
+            self.close()

@@ -5,7 +5,10 @@
  * Why: at batch 1 the torch version of this loop costs ~11 ms per token of SmolLM2-135M in
  * ~1,200 small ops (norms, rotary, attention glue) plus ~40 us of Python per Linear call, about
  * as much as the 4-bit matmuls themselves; here the step is memory-bound on the packed weights.
- * Linears that share an input (q/k/v, gate/up) run as one parallel loop over their rows.
+ * With an int8 head (qat.kernels.embedding) the final norm, the logits and their argmax run here
+ * too, so a token is one call. The step is a team job (team.h): per layer, eight phases whose
+ * chunks are 64 output rows of the Linears that share an input (q/k/v, gate/up), one kv head of
+ * attention, 256 elements of SiLU, or a whole RMSNorm.
  *
  * Layouts: the caches are the torch tensors of qat.serve.decode, (kv_heads, max_len, head_dim) float32;
  * cos/sin are the model's rotary tables for this position, (head_dim,) each; Linear weights are
@@ -15,10 +18,7 @@
 #include <stdlib.h>
 
 #include "q4.h"
-
-#ifndef THREADED_MIN
-#define THREADED_MIN (1 << 30)
-#endif
+#include "team.h"
 
 typedef struct {
     const uint8_t *w;      /* (N, K / 2) packed codes */
@@ -39,31 +39,55 @@ typedef struct {
     float eps, attn_scale;
 } Q4Config;
 
-#define MAX_SHARED 3 /* Linears fed the same input in one parallel loop (q/k/v) */
+typedef struct {
+    const int8_t *codes;  /* (vocab, hidden) */
+    const float *scale;   /* (vocab,) */
+    const float *norm;    /* the final RMSNorm's weight, (hidden,) */
+    int64_t vocab;
+    float eps;
+} Q8Head;
 
-/* y_i = W_i x (+ b_i) for up to MAX_SHARED Linears with the same input, one loop over all rows. */
-static void matvecs(const Q4Linear *const *lin, float *const *y, int count, const float *x,
-                    float *xsum) {
-    int64_t first[MAX_SHARED + 1], work = 0;
-    float *sums[MAX_SHARED];
-    first[0] = 0;
-    for (int i = 0; i < count; i++) {
-        first[i + 1] = first[i] + (lin[i]->N + 63) / 64;
-        sums[i] = xsum + i * (lin[i]->K / 32);
-        group_sums(x, lin[i]->K, lin[i]->group, sums[i]);
-        work += lin[i]->N * lin[i]->K;
+typedef struct {
+    float *r, *q, *k, *v, *att, *delta, *gate, *up, *g, *best;
+} Buffers;
+
+typedef struct {
+    const Q4Layer *layers;
+    const Q4Config *c;
+    const Q8Head *head; /* NULL: the step ends with the decoder's output in h */
+    float *h, *buf;
+    const float *cos, *sin;
+    int64_t *token;
+    int64_t n_layers, pos;
+} Step;
+
+enum { PRE_ATTN, QKV, ATTN, O, PRE_MLP, GATE_UP, SILU, DOWN, FINAL, HEAD, ARGMAX };
+#define ROWS 64        /* output rows per chunk */
+#define SILU_CHUNK 256 /* elements per SiLU chunk */
+
+static int64_t blocks(int64_t n, int64_t size) { return (n + size - 1) / size; }
+
+/* The work buffers in buf (which holds q4_step_buffer_floats floats); returns their size. */
+static int64_t layout(const Q4Config *c, int64_t vocab, float *buf, Buffers *b) {
+    int64_t d = c->head_dim, sizes[10] = {c->hidden, c->heads * d, c->kv_heads * d,
+        c->kv_heads * d, c->heads * d, c->hidden, c->intermediate, c->intermediate,
+        c->intermediate, 2 * blocks(vocab, ROWS)};
+    float **slots[10] = {&b->r, &b->q, &b->k, &b->v, &b->att, &b->delta, &b->gate, &b->up,
+                         &b->g, &b->best};
+    int64_t total = 0;
+    for (int i = 0; i < 10; i++) {
+        if (buf) *slots[i] = buf + total;
+        total += sizes[i];
     }
-    #pragma omp parallel for schedule(static) if (work >= THREADED_MIN)
-    for (int64_t c = 0; c < first[count]; c++) {
-        int i = 0;
-        while (c >= first[i + 1]) i++;
-        const Q4Linear *l = lin[i];
-        int64_t a = (c - first[i]) * 64, b = a + 64 < l->N ? a + 64 : l->N;
-        q4_row(x, sums[i], l->K, l->w, a, b, l->scale, l->zp, l->group, y[i]);
-    }
-    for (int i = 0; i < count; i++)
-        if (lin[i]->bias)
-            for (int64_t n = 0; n < lin[i]->N; n++) y[i][n] += lin[i]->bias[n];
+    return total;
+}
+
+int64_t q4_step_buffer_floats(const Q4Config *c, int64_t vocab) { return layout(c, vocab, NULL, NULL); }
+
+static int64_t scratch_floats(const Q4Config *c) {
+    int64_t widest = c->hidden > c->intermediate ? c->hidden : c->intermediate;
+    int64_t group = c->heads / c->kv_heads;
+    return 2 * c->hidden + ROWS + widest / 32 + (group + 3) * c->head_dim + c->max_len + SILU_CHUNK;
 }
 
 /* out = weight * (x / sqrt(mean(x^2) + eps)), in the order of transformers' LlamaRMSNorm. */
@@ -87,73 +111,195 @@ static void rotary(float *x, int64_t heads, int64_t dim, const float *cos, const
     }
 }
 
-/* Softmax attention of one query per head over positions 0..len-1 of the cache (grouped-query:
- * heads / kv_heads query heads read each cached head). */
-static void attention(const float *q, const float *k_cache, const float *v_cache, float *out,
-                      float *scores, const Q4Config *c, int64_t len) {
-    int64_t group = c->heads / c->kv_heads, d = c->head_dim;
-    for (int64_t h = 0; h < c->heads; h++) {
-        const float *qh = q + h * d;
-        const float *kc = k_cache + (h / group) * c->max_len * d;
-        const float *vc = v_cache + (h / group) * c->max_len * d;
-        float top = -INFINITY, total = 0.f;
-        for (int64_t t = 0; t < len; t++) {
-            float s = 0.f;
-            for (int64_t i = 0; i < d; i++) s += qh[i] * kc[t * d + i];
-            scores[t] = s * c->attn_scale;
-            top = scores[t] > top ? scores[t] : top;
+
+/* Softmax attention of one rotated query over the cached positions 0..pos-1 and this token's
+ * (key, value) at pos, which are not in the cache yet. */
+static void attend(const float *qh, const float *kc, const float *vc, const float *key,
+                   const float *value, float *out, float *scores, const Q4Config *c, int64_t pos) {
+    int64_t d = c->head_dim;
+    float top = -INFINITY, total = 0.f;
+    for (int64_t t = 0; t <= pos; t++) {
+        const float *kt = t < pos ? kc + t * d : key;
+        float s = 0.f;
+        for (int64_t i = 0; i < d; i++) s += qh[i] * kt[i];
+        scores[t] = s * c->attn_scale;
+        top = scores[t] > top ? scores[t] : top;
+    }
+    for (int64_t t = 0; t <= pos; t++) total += (scores[t] = expf(scores[t] - top));
+    for (int64_t i = 0; i < d; i++) out[i] = 0.f;
+    for (int64_t t = 0; t <= pos; t++) {
+        const float *vt = t < pos ? vc + t * d : value;
+        float p = scores[t] / total;
+        for (int64_t i = 0; i < d; i++) out[i] += p * vt[i];
+    }
+}
+
+typedef struct {
+    const Q4Linear *lin[3];
+    float *y[3];
+    int count;
+    const float *x;
+} Matvecs;
+
+/* The Linears of a matvec phase, which share the input x. */
+static Matvecs matvecs_of(const Step *s, const Buffers *b, int64_t layer, int kind) {
+    const Q4Layer *L = s->layers + layer;
+    switch (kind) {
+    case QKV: return (Matvecs){{&L->q, &L->k, &L->v}, {b->q, b->k, b->v}, 3, b->r};
+    case O: return (Matvecs){{&L->o}, {b->delta}, 1, b->att};
+    case GATE_UP: return (Matvecs){{&L->gate, &L->up}, {b->gate, b->up}, 2, b->r};
+    default: return (Matvecs){{&L->down}, {b->delta}, 1, b->g};
+    }
+}
+
+static int64_t matvec_chunks(const Matvecs *m) {
+    int64_t n = 0;
+    for (int i = 0; i < m->count; i++) n += blocks(m->lin[i]->N, ROWS);
+    return n;
+}
+
+/* Rows [64c', 64c' + 64) of the Linear that chunk c falls in. */
+static void matvec_chunk(const Matvecs *m, int64_t c, float *scratch, TeamCommit *out) {
+    int i = 0;
+    while (c >= blocks(m->lin[i]->N, ROWS)) c -= blocks(m->lin[i++]->N, ROWS);
+    const Q4Linear *l = m->lin[i];
+    int64_t a = c * ROWS, z = a + ROWS < l->N ? a + ROWS : l->N;
+    float *y = scratch, *sums = scratch + ROWS;
+    group_sums(m->x, l->K, l->group, sums);
+    q4_row(m->x, sums, l->K, l->w, a, z, l->scale, l->zp, l->group, y);
+    if (l->bias)
+        for (int64_t n = a; n < z; n++) y[n - a] += l->bias[n];
+    *out = (TeamCommit){1, {{m->y[i] + a, y, sizeof(float) * (z - a)}}};
+}
+
+static void phase_of(const Step *s, int64_t p, int64_t *layer, int *kind) {
+    *layer = p / 8 < s->n_layers ? p / 8 : s->n_layers;
+    *kind = p < 8 * s->n_layers ? (int)(p % 8) : FINAL + (int)(p - 8 * s->n_layers);
+}
+
+static int step_kind(const void *ctx, int64_t p) {
+    int64_t layer;
+    int kind;
+    phase_of(ctx, p, &layer, &kind);
+    return kind;
+}
+
+static int64_t step_chunks(const void *ctx, int64_t p) {
+    const Step *s = ctx;
+    const Q4Config *c = s->c;
+    Buffers b;
+    int64_t layer;
+    int kind;
+    phase_of(s, p, &layer, &kind);
+    layout(c, s->head ? s->head->vocab : 0, s->buf, &b);
+    switch (kind) {
+    case QKV: case O: case GATE_UP: case DOWN: {
+        Matvecs m = matvecs_of(s, &b, layer, kind);
+        return matvec_chunks(&m);
+    }
+    case ATTN: return c->kv_heads;
+    case SILU: return blocks(c->intermediate, SILU_CHUNK);
+    case HEAD: return blocks(s->head->vocab, ROWS);
+    default: return 1;
+    }
+}
+
+/* a better than b for argmax: larger, NaN above everything (torch.argmax); ties keep b. */
+static int better(float a, float b) { return isnan(a) ? !isnan(b) : a > b; }
+
+static void step_run(const void *ctx, int64_t p, int64_t chunk, float *scratch, TeamCommit *out) {
+    const Step *s = ctx;
+    const Q4Config *c = s->c;
+    Buffers b;
+    int64_t layer, d = c->head_dim, hidden = c->hidden;
+    int kind;
+    phase_of(s, p, &layer, &kind);
+    layout(c, s->head ? s->head->vocab : 0, s->buf, &b);
+    const Q4Layer *L = s->layers + layer;
+    switch (kind) {
+    case PRE_ATTN: case PRE_MLP: case FINAL: { /* h += delta (the last sublayer's), RMSNorm */
+        float *h = scratch, *r = scratch + hidden;
+        int add = kind != PRE_ATTN || layer > 0;
+        for (int64_t i = 0; i < hidden; i++) h[i] = add ? s->h[i] + b.delta[i] : s->h[i];
+        int n = 0;
+        if (add) out->seg[n++] = (typeof(out->seg[0])){s->h, h, sizeof(float) * hidden};
+        if (kind != FINAL || s->head) {
+            const float *weight = kind == PRE_ATTN ? L->input_norm : kind == PRE_MLP
+                ? L->post_norm : s->head->norm;
+            rms_norm(h, weight, r, hidden, kind == FINAL ? s->head->eps : c->eps);
+            out->seg[n++] = (typeof(out->seg[0])){b.r, r, sizeof(float) * hidden};
         }
-        for (int64_t t = 0; t < len; t++) total += (scores[t] = expf(scores[t] - top));
-        float *oh = out + h * d;
-        for (int64_t i = 0; i < d; i++) oh[i] = 0.f;
-        for (int64_t t = 0; t < len; t++) {
-            float p = scores[t] / total;
-            for (int64_t i = 0; i < d; i++) oh[i] += p * vc[t * d + i];
+        out->n = n;
+        return;
+    }
+    case QKV: case O: case GATE_UP: case DOWN: {
+        Matvecs m = matvecs_of(s, &b, layer, kind);
+        matvec_chunk(&m, chunk, scratch, out);
+        return;
+    }
+    case ATTN: { /* kv head `chunk`: rotary, attention of its query heads, its cache entries */
+        int64_t group = c->heads / c->kv_heads, g = chunk;
+        float *key = scratch, *value = key + d, *qh = value + d, *att = qh + d;
+        float *scores = att + group * d;
+        memcpy(key, b.k + g * d, sizeof(float) * d);
+        rotary(key, 1, d, s->cos, s->sin);
+        memcpy(value, b.v + g * d, sizeof(float) * d);
+        const float *kc = L->k_cache + g * c->max_len * d, *vc = L->v_cache + g * c->max_len * d;
+        for (int64_t j = 0; j < group; j++) {
+            memcpy(qh, b.q + (g * group + j) * d, sizeof(float) * d);
+            rotary(qh, 1, d, s->cos, s->sin);
+            attend(qh, kc, vc, key, value, att + j * d, scores, c, s->pos);
         }
+        *out = (TeamCommit){3, {{L->k_cache + (g * c->max_len + s->pos) * d, key, sizeof(float) * d},
+                                {L->v_cache + (g * c->max_len + s->pos) * d, value, sizeof(float) * d},
+                                {b.att + g * group * d, att, sizeof(float) * group * d}}};
+        return;
+    }
+    case SILU: {
+        int64_t a = chunk * SILU_CHUNK, z = a + SILU_CHUNK < c->intermediate ? a + SILU_CHUNK
+            : c->intermediate;
+        for (int64_t i = a; i < z; i++) scratch[i - a] = b.gate[i] / (1.f + expf(-b.gate[i])) * b.up[i];
+        *out = (TeamCommit){1, {{b.g + a, scratch, sizeof(float) * (z - a)}}};
+        return;
+    }
+    case HEAD: { /* the largest logit of 64 tokens, and which */
+        const Q8Head *head = s->head;
+        int64_t a = chunk * ROWS, z = a + ROWS < head->vocab ? a + ROWS : head->vocab, top = a;
+        float best = q8_row(b.r, hidden, head->codes + a * hidden, head->scale[a]);
+        for (int64_t n = a + 1; n < z; n++) {
+            float v = q8_row(b.r, hidden, head->codes + n * hidden, head->scale[n]);
+            if (better(v, best)) best = v, top = n;
+        }
+        scratch[0] = best;
+        scratch[1] = (float)top;
+        *out = (TeamCommit){1, {{b.best + 2 * chunk, scratch, sizeof(float) * 2}}};
+        return;
+    }
+    default: { /* ARGMAX over the chunks' winners, in order: the first largest logit */
+        int64_t n = blocks(s->head->vocab, ROWS), top = 0;
+        for (int64_t i = 1; i < n; i++)
+            if (better(b.best[2 * i], b.best[2 * top])) top = i;
+        int64_t token = (int64_t)b.best[2 * top + 1];
+        memcpy(scratch, &token, sizeof token);
+        *out = (TeamCommit){1, {{s->token, scratch, sizeof token}}};
+        return;
+    }
     }
 }
 
 /* h (hidden,) <- the decoder's output for the token at position `pos`, whose k and v are written
- * to every layer's cache at `pos`. Returns 0, or -1 when out of memory. */
+ * to every layer's cache at `pos`; with a head, *token <- the argmax of its logits (h then holds
+ * the decoder's output before the final norm). buf: q4_step_buffer_floats floats. Returns 0, -1
+ * when out of memory, -2 when a phase has more chunks than a team job holds. */
 int q4_decode_step(const Q4Layer *layers, int64_t n_layers, const Q4Config *c, float *h,
-                   int64_t pos, const float *cos, const float *sin) {
-    int64_t d = c->head_dim, kv = c->kv_heads * d, widest = c->hidden > c->intermediate
-        ? c->hidden : c->intermediate;
-    int64_t size = c->hidden * 2 + c->heads * d * 2 + kv * 2 + c->intermediate * 2 + c->max_len
-        + MAX_SHARED * (widest / 32);
-    float *buf = malloc(sizeof(float) * size);
-    if (!buf) return -1;
-    float *r = buf, *delta = r + c->hidden, *q = delta + c->hidden, *att = q + c->heads * d;
-    float *k = att + c->heads * d, *v = k + kv, *gate = v + kv, *up = gate + c->intermediate;
-    float *scores = up + c->intermediate, *xsum = scores + c->max_len;
-    for (int64_t l = 0; l < n_layers; l++) {
-        const Q4Layer *L = layers + l;
-        rms_norm(h, L->input_norm, r, c->hidden, c->eps);
-        const Q4Linear *qkv[3] = {&L->q, &L->k, &L->v};
-        float *qkv_out[3] = {q, k, v};
-        matvecs(qkv, qkv_out, 3, r, xsum);
-        rotary(q, c->heads, d, cos, sin);
-        rotary(k, c->kv_heads, d, cos, sin);
-        for (int64_t g = 0; g < c->kv_heads; g++) {
-            memcpy(L->k_cache + (g * c->max_len + pos) * d, k + g * d, sizeof(float) * d);
-            memcpy(L->v_cache + (g * c->max_len + pos) * d, v + g * d, sizeof(float) * d);
-        }
-        attention(q, L->k_cache, L->v_cache, att, scores, c, pos + 1);
-        const Q4Linear *o[1] = {&L->o};
-        float *o_out[1] = {delta};
-        matvecs(o, o_out, 1, att, xsum);
-        for (int64_t i = 0; i < c->hidden; i++) h[i] += delta[i];
-        rms_norm(h, L->post_norm, r, c->hidden, c->eps);
-        const Q4Linear *gu[2] = {&L->gate, &L->up};
-        float *gu_out[2] = {gate, up};
-        matvecs(gu, gu_out, 2, r, xsum);
-        for (int64_t i = 0; i < c->intermediate; i++)
-            gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
-        const Q4Linear *down[1] = {&L->down};
-        float *down_out[1] = {delta};
-        matvecs(down, down_out, 1, gate, xsum);
-        for (int64_t i = 0; i < c->hidden; i++) h[i] += delta[i];
-    }
-    free(buf);
-    return 0;
+                   int64_t pos, const float *cos, const float *sin, const Q8Head *head,
+                   float *buf, int64_t *token, int threads) {
+    TeamJob job = {step_chunks, step_kind, step_run, 8 * n_layers + (head ? 3 : 1),
+                   scratch_floats(c), {0}};
+    Step s = {layers, c, head, h, buf, cos, sin, token, n_layers, pos};
+    _Static_assert(sizeof(Step) <= TEAM_CONTEXT, "Step must fit a team job's context");
+    memcpy(job.ctx, &s, sizeof s);
+    for (int64_t p = 0; p < job.phases; p++)
+        if (step_chunks(&s, p) > TEAM_MAX_CHUNKS) return -2;
+    return team_run(&job, threads);
 }

@@ -38,7 +38,7 @@ int q4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16
     for (int64_t c = 0; c < chunks; c++) {
         int64_t a = c * 64, b = a + 64 < N ? a + 64 : N;
         for (int64_t m = 0; m < M; m++)
-            q4_row(x + m * K, xsum + m * groups, K, w, a, b, scale, zp, group, y + m * N);
+            q4_row(x + m * K, xsum + m * groups, K, w, a, b, scale, zp, group, y + m * N + a);
     }
     free(xsum);
     return 0;
@@ -50,27 +50,6 @@ void q8_gemv(const float *x, int64_t M, int64_t K, const int8_t *w, const float 
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
         #pragma omp parallel for schedule(static) if (N * K >= THREADED_MIN)
-        for (int64_t n = 0; n < N; n++) {
-            const int8_t *row = w + n * K;
-            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-            __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-            int64_t k = 0;
-            for (; k + 32 <= K; k += 32) {
-                __m256i b = _mm256_loadu_si256((const __m256i *)(row + k));
-                __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
-                                     _mm256_loadu_ps(xm + k), a0);
-                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
-                                     _mm256_loadu_ps(xm + k + 8), a1);
-                a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
-                                     _mm256_loadu_ps(xm + k + 16), a2);
-                a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
-                                     _mm256_loadu_ps(xm + k + 24), a3);
-            }
-            float tail = 0.f;
-            for (; k < K; k++) tail += xm[k] * (float)row[k];
-            __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-            y[m * N + n] = scale[n] * (hsum(a) + tail);
-        }
+        for (int64_t n = 0; n < N; n++) y[m * N + n] = q8_row(xm, K, w + n * K, scale[n]);
     }
 }

@@ -1,4 +1,4 @@
-/* The 4-bit row kernel shared by the GEMV (gemv.c) and the fused decode step (decode_step.c).
+/* The 4-bit and int8 row kernels shared by the GEMV (gemv.c) and the fused decode step (decode_step.c).
  * Layout and requirements: see gemv.c. */
 #ifndef QAT_Q4_H
 #define QAT_Q4_H
@@ -38,7 +38,7 @@ static inline void group_sums(const float *x, int64_t K, int64_t group, float *x
     }
 }
 
-/* One row of x: y[n] = sum_k x[k] * w[n, k] for rows [n0, n1). Four independent accumulators per
+/* One row of x: y[n - n0] = sum_k x[k] * w[n, k] for rows [n0, n1). Four independent accumulators per
  * group keep the FMA chain latency-free; one horizontal sum per output. */
 static inline void q4_row(const float *x, const float *xsum, int64_t K, const uint8_t *w, int64_t n0,
                    int64_t n1, const uint16_t *scale, const int8_t *zp, int64_t group, float *y) {
@@ -68,8 +68,30 @@ static inline void q4_row(const float *x, const float *xsum, int64_t K, const ui
             acc = _mm256_fmadd_ps(_mm256_set1_ps(s), dot, acc);
             offset += s * shift * xsum[g];
         }
-        y[n] = hsum(acc) - offset;
+        y[n - n0] = hsum(acc) - offset;
     }
+}
+
+/* y = (x . row) * scale for one row of int8 codes (the int8 embedding used as head). */
+static inline float q8_row(const float *x, int64_t K, const int8_t *row, float scale) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256i b = _mm256_loadu_si256((const __m256i *)(row + k));
+        __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+                             _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
+                             _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
+                             _mm256_loadu_ps(x + k + 24), a3);
+    }
+    float tail = 0.f;
+    for (; k < K; k++) tail += x[k] * (float)row[k];
+    __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    return scale * (hsum(a) + tail);
 }
 
 #endif

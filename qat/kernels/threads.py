@@ -1,5 +1,9 @@
 """How many threads a decode step uses, chosen from the step times themselves.
 
+Used where a token is not one native call (the head stays in torch): a token that is (the int8
+head, qat.serve.decode) runs on csrc/team.c's team, whose threads never wait for each other, at
+its full size.
+
 Why: a decode step is ~120 short parallel loops (four per decoder layer), each ending in a barrier.
 On a quiet machine two threads beat one; when other processes hold the cores, a thread that is
 descheduled makes its partner wait at every barrier for a whole scheduler slice, and the step

@@ -8,8 +8,9 @@ bookkeeping. Greedy tokens match `generate` (tests/test_decode.py).
 
 An export served by our 4-bit GEMV (float32, every decoder Linear 4-bit) goes further: after the
 prompt, each token runs all decoder layers in one native call (qat.native.DecodeStep:
-norms, rotary, attention and the Linears in C), leaving only the embedding and the head to torch.
-Its logits equal the torch loop's to float32 rounding (tests/test_decode.py).
+norms, rotary, attention and the Linears in C), leaving only the embedding and the head to torch;
+with the int8 head (embedding_bits=8) the head and its argmax run there too. Its logits equal the
+torch loop's to float32 rounding (tests/test_decode.py); the call runs on csrc/team.c's team.
 """
 from __future__ import annotations
 
@@ -96,7 +97,22 @@ def native_step(model, caches: list[tuple[torch.Tensor, torch.Tensor]]):
     values = {"hidden": config.hidden_size, "heads": heads, "kv_heads": kv_heads,
               "head_dim": cos.shape[1], "intermediate": config.intermediate_size,
               "max_len": cos.shape[0], "eps": eps.pop(), "attn_scale": float(attn.scaling)}
-    return native.DecodeStep(layers, values, cos.float().contiguous(), sin.float().contiguous())
+    return native.DecodeStep(layers, values, cos.float().contiguous(), sin.float().contiguous(),
+                             _int8_head(model))
+
+
+def _int8_head(model):
+    """(codes, scale, final-norm weight, eps) when the head is our int8 one after a float32
+    RMSNorm, which the native step then computes too; else None (the head stays in torch)."""
+    from qat.kernels.embedding import Int8Head
+
+    head, norm = model.get_output_embeddings(), model.model.norm
+    weight = getattr(norm, "weight", None)
+    if not isinstance(head, Int8Head) or head is not getattr(model, "lm_head", None) or \
+            weight is None or weight.dtype != torch.float32 or not hasattr(norm, "variance_epsilon"):
+        return None
+    return head.table.codes, head.table.scale, weight.detach().contiguous(), \
+        float(norm.variance_epsilon)
 
 
 def _layers(model, h: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -137,26 +153,31 @@ def greedy(model, ids: torch.Tensor, max_new_tokens: int,
     """Greedy continuation of `ids` (1, T): returns the new token ids, (n,) with n <= max_new_tokens
     (fewer when `eos_token_id` is produced; it is included). `native=False` keeps every step in
     torch even where the one-call native step applies. `threads`: our kernels' team size per step
-    (None: chosen from the measured step times, see qat.kernels.threads)."""
+    (None: all cores where a token is one native call, else chosen from the measured step
+    times, see qat.kernels.threads)."""
     _check(model, ids.shape[0])
     inner = model.model
     h = inner.embed_tokens(ids)
     caches = new_caches(model, ids.shape[1] + max_new_tokens, h.dtype)
     step = native_step(model, caches) if native else None
-    governor = _governor(threads)
+    whole = step is not None and step.head is not None  # a token is one native call
+    governor = None if whole else _governor(threads)
+    team = threads or _native_threads()
     if governor is not None:
         governor.begin()
     out, pos = [], 0
     try:
         for _ in range(max_new_tokens):
             length = h.shape[1]
-            with governor.step() if governor is not None and length == 1 else nullcontext():
+            with governor.step() if governor is not None and length == 1 else nullcontext() as s:
                 if step is not None and length == 1:  # all layers in one native call, in place
                     h = h.contiguous()
-                    step(h.view(-1), pos)
+                    token = step(h.view(-1), pos, threads=s.threads if s else team)
+                    token = None if token is None else torch.tensor(token)
                 else:
-                    h = _layers(model, h, caches, pos)
-                token = model.lm_head(inner.norm(h[:, -1:]))[0, -1].argmax()
+                    h, token = _layers(model, h, caches, pos), None
+                if token is None:
+                    token = model.lm_head(inner.norm(h[:, -1:]))[0, -1].argmax()
             pos += length
             out.append(token)
             if eos_token_id is not None and int(token) == eos_token_id:
@@ -165,7 +186,15 @@ def greedy(model, ids: torch.Tensor, max_new_tokens: int,
     finally:
         if governor is not None:
             governor.close()
+        if step is not None:
+            step.close()
     return torch.stack(out)
+
+
+def _native_threads() -> int:
+    from qat import native
+
+    return native.max_threads()
 
 
 def _governor(threads: int | None):
