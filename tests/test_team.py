@@ -69,3 +69,35 @@ def test_greedy_through_the_team_matches_the_torch_loop(served):
     reference = greedy(served, ids, 30, native=False)
     for threads in (None, 1, 2, 3):
         assert torch.equal(greedy(served, ids, 30, threads=threads), reference)
+
+
+def test_a_forked_child_decodes_on_its_own_team(served):
+    """Servers fork workers after the parent has decoded: the child must not wait for helper
+    threads that fork did not copy, and its new team must give the parent's tokens."""
+    import os
+    import time
+
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(8))
+    expected = _run(served, ids, 2)[1]  # the parent's helpers exist now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report tokens, never return into pytest
+        code = 1
+        try:
+            os.close(read)
+            os.write(write, repr(_run(served, ids, 2)[1]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    deadline = time.monotonic() + 120
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's decode hung")
+    with os.fdopen(read) as f:
+        reported = f.read()
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert reported == repr(expected)

@@ -188,7 +188,7 @@ static void publish(const TeamJob *job, int64_t base, int team) {
     if (atomic_load(&sleepers)) futex(&generation, FUTEX_WAKE_PRIVATE, INT_MAX);
 }
 
-/* A forked child has none of the helpers (the caller alone runs its jobs, correctly). */
+/* A forked child has none of the parent's helpers: its first job starts its own. */
 static void before_fork(void) { pthread_mutex_lock(&lock); }
 static void after_fork_parent(void) { pthread_mutex_unlock(&lock); }
 static void after_fork_child(void) {
