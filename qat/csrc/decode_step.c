@@ -6,9 +6,11 @@
  * ~1,200 small ops (norms, rotary, attention glue) plus ~40 us of Python per Linear call, about
  * as much as the 4-bit matmuls themselves; here the step is memory-bound on the packed weights.
  * With an int8 head (qat.kernels.embedding) the final norm, the logits and their argmax run here
- * too, so a token is one call. The step is a team job (team.h): per layer, eight phases whose
- * chunks are 64 output rows of the Linears that share an input (q/k/v, gate/up), one kv head of
- * attention, 256 elements of SiLU, or a whole RMSNorm.
+ * too, so a token is one call. The step is a team job (team.h): per layer, seven phases whose
+ * chunks are 64 output rows of the Linears that share an input (q/k/v), the same 64 rows of gate
+ * and up with SiLU(gate) * up of them, one kv head of attention, or a whole RMSNorm. Run alone
+ * (one thread), chunks are 1024 rows: claims, group sums and commit copies per chunk made the
+ * layers ~8% slower at 64 rows (measured on 2 cores, SmolLM2-135M).
  *
  * Layouts: the caches are the torch tensors of qat.serve.decode, (kv_heads, max_len, head_dim) float32;
  * cos/sin are the model's rotary tables for this position, (head_dim,) each; Linear weights are
@@ -48,7 +50,7 @@ typedef struct {
 } Q8Head;
 
 typedef struct {
-    float *r, *q, *k, *v, *att, *delta, *gate, *up, *g, *best;
+    float *r, *q, *k, *v, *att, *delta, *g, *best;
 } Buffers;
 
 typedef struct {
@@ -58,24 +60,23 @@ typedef struct {
     float *h, *buf;
     const float *cos, *sin;
     int64_t *token;
-    int64_t n_layers, pos;
+    int64_t n_layers, pos, rows; /* rows: output rows per matvec and head chunk */
 } Step;
 
-enum { PRE_ATTN, QKV, ATTN, O, PRE_MLP, GATE_UP, SILU, DOWN, FINAL, HEAD, ARGMAX };
-#define ROWS 64        /* output rows per chunk */
-#define SILU_CHUNK 256 /* elements per SiLU chunk */
+enum { PRE_ATTN, QKV, ATTN, O, PRE_MLP, GATE_UP, DOWN, FINAL, HEAD, ARGMAX };
+#define LAYER_PHASES 7
+#define ROWS 64        /* output rows per chunk with a team; alone, SOLO_ROWS: fewer, longer chunks */
+#define SOLO_ROWS 1024
 
 static int64_t blocks(int64_t n, int64_t size) { return (n + size - 1) / size; }
 
 /* The work buffers in buf (which holds q4_step_buffer_floats floats); returns their size. */
 static int64_t layout(const Q4Config *c, int64_t vocab, float *buf, Buffers *b) {
-    int64_t d = c->head_dim, sizes[10] = {c->hidden, c->heads * d, c->kv_heads * d,
-        c->kv_heads * d, c->heads * d, c->hidden, c->intermediate, c->intermediate,
-        c->intermediate, 2 * blocks(vocab, ROWS)};
-    float **slots[10] = {&b->r, &b->q, &b->k, &b->v, &b->att, &b->delta, &b->gate, &b->up,
-                         &b->g, &b->best};
+    int64_t d = c->head_dim, sizes[8] = {c->hidden, c->heads * d, c->kv_heads * d,
+        c->kv_heads * d, c->heads * d, c->hidden, c->intermediate, 2 * blocks(vocab, ROWS)};
+    float **slots[8] = {&b->r, &b->q, &b->k, &b->v, &b->att, &b->delta, &b->g, &b->best};
     int64_t total = 0;
-    for (int i = 0; i < 10; i++) {
+    for (int i = 0; i < 8; i++) {
         if (buf) *slots[i] = buf + total;
         total += sizes[i];
     }
@@ -84,10 +85,10 @@ static int64_t layout(const Q4Config *c, int64_t vocab, float *buf, Buffers *b) 
 
 int64_t q4_step_buffer_floats(const Q4Config *c, int64_t vocab) { return layout(c, vocab, NULL, NULL); }
 
-static int64_t scratch_floats(const Q4Config *c) {
+static int64_t scratch_floats(const Q4Config *c, int64_t rows) {
     int64_t widest = c->hidden > c->intermediate ? c->hidden : c->intermediate;
     int64_t group = c->heads / c->kv_heads;
-    return 2 * c->hidden + ROWS + widest / 32 + (group + 3) * c->head_dim + c->max_len + SILU_CHUNK;
+    return 2 * c->hidden + 2 * rows + widest / 32 + (group + 3) * c->head_dim + c->max_len;
 }
 
 /* out = weight * (x / sqrt(mean(x^2) + eps)), in the order of transformers' LlamaRMSNorm. */
@@ -139,42 +140,50 @@ typedef struct {
     float *y[3];
     int count;
     const float *x;
+    int64_t rows;
 } Matvecs;
 
 /* The Linears of a matvec phase, which share the input x. */
 static Matvecs matvecs_of(const Step *s, const Buffers *b, int64_t layer, int kind) {
     const Q4Layer *L = s->layers + layer;
     switch (kind) {
-    case QKV: return (Matvecs){{&L->q, &L->k, &L->v}, {b->q, b->k, b->v}, 3, b->r};
-    case O: return (Matvecs){{&L->o}, {b->delta}, 1, b->att};
-    case GATE_UP: return (Matvecs){{&L->gate, &L->up}, {b->gate, b->up}, 2, b->r};
-    default: return (Matvecs){{&L->down}, {b->delta}, 1, b->g};
+    case QKV: return (Matvecs){{&L->q, &L->k, &L->v}, {b->q, b->k, b->v}, 3, b->r, s->rows};
+    case O: return (Matvecs){{&L->o}, {b->delta}, 1, b->att, s->rows};
+    default: return (Matvecs){{&L->down}, {b->delta}, 1, b->g, s->rows};
     }
 }
 
 static int64_t matvec_chunks(const Matvecs *m) {
     int64_t n = 0;
-    for (int i = 0; i < m->count; i++) n += blocks(m->lin[i]->N, ROWS);
+    for (int i = 0; i < m->count; i++) n += blocks(m->lin[i]->N, m->rows);
     return n;
 }
 
-/* Rows [64c', 64c' + 64) of the Linear that chunk c falls in. */
-static void matvec_chunk(const Matvecs *m, int64_t c, float *scratch, TeamCommit *out) {
-    int i = 0;
-    while (c >= blocks(m->lin[i]->N, ROWS)) c -= blocks(m->lin[i++]->N, ROWS);
-    const Q4Linear *l = m->lin[i];
-    int64_t a = c * ROWS, z = a + ROWS < l->N ? a + ROWS : l->N;
-    float *y = scratch, *sums = scratch + ROWS;
-    group_sums(m->x, l->K, l->group, sums);
-    q4_row(m->x, sums, l->K, l->w, a, z, l->scale, l->zp, l->group, y);
+/* y[n - a] = (x W^T + bias)[n] for rows [a, z) of l. sums: x's group sums, computed here when
+ * fresh, else the ones left there by the previous call (same x and group). */
+static void linear_rows(const Q4Linear *l, const float *x, float *sums, int fresh, int64_t a,
+                        int64_t z, float *y) {
+    if (fresh) group_sums(x, l->K, l->group, sums);
+    q4_row(x, sums, l->K, l->w, a, z, l->scale, l->zp, l->group, y);
     if (l->bias)
         for (int64_t n = a; n < z; n++) y[n - a] += l->bias[n];
+}
+
+/* Rows [rows * c', rows * (c' + 1)) of the Linear that chunk c falls in. */
+static void matvec_chunk(const Matvecs *m, int64_t c, float *scratch, TeamCommit *out) {
+    int i = 0;
+    while (c >= blocks(m->lin[i]->N, m->rows)) c -= blocks(m->lin[i++]->N, m->rows);
+    const Q4Linear *l = m->lin[i];
+    int64_t a = c * m->rows, z = a + m->rows < l->N ? a + m->rows : l->N;
+    float *y = scratch;
+    linear_rows(l, m->x, scratch + m->rows, 1, a, z, y);
     *out = (TeamCommit){1, {{m->y[i] + a, y, sizeof(float) * (z - a)}}};
 }
 
 static void phase_of(const Step *s, int64_t p, int64_t *layer, int *kind) {
-    *layer = p / 8 < s->n_layers ? p / 8 : s->n_layers;
-    *kind = p < 8 * s->n_layers ? (int)(p % 8) : FINAL + (int)(p - 8 * s->n_layers);
+    *layer = p / LAYER_PHASES < s->n_layers ? p / LAYER_PHASES : s->n_layers;
+    *kind = p < LAYER_PHASES * s->n_layers ? (int)(p % LAYER_PHASES)
+        : FINAL + (int)(p - LAYER_PHASES * s->n_layers);
 }
 
 static int step_kind(const void *ctx, int64_t p) {
@@ -193,13 +202,13 @@ static int64_t step_chunks(const void *ctx, int64_t p) {
     phase_of(s, p, &layer, &kind);
     layout(c, s->head ? s->head->vocab : 0, s->buf, &b);
     switch (kind) {
-    case QKV: case O: case GATE_UP: case DOWN: {
+    case QKV: case O: case DOWN: {
         Matvecs m = matvecs_of(s, &b, layer, kind);
         return matvec_chunks(&m);
     }
+    case GATE_UP: return blocks(c->intermediate, s->rows);
     case ATTN: return c->kv_heads;
-    case SILU: return blocks(c->intermediate, SILU_CHUNK);
-    case HEAD: return blocks(s->head->vocab, ROWS);
+    case HEAD: return blocks(s->head->vocab, s->rows);
     default: return 1;
     }
 }
@@ -232,9 +241,18 @@ static void step_run(const void *ctx, int64_t p, int64_t chunk, float *scratch, 
         out->n = n;
         return;
     }
-    case QKV: case O: case GATE_UP: case DOWN: {
+    case QKV: case O: case DOWN: {
         Matvecs m = matvecs_of(s, &b, layer, kind);
         matvec_chunk(&m, chunk, scratch, out);
+        return;
+    }
+    case GATE_UP: { /* rows [a, z) of gate and up, and SiLU(gate) * up of them */
+        int64_t a = chunk * s->rows, z = a + s->rows < c->intermediate ? a + s->rows : c->intermediate;
+        float *gate = scratch, *up = scratch + s->rows, *sums = up + s->rows;
+        linear_rows(&L->gate, b.r, sums, 1, a, z, gate);
+        linear_rows(&L->up, b.r, sums, L->up.group != L->gate.group, a, z, up);
+        for (int64_t i = 0; i < z - a; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+        *out = (TeamCommit){1, {{b.g + a, gate, sizeof(float) * (z - a)}}};
         return;
     }
     case ATTN: { /* kv head `chunk`: rotary, attention of its query heads, its cache entries */
@@ -255,16 +273,9 @@ static void step_run(const void *ctx, int64_t p, int64_t chunk, float *scratch, 
                                 {b.att + g * group * d, att, sizeof(float) * group * d}}};
         return;
     }
-    case SILU: {
-        int64_t a = chunk * SILU_CHUNK, z = a + SILU_CHUNK < c->intermediate ? a + SILU_CHUNK
-            : c->intermediate;
-        for (int64_t i = a; i < z; i++) scratch[i - a] = b.gate[i] / (1.f + expf(-b.gate[i])) * b.up[i];
-        *out = (TeamCommit){1, {{b.g + a, scratch, sizeof(float) * (z - a)}}};
-        return;
-    }
-    case HEAD: { /* the largest logit of 64 tokens, and which */
+    case HEAD: { /* the largest logit of `rows` tokens, and which */
         const Q8Head *head = s->head;
-        int64_t a = chunk * ROWS, z = a + ROWS < head->vocab ? a + ROWS : head->vocab, top = a;
+        int64_t a = chunk * s->rows, z = a + s->rows < head->vocab ? a + s->rows : head->vocab, top = a;
         float best = q8_row(b.r, hidden, head->codes + a * hidden, head->scale[a]);
         for (int64_t n = a + 1; n < z; n++) {
             float v = q8_row(b.r, hidden, head->codes + n * hidden, head->scale[n]);
@@ -276,7 +287,7 @@ static void step_run(const void *ctx, int64_t p, int64_t chunk, float *scratch, 
         return;
     }
     default: { /* ARGMAX over the chunks' winners, in order: the first largest logit */
-        int64_t n = blocks(s->head->vocab, ROWS), top = 0;
+        int64_t n = blocks(s->head->vocab, s->rows), top = 0;
         for (int64_t i = 1; i < n; i++)
             if (better(b.best[2 * i], b.best[2 * top])) top = i;
         int64_t token = (int64_t)b.best[2 * top + 1];
@@ -294,9 +305,10 @@ static void step_run(const void *ctx, int64_t p, int64_t chunk, float *scratch, 
 int q4_decode_step(const Q4Layer *layers, int64_t n_layers, const Q4Config *c, float *h,
                    int64_t pos, const float *cos, const float *sin, const Q8Head *head,
                    float *buf, int64_t *token, int threads) {
-    TeamJob job = {step_chunks, step_kind, step_run, 8 * n_layers + (head ? 3 : 1),
-                   scratch_floats(c), {0}};
-    Step s = {layers, c, head, h, buf, cos, sin, token, n_layers, pos};
+    int64_t rows = threads > 1 ? ROWS : SOLO_ROWS;
+    TeamJob job = {step_chunks, step_kind, step_run, LAYER_PHASES * n_layers + (head ? 3 : 1),
+                   scratch_floats(c, rows), {0}};
+    Step s = {layers, c, head, h, buf, cos, sin, token, n_layers, pos, rows};
     _Static_assert(sizeof(Step) <= TEAM_CONTEXT, "Step must fit a team job's context");
     memcpy(job.ctx, &s, sizeof s);
     for (int64_t p = 0; p < job.phases; p++)

@@ -2,8 +2,10 @@
  *
  * Protocol. Phases of all jobs are numbered by one increasing counter. `claim` holds the current
  * phase and its next unclaimed chunk; `done[c]` is 2p once chunk c of phase p is committed and
- * 2p + 1 while it is being copied. A thread claims chunks with a compare-and-swap on `claim`;
- * when none is left it waits for the uncommitted ones (stealing a chunk whose owner seems to be
+ * 2p + 1 while it is being copied. A thread claims chunks with a compare-and-swap on `claim`,
+ * a share of what is left at a time (guided: a quarter of it per team thread, at least one), so
+ * the shared word moves between cores a few times per phase and not once per chunk; it computes
+ * them in order and skips those that a waiting thread has committed. When none is left it waits for the uncommitted ones (stealing a chunk whose owner seems to be
  * descheduled) and, once all are committed, moves `claim` to the next phase. A thread holding a
  * stale view fails its compare-and-swaps and leaves: phases never go back.
  *
@@ -66,15 +68,26 @@ static void commit(int64_t p, int64_t c, const TeamCommit *out) {
     atomic_store(&done[c], 2 * p);
 }
 
-static void compute(const TeamJob *job, int64_t p, int64_t local, int64_t c, float *scratch,
-                    Timing *timing) {
+static void compute(const TeamJob *job, int64_t p, int64_t local, int64_t c, float *scratch) {
     TeamCommit out = {0};
-    int kind = job->kind(job->ctx, local);
-    int64_t start = now_ns();
     job->run(job->ctx, local, c, scratch, &out);
-    double spent = (double)(now_ns() - start), *e = &timing->estimate[kind];
-    *e = *e == 0 ? spent : 0.8 * *e + 0.2 * spent;
     commit(p, c, &out);
+}
+
+/* Chunks [c0, c1) of phase p, skipping those a waiting thread has committed; the time per chunk
+ * updates this thread's estimate for the phase's kind (one clock read per run of chunks). */
+static void compute_run(const TeamJob *job, int64_t p, int64_t local, int64_t c0, int64_t c1,
+                        float *scratch, Timing *timing) {
+    int64_t start = now_ns(), computed = 0;
+    for (int64_t c = c0; c < c1; c++)
+        if (atomic_load(&done[c]) < 2 * p) {
+            compute(job, p, local, c, scratch);
+            computed++;
+        }
+    if (!computed) return;
+    double spent = (double)(now_ns() - start) / (double)computed;
+    double *e = &timing->estimate[job->kind(job->ctx, local)];
+    *e = *e == 0 ? spent : 0.8 * *e + 0.2 * spent;
 }
 
 /* Waits for chunk c of phase p to be committed by the thread that claimed it; computes it here
@@ -97,7 +110,7 @@ static void wait_or_steal(const TeamJob *job, int64_t p, int64_t local, int64_t 
         if ((atomic_load(&claim) >> CHUNK_BITS) != p) return;
         _mm_pause();
         if ((patience == 0 || spins % 32 == 0) && now_ns() - start >= patience) {
-            compute(job, p, local, c, scratch, timing);
+            compute_run(job, p, local, c, c + 1, scratch, timing);
             return;
         }
     }
@@ -105,7 +118,7 @@ static void wait_or_steal(const TeamJob *job, int64_t p, int64_t local, int64_t 
 
 static _Thread_local Timing timing; /* kept across jobs: a thread's first wait is informed too */
 
-static void work(const TeamJob *job, int64_t base, float *scratch) {
+static void work(const TeamJob *job, int64_t base, int team, float *scratch) {
     int64_t last = base + job->phases, pending = 0, seen = 0; /* chunks of phase `seen` before
                                                                  `pending` are committed */
     for (;;) {
@@ -113,9 +126,11 @@ static void work(const TeamJob *job, int64_t base, float *scratch) {
         if (p < base || p >= last) return;
         int64_t local = p - base, n = job->chunks(job->ctx, local);
         if (p != seen) seen = p, pending = 0;
-        if (next < n) {
-            if (atomic_compare_exchange_weak(&claim, &w, w + 1))
-                compute(job, p, local, next, scratch, &timing);
+        if (next < n) { /* a share of what is left (guided): fewer claims on the shared word */
+            int64_t take = (n - next) / (4 * team);
+            take = take < 1 ? 1 : take;
+            if (atomic_compare_exchange_weak(&claim, &w, w + take))
+                compute_run(job, p, local, next, next + take, scratch, &timing);
             continue;
         }
         while (pending < n && atomic_load(&done[pending]) == 2 * p) pending++;
@@ -171,7 +186,7 @@ static void *helper_main(void *arg) {
             scratch = malloc(sizeof(float) * job.scratch_floats);
             capacity = scratch ? job.scratch_floats : 0;
         }
-        if (id + 1 < team && scratch) work(&job, base, scratch);
+        if (id + 1 < team && scratch) work(&job, base, team, scratch);
         atomic_store(&busy[id], 0);
     }
     return NULL;
@@ -230,7 +245,7 @@ int team_run(const TeamJob *job, int threads) {
     next_base += job->phases + 1;
     atomic_store(&claim, base << CHUNK_BITS);
     if (threads > 1) publish(job, base, threads);
-    work(job, base, main_scratch);
+    work(job, base, threads, main_scratch);
     pthread_mutex_unlock(&lock);
     return 0;
 }

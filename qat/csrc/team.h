@@ -3,7 +3,7 @@
  * Why not OpenMP: every OpenMP loop ends in a barrier that waits for each thread of the team, so
  * on a loaded machine a descheduled thread stalls the whole step for a scheduler slice (measured:
  * 0.34 tok/s with 2 threads against 4.5 with 1 at load ~19 on 2 cores). Here no thread waits for
- * another one: chunks are claimed one at a time, a chunk computes into the thread's own scratch
+ * another one: chunks are claimed a few at a time, a chunk computes into the thread's own scratch
  * and is committed (copied to its outputs) once, by whichever thread finishes it first, and a
  * thread that finds the phase's last chunks claimed but not committed for longer than they
  * should take computes them itself. The job advances whenever any thread of the team runs, so
