@@ -88,6 +88,22 @@ def test_generate_cli_on_export(exported_run):
     assert "tokens/s" in out.stderr and "resident" in out.stderr
 
 
+def test_generate_cli_threads_choose_the_team_and_keep_the_tokens(exported_run):
+    """--threads sizes torch and the native step's team (float32 + int8 table: one call per
+    token), and the greedy tokens do not depend on it; a size below 1 is refused."""
+    run_dir, _ = exported_run
+    base = [sys.executable, "-m", "qat.serve", str(run_dir / "export"), "The", "--max-new-tokens",
+            "12", "--dtype", "float32", "--embedding-bits", "8"]
+    texts = []
+    for threads in ([], ["--threads", "1"], ["--threads", "3"]):
+        out = subprocess.run(base + threads, capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        texts.append(out.stdout)
+    assert texts[0] == texts[1] == texts[2] and texts[0].startswith("The")
+    out = subprocess.run(base + ["--threads", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "--threads=0" in out.stderr
+
+
 def test_serving_targets_warned_and_a_chosen_target_is_strict(tmp_path, capsys):
     cfg = compose_train(TINY + ["recipe=w4g64", "trainer.max_steps=0", "eval.fp_ppl=false",
                                 "quant.weight.bits=3"])

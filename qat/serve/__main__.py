@@ -23,12 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads: torch's, and the native decode team's (default: all cores)")
     parser.add_argument("--embedding-bits", type=int, choices=(8,), default=None,
                         help="exports: hold the embedding/head as int8 rows")
     parser.add_argument("--hf", action="store_true",
                         help="decode with Hugging Face generate instead of qat.serve.decode's loop")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads={args.threads}: must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -37,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     text, n, seconds = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.sample,
-                                args.temperature, args.top_p, args.seed, lean=not args.hf)
+                                args.temperature, args.top_p, args.seed, lean=not args.hf,
+                                threads=args.threads)
     print(args.prompt + text)
     print(f"\n{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s | weights "
           f"{weight_bytes(model) / 2**20:.1f} MiB | resident {resident_bytes() / 2**20:.0f} MiB",

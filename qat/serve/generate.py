@@ -44,16 +44,19 @@ def weight_bytes(model) -> int:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, sample: bool, temperature: float,
-             top_p: float, seed: int, lean: bool = True) -> tuple[str, int, float]:
+             top_p: float, seed: int, lean: bool = True,
+             threads: int | None = None) -> tuple[str, int, float]:
     """Decode; returns (text, new tokens, seconds spent in decoding). Greedy decoding of a
-    Llama-style model uses the lean loop of `qat.serve.decode` unless `lean` is False."""
+    Llama-style model uses the lean loop of `qat.serve.decode` unless `lean` is False; `threads`
+    is its native team's size there (None: all cores, see greedy)."""
     from qat.serve.decode import SUPPORTED, greedy
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     torch.manual_seed(seed)
     if lean and not sample and getattr(model.config, "model_type", None) in SUPPORTED:
         start = time.perf_counter()
-        new = greedy(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        new = greedy(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                     threads=threads)
         seconds = time.perf_counter() - start
         return tokenizer.decode(new, skip_special_tokens=True), new.numel(), seconds
     kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens,
