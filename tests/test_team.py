@@ -2,6 +2,9 @@
 other's chunks, give the same bits; with the int8 head a token is the head's argmax."""
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -74,9 +77,6 @@ def test_greedy_through_the_team_matches_the_torch_loop(served):
 def test_a_forked_child_decodes_on_its_own_team(served):
     """Servers fork workers after the parent has decoded: the child must not wait for helper
     threads that fork did not copy, and its new team must give the parent's tokens."""
-    import os
-    import time
-
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(8))
     expected = _run(served, ids, 2)[1]  # the parent's helpers exist now
     read, write = os.pipe()

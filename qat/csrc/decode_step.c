@@ -65,10 +65,16 @@ typedef struct {
 
 enum { PRE_ATTN, QKV, ATTN, O, PRE_MLP, GATE_UP, DOWN, FINAL, HEAD, ARGMAX };
 #define LAYER_PHASES 7
-#define ROWS 64        /* output rows per chunk with a team; alone, SOLO_ROWS: fewer, longer chunks */
-#define SOLO_ROWS 1024
+#define ROWS 64         /* output rows per matvec and head chunk with a team */
+#define SOLO_ROWS 1024  /* ... and alone: fewer, longer chunks */
 
 static int64_t blocks(int64_t n, int64_t size) { return (n + size - 1) / size; }
+
+/* Rows [*a, *z) of chunk c when n rows are cut into chunks of `rows`. */
+static void span(int64_t c, int64_t rows, int64_t n, int64_t *a, int64_t *z) {
+    *a = c * rows;
+    *z = *a + rows < n ? *a + rows : n;
+}
 
 /* The work buffers in buf (which holds q4_step_buffer_floats floats); returns their size. */
 static int64_t layout(const Q4Config *c, int64_t vocab, float *buf, Buffers *b) {
@@ -159,11 +165,10 @@ static int64_t matvec_chunks(const Matvecs *m) {
     return n;
 }
 
-/* y[n - a] = (x W^T + bias)[n] for rows [a, z) of l. sums: x's group sums, computed here when
- * fresh, else the ones left there by the previous call (same x and group). */
-static void linear_rows(const Q4Linear *l, const float *x, float *sums, int fresh, int64_t a,
-                        int64_t z, float *y) {
-    if (fresh) group_sums(x, l->K, l->group, sums);
+/* y[n - a] = (x W^T + bias)[n] for rows [a, z) of l; sums: room for x's group sums. */
+static void linear_rows(const Q4Linear *l, const float *x, float *sums, int64_t a, int64_t z,
+                        float *y) {
+    group_sums(x, l->K, l->group, sums);
     q4_row(x, sums, l->K, l->w, a, z, l->scale, l->zp, l->group, y);
     if (l->bias)
         for (int64_t n = a; n < z; n++) y[n - a] += l->bias[n];
@@ -174,9 +179,10 @@ static void matvec_chunk(const Matvecs *m, int64_t c, float *scratch, TeamCommit
     int i = 0;
     while (c >= blocks(m->lin[i]->N, m->rows)) c -= blocks(m->lin[i++]->N, m->rows);
     const Q4Linear *l = m->lin[i];
-    int64_t a = c * m->rows, z = a + m->rows < l->N ? a + m->rows : l->N;
+    int64_t a, z;
+    span(c, m->rows, l->N, &a, &z);
     float *y = scratch;
-    linear_rows(l, m->x, scratch + m->rows, 1, a, z, y);
+    linear_rows(l, m->x, scratch + m->rows, a, z, y);
     *out = (TeamCommit){1, {{m->y[i] + a, y, sizeof(float) * (z - a)}}};
 }
 
@@ -247,10 +253,11 @@ static void step_run(const void *ctx, int64_t p, int64_t chunk, float *scratch, 
         return;
     }
     case GATE_UP: { /* rows [a, z) of gate and up, and SiLU(gate) * up of them */
-        int64_t a = chunk * s->rows, z = a + s->rows < c->intermediate ? a + s->rows : c->intermediate;
+        int64_t a, z;
+        span(chunk, s->rows, c->intermediate, &a, &z);
         float *gate = scratch, *up = scratch + s->rows, *sums = up + s->rows;
-        linear_rows(&L->gate, b.r, sums, 1, a, z, gate);
-        linear_rows(&L->up, b.r, sums, L->up.group != L->gate.group, a, z, up);
+        linear_rows(&L->gate, b.r, sums, a, z, gate);
+        linear_rows(&L->up, b.r, sums, a, z, up);
         for (int64_t i = 0; i < z - a; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
         *out = (TeamCommit){1, {{b.g + a, gate, sizeof(float) * (z - a)}}};
         return;
@@ -275,7 +282,9 @@ static void step_run(const void *ctx, int64_t p, int64_t chunk, float *scratch, 
     }
     case HEAD: { /* the largest logit of `rows` tokens, and which */
         const Q8Head *head = s->head;
-        int64_t a = chunk * s->rows, z = a + s->rows < head->vocab ? a + s->rows : head->vocab, top = a;
+        int64_t a, z;
+        span(chunk, s->rows, head->vocab, &a, &z);
+        int64_t top = a;
         float best = q8_row(b.r, hidden, head->codes + a * hidden, head->scale[a]);
         for (int64_t n = a + 1; n < z; n++) {
             float v = q8_row(b.r, hidden, head->codes + n * hidden, head->scale[n]);

@@ -5,8 +5,8 @@
  * 2p + 1 while it is being copied. A thread claims chunks with a compare-and-swap on `claim`,
  * a share of what is left at a time (guided: a quarter of it per team thread, at least one), so
  * the shared word moves between cores a few times per phase and not once per chunk; it computes
- * them in order and skips those that a waiting thread has committed. When none is left it waits for the uncommitted ones (stealing a chunk whose owner seems to be
- * descheduled) and, once all are committed, moves `claim` to the next phase. A thread holding a
+ * them in order and skips those that a waiting thread has committed. When none is left it waits
+ * for the uncommitted ones (stealing a chunk whose owner seems to be descheduled) and, once all are committed, moves `claim` to the next phase. A thread holding a
  * stale view fails its compare-and-swaps and leaves: phases never go back.
  *
  * Helpers sleep on a futex between jobs after spinning for SPIN_NS; the job is published in a
@@ -119,13 +119,13 @@ static void wait_or_steal(const TeamJob *job, int64_t p, int64_t local, int64_t 
 static _Thread_local Timing timing; /* kept across jobs: a thread's first wait is informed too */
 
 static void work(const TeamJob *job, int64_t base, int team, float *scratch) {
-    int64_t last = base + job->phases, pending = 0, seen = 0; /* chunks of phase `seen` before
-                                                                 `pending` are committed */
+    int64_t last = base + job->phases, pending = 0, seen = 0, n = 0; /* phase `seen` has n
+                                                        chunks, those before `pending` committed */
     for (;;) {
         int64_t w = atomic_load(&claim), p = w >> CHUNK_BITS, next = w & CHUNK_MASK;
         if (p < base || p >= last) return;
-        int64_t local = p - base, n = job->chunks(job->ctx, local);
-        if (p != seen) seen = p, pending = 0;
+        int64_t local = p - base;
+        if (p != seen) seen = p, pending = 0, n = job->chunks(job->ctx, local);
         if (next < n) { /* a share of what is left (guided): fewer claims on the shared word */
             int64_t take = (n - next) / (4 * team);
             take = take < 1 ? 1 : take;

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads={args.threads}: must be at least 1")
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         model, tokenizer = load_any(args.model, getattr(torch, args.dtype), args.embedding_bits)
