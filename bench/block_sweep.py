@@ -35,10 +35,11 @@ def run(config: dict, recipe: str = RECIPE) -> dict:
     from conftest import compose_train
 
     from qat.blockwise import train_blocks
-    from qat.lightning import stages
-    from qat.lightning.data import TextDataModule
-    from qat.lightning.run import _load_model, build_specs
+    from qat.data.tokens import calibration_ids, load_tokens
+    from qat.ptq import quantize_model
     from qat.quant import prepare
+    from qat.train.specs import build_specs
+    from qat.train.steps import load_checked
 
     config = dict(config)
     start, skip = config.pop("start"), config.pop("skip", False)
@@ -46,16 +47,16 @@ def run(config: dict, recipe: str = RECIPE) -> dict:
                         + [f"blockwise.{k}={v}" for k, v in config.items()])
     specs = build_specs(cfg)
     torch.manual_seed(0)
-    model, tokenizer = _load_model(specs.model)
+    model, tokenizer = load_checked(specs.model)
     model.model.layers = model.model.layers[:BLOCKS]
     model.config.num_hidden_layers = BLOCKS
-    data = TextDataModule(specs.data, tokenizer, max_positions=2048)
-    data.setup("fit")
+    data = load_tokens(specs.data, tokenizer)
     float_model = copy.deepcopy(model).eval()
     prepare(model, specs.quant)
     if specs.quant.init:
-        specs.ptq = replace(specs.ptq, progress=False)
-        stages.post_training_quantize(model, specs, data)
+        ptq = replace(specs.ptq, progress=False, method=specs.quant.init)
+        print(quantize_model(model, ptq, calibration_ids(data.train_blocks,
+                                                         ptq.calibration_samples, ptq.seq_len)))
     held_out = data.train_blocks[2000:2016]
 
     def error() -> float:
@@ -67,7 +68,7 @@ def run(config: dict, recipe: str = RECIPE) -> dict:
     before, t0 = error(), time.perf_counter()
     if not skip:
         spec = replace(specs.blockwise, progress=False)
-        ids = stages.calibration_ids(data, spec.samples, spec.seq_len, owner="blockwise")
+        ids = calibration_ids(data.train_blocks, spec.samples, spec.seq_len, owner="blockwise")
         train_blocks(model, float_model, ids, spec, seed=0)
     return {"start": start, "skip": skip, **config, "blocks": BLOCKS, "before": round(before, 5),
             "after": round(error(), 5), "seconds": round(time.perf_counter() - t0)}

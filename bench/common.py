@@ -40,6 +40,15 @@ def write_results(name: str, rows: list[dict]) -> Path:
     return path
 
 
+def section(name: str) -> str | None:
+    """The body of BENCHMARKS.md's section `name` as written (None when it has none)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else ""
+    if start not in text or end not in text:
+        return None
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
+
+
 def update_section(name: str, body: str) -> None:
     """Replace (or append) the BENCHMARKS.md section between `<!-- name:start/end -->` markers."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

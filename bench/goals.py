@@ -179,21 +179,32 @@ def decode_goals(rows: list[dict]) -> list[dict]:
              "met": same_loop >= 2 and best["memory_ratio"] <= 0.4}]
 
 
-def main() -> None:
-    goals = (block_goals(_load("quality")) + quality_goals(_load("quality"))
-             + overhead_goals(_load("qat_overhead")) + decode_goals(_load("decode")))
-    for g in goals:
+def goals() -> list[dict]:
+    """Every goal with its status, recomputed from the result files."""
+    out = (block_goals(_load("quality")) + quality_goals(_load("quality"))
+           + overhead_goals(_load("qat_overhead")) + decode_goals(_load("decode")))
+    for g in out:
         g["status"] = {True: "met", False: "missed", None: "not measured"}[g["met"]]
         g["why missed, next step"] = "" if g["met"] else " ".join(
             filter(None, [MISSES.get(g["goal"], ""), g.get("evidence", "")]))
-    update_section("goals", "## Goals (issues 8 and 15) against the result files\n\n"
-                   "`python bench/goals.py`: each line is recomputed from bench/results/*.json; "
-                   "block-wise rows: the best block_qat_kd row per width (issue 15); QAT + KD rows: "
-                   "the best end-to-end row per width, whatever its start or learning rate "
-                   "(issue 8).\n\n"
-                   + markdown_table(goals, ["goal", "target", "measured", "status",
-                                            "why missed, next step"]))
-    for g in goals:
+    return out
+
+
+def goals_section(rows: list[dict]) -> str:
+    """The goals section of BENCHMARKS.md (tests/test_goals.py: it must equal what is written)."""
+    return ("## Goals (issues 8 and 15) against the result files\n\n"
+            "`python bench/goals.py`: each line is recomputed from bench/results/*.json; "
+            "block-wise rows: the best block_qat_kd row per width (issue 15); QAT + KD rows: "
+            "the best end-to-end row per width, whatever its start or learning rate "
+            "(issue 8).\n\n"
+            + markdown_table(rows, ["goal", "target", "measured", "status",
+                                    "why missed, next step"]))
+
+
+def main() -> None:
+    rows = goals()
+    update_section("goals", goals_section(rows))
+    for g in rows:
         print(f"{g['goal']}: {g['status']} ({g['measured']})")
 
 

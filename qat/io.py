@@ -83,3 +83,12 @@ def first_difference(a: Any, b: Any, key: str) -> tuple[str, Any, Any] | None:
                 return found
         return None
     return None if a == b else (key, a, b)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes the run's files and prints its reports: rank 0 by the
+    launcher's variables (those Lightning reads before a Trainer exists), or no launcher at all."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key) is not None:
+            return int(os.environ[key]) == 0
+    return True

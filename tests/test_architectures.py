@@ -52,7 +52,7 @@ def tiny_model_dir(model_type: str, root):
 
 
 def _run(source, run_dir, *overrides):
-    from qat.lightning.run import train
+    from qat.train import train
 
     return train(compose_train([
         "recipe=w4g128", f"model.path={source}", "data=tiny", "logger=none",
@@ -148,7 +148,7 @@ def test_train_export_load_serves_the_trained_model(model_type, tmp_path):
 ])
 def test_layout_dependent_features_refuse_before_any_work(model_type, overrides, message,
                                                           tmp_path):
-    from qat.lightning.run import ConfigError
+    from qat.train import ConfigError
 
     source = tiny_model_dir(model_type, tmp_path)
     with pytest.raises(ConfigError, match=message):

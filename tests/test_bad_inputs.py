@@ -11,7 +11,7 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from conftest import compose_train
-from qat.lightning.run import ConfigError, train
+from qat.train import ConfigError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",

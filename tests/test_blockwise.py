@@ -16,7 +16,7 @@ from qat.format.grid import qrange
 from qat.blockwise import BlockwiseSpec, train_blocks
 from qat.export.load import load_quantized
 from qat.export.writer import export_model
-from qat.lightning.run import ConfigError, train
+from qat.train import ConfigError, train
 from qat.quant import QuantConfig, WeightSpec, fake_quant_modules, prepare
 from qat.quant.ste import fake_quant_linear
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from qat.lightning.run import ConfigError, build_specs
+from qat.train.specs import ConfigError, build_specs
 from conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "qat" / "conf"

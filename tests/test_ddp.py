@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qat.lightning.run import train
+from qat.train import train
 from conftest import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]

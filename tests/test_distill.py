@@ -11,7 +11,7 @@ from qat.distill import (JSD, DistillSpec, Distiller, ForwardKL, HiddenStateLoss
                          chunked_token_loss, freeze)
 from qat.distill.teacher_text import generated_blocks
 from qat.distill.losses import shifted_targets
-from qat.lightning.run import ConfigError, train
+from qat.train import ConfigError, train
 from conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "qat" / "conf"
@@ -157,7 +157,7 @@ def test_bad_distill_values_are_named(bad, match):
 
 def test_kd_run_logs_both_losses_and_keeps_the_teacher_out(tmp_path, monkeypatch):
     """The teacher stays bit-identical through training and is absent from the checkpoint."""
-    import qat.lightning.run as run
+    import qat.train.run as run
 
     seen = {}
     original = run.build_teacher

@@ -22,7 +22,7 @@ def run_cli(args, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from qat.lightning.run import train
+    from qat.train import train
 
     run_dir = tmp_path_factory.mktemp("run")
     with initialize_config_dir(config_dir=str(ROOT / "qat" / "conf"), version_base="1.3"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qat.lightning.run import ConfigError, train
+from qat.train import ConfigError, train
 from conftest import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]

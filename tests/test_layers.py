@@ -1,9 +1,11 @@
 """Imports run one way: each part of qat imports only parts below it (function-local imports too).
 
 The layers, bottom up: the integer format and the native C code have no qat dependencies but io;
-quant and kernels build on them; models, then export / ptq / prune / distill; then eval, the block
-stage and serving; Lightning on top; the commands above everything. A new upward import (a cycle in
-waiting) fails here with the module that made it.
+data (corpora, tokens, the eval protocol) and models (structure, decoder blocks and their inputs,
+loading, run checkpoints) below quant and kernels; the distillation losses and teacher; then the
+stages, siblings that never import each other (PTQ, the block stage, pruning, export); evaluation
+(which reads exports) and serving; Lightning, the end-to-end stage; `train(cfg)` and the commands
+on top. A new upward or sideways import (a cycle in waiting) fails here with the module that made it.
 """
 import ast
 from pathlib import Path
@@ -15,14 +17,15 @@ QAT = Path(__file__).resolve().parents[1] / "qat"
 LAYERS = [
     {"io"},
     {"assets", "format"},
-    {"native", "data"},
+    {"native", "data", "models"},
     {"quant", "kernels"},
-    {"models"},
-    {"export", "ptq", "prune", "distill"},
-    {"eval", "blockwise", "serve"},
+    {"distill"},
+    {"ptq", "blockwise", "prune", "export"},  # the stages: siblings
+    {"eval", "serve"},
     {"lightning"},
     {"train", "footprint", "report", "__init__", "conf"},
 ]
+STAGES = {"ptq", "blockwise", "prune", "export", "eval", "quant", "distill"}
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 
 
@@ -56,6 +59,7 @@ def test_every_part_has_a_layer():
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(QAT)))
 def test_imports_point_down(path):
+    """Strictly down: a part never imports one of its own layer (siblings) or above."""
     part = part_of(path)
     upward = {other for other in qat_imports(path) - {part}
               if other in RANK and RANK[other] >= RANK[part]}
@@ -88,3 +92,33 @@ def test_a_cycle_would_be_caught(tmp_path):
     module.write_text("def f():\n    from qat.kernels import native\n    from qat import lightning\n")
     assert qat_imports(module) == {"kernels", "lightning"}
     assert RANK["kernels"] >= RANK["quant"] and RANK["lightning"] > RANK["quant"]
+
+
+FORBIDDEN = [  # (importer, imported): the rules the layering above must keep, stated plainly
+    *((stage, "lightning") for stage in sorted(STAGES)),  # stages run without the Trainer
+    ("blockwise", "ptq"), ("ptq", "blockwise"),
+    ("models", "quant"),  # what stages share about a model knows nothing of fake quantization
+    ("lightning", "kernels"),  # the end-to-end stage trains; serving kernels are export's
+]
+
+
+@pytest.mark.parametrize("importer,imported", FORBIDDEN, ids=lambda v: str(v))
+def test_forbidden_imports(importer, imported):
+    found = [str(p.relative_to(QAT)) for p in SOURCES
+             if part_of(p) == importer and imported in qat_imports(p)]
+    assert not found, f"{importer} imports {imported}: {found}"
+    assert importer in RANK and imported in RANK  # a renamed part must not pass by vanishing
+
+
+def test_stages_import_no_lightning_at_all():
+    """Not even the lightning package itself: a stage is a function of plain tensors."""
+    found = []
+    for path in SOURCES:
+        if part_of(path) not in STAGES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] in ("lightning", "pytorch_lightning") for n in names):
+                found.append(str(path.relative_to(QAT)))
+    assert not found, f"stages importing Lightning: {sorted(set(found))}"

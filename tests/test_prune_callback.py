@@ -4,7 +4,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from qat.prune import PruneSpec, PruningCallback, check_nm
+from qat.lightning.callbacks import PruningCallback
+from qat.prune import PruneSpec, check_nm
 from qat.quant import QuantConfig, WeightSpec, prepare
 
 

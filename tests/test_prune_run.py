@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from qat.format.pack import unpack
-from qat.lightning.run import train
+from qat.train import train
 from qat.prune import check_nm
 from conftest import compose_train
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from qat.lightning.run import ConfigError, train
+from qat.train import ConfigError, train
 from qat.ptq import bits_per_weight
 from conftest import compose_train
 

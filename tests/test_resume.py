@@ -12,7 +12,7 @@ import torch
 
 from qat.lightning.module import DivergenceError
 from conftest import compose_train
-from qat.lightning.run import train
+from qat.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
@@ -166,7 +166,7 @@ def test_resume_of_a_calibrated_run_skips_calibration_and_ends_identical(tmp_pat
                                                                          init):
     """The checkpoint holds what calibration wrote (GPTQ weights, AWQ's folded norm scales and
     grids): a resumed run must not calibrate again, and must end where the straight run ends."""
-    from qat.lightning import stages
+    import qat.train.run as run
 
     args = TINY + [f"quant.init={init}", "ptq.calibration_samples=8", "optim.lr=1e-3",
                    "checkpoint.every_n_steps=2", "trainer.max_steps=4"]
@@ -177,7 +177,7 @@ def test_resume_of_a_calibrated_run_skips_calibration_and_ends_identical(tmp_pat
     def no_calibration(*a, **k):
         raise AssertionError("calibration ran again on resume")
 
-    monkeypatch.setattr(stages, "post_training_quantize", no_calibration)
+    monkeypatch.setattr(run, "quantize_model", no_calibration)
     resumed = train(compose_train(args + [f"ckpt_path='{step2}'"]), run_dir=tmp_path / "resumed")
     assert resumed["steps"] == 4 and "ptq_seconds" not in resumed
     for key in ("last_loss", "ppl"):

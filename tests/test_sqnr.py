@@ -86,7 +86,7 @@ def test_callback_logs_and_writes_sqnr_json(quantized_llama, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
-    from qat.eval.callbacks import SQNRCallback
+    from qat.lightning.callbacks import SQNRCallback
     from qat.lightning.module import OptimSpec, QATModule
 
     ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qat.lightning.run import ConfigError, train
+from qat.train import ConfigError, train
 from qat.quant import FakeQuantLinear
 from conftest import compose_train
 

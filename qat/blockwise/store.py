@@ -39,6 +39,9 @@ def _load(module: nn.Module, path: Path) -> None:
     module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
 
 
+SHAPED_BY = ("model", "data", "quant", "ptq", "blockwise", "prune", "seed")  # run config sections
+
+
 class BlockStore:
     """Block files and progress under `directory`, tied to the config that made them.
 
@@ -51,6 +54,12 @@ class BlockStore:
     def __init__(self, directory: str | Path, config: dict[str, Any]) -> None:
         self.directory = Path(directory)
         self.config = json.loads(json.dumps(config))  # plain JSON values, as read back
+
+    @classmethod
+    def of_run(cls, run_dir: Path, run_config: dict[str, Any]) -> "BlockStore":
+        """The block stage's files of a run, tied to everything that shapes the blocks."""
+        return cls(Path(run_dir) / "checkpoints" / "blockwise",
+                   {k: run_config.get(k) for k in SHAPED_BY})
 
     def _progress(self) -> dict[str, Any]:
         path = self.directory / PROGRESS

@@ -23,7 +23,8 @@ from torch import nn
 
 from qat.blockwise.spec import BlockwiseSpec
 from qat.distill.losses import ForwardKL
-from qat.ptq.calibrate import capture_block_inputs, decoder_blocks, fake_quant_disabled
+from qat.models.blocks import capture_block_inputs, fake_quant_disabled, hidden_of
+from qat.models.structure import decoder_blocks
 from qat.quant.modules import FakeQuantLinear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,10 +70,6 @@ class BlockwiseReport:
                 f"{s['mean_loss_before']:.4g} -> {s['mean_loss_after']:.4g}, {self.seconds:.0f} s")
 
 
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 class _Inputs:
     """The tensors one block call needs besides the hidden states (rotary tables, masks), as the
     model computed them for a mini-batch of `batch_size` sequences."""
@@ -87,7 +84,7 @@ class _Inputs:
 
     def call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         args, kwargs = self.calls[id(block)]
-        return _hidden(block(x.float(), *args, **kwargs))
+        return hidden_of(block(x.float(), *args, **kwargs))
 
     @torch.no_grad()
     def run(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,

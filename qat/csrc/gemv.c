@@ -17,8 +17,9 @@
 
 #include "q4.h"
 
-/* The team size of every parallel loop here and in decode_step.c, for the calling thread: the
- * decode loop drops to one thread when other processes hold the cores (qat.kernels.threads). */
+/* The OpenMP team size of the parallel loops here, for the calling thread: the decode loop drops to
+ * one thread when other processes hold the cores (qat.kernels.threads). The decode step
+ * (decode_step.c) runs on its own team instead (team.c), sized per call. */
 void qat_set_threads(int n) { omp_set_num_threads(n > 0 ? n : 1); }
 int qat_max_threads(void) { return omp_get_max_threads(); }
 

@@ -70,7 +70,7 @@ def protocol_sets(data: str = "wiki", ood: str | None = "shakespeare", windows: 
 
 
 def held_out_ids(tokenizer, eval_set: EvalSet) -> torch.Tensor:
-    """(N,) ids of the held-out entries joined by blank lines, as TextDataModule builds them."""
+    """(N,) ids of the held-out entries joined by blank lines, as a run builds them (qat.data.tokens)."""
     texts = load_texts(eval_set.corpus, eval_set.text_field, f"{eval_set.name} corpus", hub=True)
     _, held_out = split_entries(texts, eval_set.fraction)
     if not held_out:

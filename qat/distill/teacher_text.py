@@ -94,3 +94,23 @@ def _word_tokens(tokenizer) -> list[int] | None:
     ids = [i for tok, i in tokenizer.get_vocab().items()
            if i not in special and tok.lstrip("Ġ▁").isalpha()]
     return sorted(ids) or None
+
+
+def teacher_written(teacher: nn.Module | None, model: nn.Module, tokenizer, spec) -> torch.Tensor:
+    """Data-free QAT: (data.generated_samples, data.block_size) training blocks written by the
+    teacher (or, without one, a frozen copy of the float model), cached in $QAT_CACHE.
+
+    `spec`: the run's DataSpec (generated_samples, block_size, seed, generation_temperature)."""
+    import copy
+    import time
+
+    from qat.assets import cache_dir
+    from qat.distill.teacher import freeze
+
+    writer = teacher if teacher is not None else freeze(copy.deepcopy(model))
+    start = time.perf_counter()
+    blocks = generated_blocks(writer, tokenizer, spec.generated_samples, spec.block_size,
+                              cache_dir(), seed=spec.seed, temperature=spec.generation_temperature)
+    print(f"data: training on {blocks.shape[0]} teacher-written sequences of "
+          f"{spec.block_size} tokens ({time.perf_counter() - start:.0f} s)")
+    return blocks

@@ -1,6 +1,6 @@
 """Protocol perplexity of anything we produce: a float model, a training run, or an export.
 
-The token ids are built by the functions `qat.lightning.data.TextDataModule` uses (qat.data.protocol:
+The token ids are built by the functions a run uses (qat.data.tokens, qat.data.protocol:
 same split, same join, same tokenization), without tokenizing a training split nobody scores here;
 the windows and the NLL pooling are `qat.eval.perplexity`'s. So a run's `ppl` in metrics.json and this module's
 number for the same run directory agree.

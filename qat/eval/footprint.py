@@ -142,7 +142,7 @@ def shapes_from_model(model, include: tuple[str, ...] | None = None,
     """Quantizable Linears (the recipe defaults: decoder Linears, not lm_head or embeddings)."""
 
     from qat.quant.spec import QuantConfig
-    from qat.quant.structure import features, is_projection
+    from qat.models.structure import features, is_projection
     from qat.quant.swap import include_patterns, matches
 
     defaults = QuantConfig()

@@ -17,7 +17,7 @@ from qat.format.pack import pack_zero_points
 from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import WeightSpec
-from qat.quant.structure import stored_transposed
+from qat.models.structure import stored_transposed
 
 
 def stored_tensors(served: nn.Module, dtype: torch.dtype = torch.bfloat16

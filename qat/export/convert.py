@@ -17,7 +17,7 @@ from torch import nn
 from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import WeightSpec
-from qat.quant.structure import TRANSPOSED, source_class, stored_transposed
+from qat.models.structure import TRANSPOSED, source_class, stored_transposed
 
 
 def serve_as(layer: QuantizedLinear, spec: WeightSpec, backend: str = "auto") -> QuantizedLinear:

@@ -19,7 +19,7 @@ from qat.format.pack import packed_words, unpack_zero_points
 from qat.format.schema import WEIGHTS_FILE, read_config, scheme_from_args
 from qat.kernels import QuantizedLinear
 from qat.quant.spec import WeightSpec
-from qat.quant.structure import features, is_projection, source_class
+from qat.models.structure import features, is_projection, source_class
 
 
 def _matches(name: str, module: nn.Module, target: str) -> bool:

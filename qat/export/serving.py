@@ -129,3 +129,17 @@ def check_target(target: str | None) -> None:
     if target is not None and target not in TARGETS:
         raise ValueError(f"export.target={target!r} is not a serving target; allowed: null, "
                          + ", ".join(TARGETS))
+
+
+def check_serving(layers, target: str | None) -> None:
+    """Before training: warn about every target that cannot serve the planned export (`layers`:
+    the prepare report's); `target` must serve it, or this raises naming the layers and why."""
+    check_target(target)
+    for name, check in CHECKS.items():
+        if not (issues := check(layers)):
+            continue
+        if name == target:
+            raise ValueError(describe(name, issues) + f"\n(export.target={target}; choose another "
+                             "scheme or target, or export.target=null to export anyway)")
+        if target is None:
+            print("warning: " + describe(name, issues))

@@ -21,7 +21,7 @@ from qat.format.schema import WEIGHTS_FILE, quantization_config
 from qat.io import atomic_path
 from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
-from qat.quant.structure import source_class
+from qat.models.structure import source_class
 from qat.quant.swap import LayerReport
 
 

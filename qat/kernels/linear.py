@@ -128,7 +128,7 @@ class QuantizedLinear(nn.Module):
                                 self.bits, self.group_size, self.in_features, self.bias)
 
     def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
-        from qat.kernels import triton_linear  # registers torch.ops.qat.quantized_linear
+        from qat.kernels import triton_linear  # noqa: F401 (registers torch.ops.qat.quantized_linear)
 
         y = torch.ops.qat.quantized_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                            self.bits, self.group_size or -1, self.in_features)

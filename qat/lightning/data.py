@@ -1,20 +1,16 @@
-"""The Lightning side of the data: a corpus (qat.data) as fixed-length token blocks for training,
-in a resumable order, and protocol windows (qat.data.protocol) for evaluation.
+"""The Lightning side of the data: a run's tokens (qat.data.tokens) as batches of training blocks,
+in a resumable order, and protocol windows for evaluation.
 """
 
 from __future__ import annotations
-
-import logging
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from qat.data.corpora import BUILTIN_CORPORA, builtin_jsonl
-from qat.data.protocol import eval_windows, split_entries
-from qat.data.text import DataSpec, load_texts, tokenize
-
-log = logging.getLogger(__name__)
+from qat.data.text import DataSpec
+from qat.data.tokens import Tokens, check_positions, load_tokens
 
 
 class _Blocks(Dataset):
@@ -54,53 +50,29 @@ class TextDataModule(L.LightningDataModule):
         self.n_train_entries = self.n_eval_entries = 0
         self._train_loader: ResumableLoader | None = None
         self._resume_state: dict[str, int] | None = None  # data position from a checkpoint
-        for field in ("block_size", "eval_window"):
-            size = getattr(spec, field)
-            if max_positions is not None and size > max_positions:
-                raise ValueError(f"data.{field}={size} exceeds the model's "
-                                 f"max_position_embeddings={max_positions}")
+        check_positions(spec, max_positions)
+
+    @classmethod
+    def from_tokens(cls, spec: DataSpec, tokens: Tokens) -> "TextDataModule":
+        """Around tokens a run already loaded (qat.data.tokens.load_tokens)."""
+        data = cls(spec, tokenizer=None)
+        data.use(tokens)
+        return data
+
+    def use(self, tokens: Tokens) -> None:
+        for name in ("train_blocks", "eval_ids", "eval_blocks", "ood_ids", "ood_blocks",
+                     "n_train_entries", "n_eval_entries"):
+            setattr(self, name, getattr(tokens, name))
 
     def prepare_data(self) -> None:
         # builtins are written to the cache once, in one process
-        for source in (self._source(), self.spec.ood):
+        for source in (self.spec.path or self.spec.name, self.spec.ood):
             if isinstance(source, str) and source in BUILTIN_CORPORA:
                 builtin_jsonl(source)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_blocks is not None:
-            return
-        s = self.spec
-        where = "data.path" if s.path is not None else "data.name"
-        texts = load_texts(self._source(), s.text_field, where, hub=s.path is None)
-        train, held_out = split_entries(texts, s.eval_fraction)
-        if not train or not held_out:
-            raise ValueError(f"{where}: {len(texts)} entries cannot be split by "
-                             f"data.eval_fraction={s.eval_fraction} into non-empty train and eval")
-        self.n_train_entries, self.n_eval_entries = len(train), len(held_out)
-        train_ids = tokenize(self.tokenizer, train)
-        n_blocks = train_ids.numel() // s.block_size
-        if n_blocks == 0:
-            raise ValueError(f"{where}: the train split has {train_ids.numel()} tokens, fewer than "
-                             f"one block of data.block_size={s.block_size}")
-        self.train_blocks = train_ids[: n_blocks * s.block_size].view(n_blocks, s.block_size)
-        self.eval_ids = tokenize(self.tokenizer, held_out)
-        self.eval_blocks = self._windows(self.eval_ids, s.eval_windows, where)
-        if s.ood is not None:
-            _, ood_texts = split_entries(load_texts(s.ood, s.text_field, "data.ood"), s.ood_fraction)
-            self.ood_ids = tokenize(self.tokenizer, ood_texts)
-            self.ood_blocks = self._windows(self.ood_ids, s.ood_windows, "data.ood")
-        log.info("data: %d train blocks of %d; eval %d tokens -> %d windows of %d",
-                 n_blocks, s.block_size, self.eval_ids.numel(), self.eval_blocks.shape[0],
-                 s.eval_window)
-
-    def _source(self) -> str | tuple[str, ...]:
-        return self.spec.path if self.spec.path is not None else self.spec.name
-
-    def _windows(self, ids: torch.Tensor, max_windows: int, where: str) -> torch.Tensor:
-        if ids.numel() < self.spec.eval_window:
-            raise ValueError(f"{where}: the eval split has {ids.numel()} tokens, fewer than one "
-                             f"window of data.eval_window={self.spec.eval_window}")
-        return eval_windows(ids, self.spec.eval_window, max_windows)
+        if self.train_blocks is None:
+            self.use(load_tokens(self.spec, self.tokenizer))
 
     def train_dataloader(self) -> "ResumableLoader":
         """This rank's share of each global batch of one seeded shuffle, resumable mid-epoch.

@@ -13,9 +13,7 @@ from torch import nn
 from qat.eval.perplexity import window_nll
 from qat.lightning.schedule import lr_multiplier
 from qat.quant import fake_quant_modules, set_fake_quant_enabled
-
-
-TRAINABLE = ("weights", "scales", "all")
+from qat.quant.swap import TRAINABLE
 
 
 @dataclass(frozen=True)
@@ -26,7 +24,7 @@ class OptimSpec:
     scale_lr: float = 1e-3  # learned (LSQ) scales move on their own, much larger, scale
     weight_decay: float = 0.0  # decay pulls weights off the grid they were trained for
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 5
+    warmup_steps: int = 3
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak lr
     trainable: str = "weights"  # weights (on the fixed grid) | scales (codes frozen) | all
 

@@ -30,7 +30,6 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Any, dict[str, A
     from hydra.utils import instantiate
 
     from qat.models import load_model
-    from qat.quant import prepare
 
     ckpt = read_checkpoint(path)
     config = ckpt["qat"]["config"]
@@ -42,12 +41,12 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Any, dict[str, A
             setattr(model.config, key, value)
         model = AutoModelForCausalLM.from_config(model.config).to(model.dtype)
     if instantiate(config["prune"]).enabled:  # pruning made every Conv1D a Linear (start_pruning)
-        from qat.quant.structure import linearize
+        from qat.models.structure import linearize
 
         linearize(model)
-    quant = instantiate(config["quant"])
+    quant = instantiate(config["quant"])  # qat.quant.QuantConfig, as the run's config names it
     if quant.weight is not None:
-        prepare(model, quant)
+        quant.prepare(model)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding

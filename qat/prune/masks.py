@@ -11,7 +11,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from qat.quant.structure import block_patterns, is_conv1d, is_projection
+from qat.models.structure import block_patterns, is_conv1d, is_projection
 from qat.quant.swap import matches
 
 
@@ -29,7 +29,7 @@ def target_linears(model: nn.Module, include: Iterable[str] | None, exclude: Ite
     conv = [n for n, m in chosen.items() if is_conv1d(m)]
     if conv:
         raise ValueError(f"prune: {conv[:3]} are Conv1D layers (GPT-2 style, weights stored "
-                         "transposed); call qat.quant.structure.linearize(model) first")
+                         "transposed); call qat.models.structure.linearize(model) first")
     return chosen
 
 

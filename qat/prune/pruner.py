@@ -96,10 +96,38 @@ def prune(model: nn.Module, spec: PruneSpec, calibration=None,
           input_norms: Mapping[str, torch.Tensor] | None = None) -> Masks:
     """One-shot pruning at the final sparsity, in place: compute masks and zero the weights.
 
-    For post-training pruning or a quick baseline; training runs use `PruningCallback` instead.
+    For post-training pruning or a quick baseline; training runs use the schedule's callback
+    (qat.lightning.callbacks.PruningCallback).
     """
     if spec.method == "wanda" and input_norms is None and calibration is not None:
         input_norms = calibration_norms(model, spec, calibration)
     masks = compute_masks(model, spec, input_norms=input_norms)
     apply_masks(model, masks)
     return masks
+
+
+def prune_structured(model: nn.Module, spec: PruneSpec, calibration=None) -> dict:
+    """prune.pattern heads / channels: cut them out once, before training, so the student trains
+    (and exports) smaller. Returns shrink's result (parameters before/after, config changes)."""
+    from qat.prune.structured import shrink
+
+    if spec.schedule != "oneshot" or spec.start_step != 0:
+        raise ValueError(f"prune.pattern={spec.pattern!r} removes tensors once, before "
+                         "training: use prune.schedule=oneshot with prune.start_step=0")
+    result = shrink(model, prune(model, spec, calibration))
+    print(f"pruned {spec.pattern}: {result['parameters_before']:,} -> "
+          f"{result['parameters_after']:,} parameters ({result['config']})")
+    return result
+
+
+def prune_report(model: nn.Module, spec: PruneSpec, shrunk: dict | None) -> tuple[dict, dict]:
+    """(prune_report.json's content, the metrics a run reports: sparsity, parameters, nm_ok)."""
+    from qat.prune.masks import sparsity_report
+
+    report = sparsity_report(model, spec.include, spec.exclude, spec.pattern)
+    if shrunk:
+        report["shrink"] = shrunk
+    out = {"sparsity": round(report["overall"]["sparsity"], 6), "parameters": report["parameters"]}
+    if spec.nm:
+        out["nm_ok"] = all(layer["nm_ok"] for layer in report["layers"].values())
+    return report, out

@@ -196,7 +196,7 @@ def shrink(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:
 
 def check_structured(model: nn.Module, pattern: str) -> None:
     """Raise before any work unless every decoder block has the projections `pattern` cuts."""
-    from qat.quant.structure import decoder_blocks
+    from qat.models.structure import decoder_blocks
 
     children = ATTENTION if pattern == "heads" else MLP
     _, blocks = decoder_blocks(model)
@@ -219,7 +219,7 @@ def _rebuilds_with_fewer_heads(model: nn.Module, block: nn.Module) -> bool:
 
     from transformers import AutoModelForCausalLM
 
-    from qat.quant.structure import decoder_blocks
+    from qat.models.structure import decoder_blocks
 
     n_heads, n_kv, head_dim = _head_layout(next(iter(_blocks(block, ATTENTION).values())))
     if n_kv < 2:

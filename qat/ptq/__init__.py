@@ -5,7 +5,7 @@
     export_model(model, tokenizer, out_dir)            # unchanged exporter
 """
 from qat.ptq.apply import METHODS, PTQReport, quantize_model, quantized_linears
-from qat.ptq.calibrate import (InputStats, collect_input_stats, decoder_blocks, kl_to_float,
+from qat.ptq.calibrate import (InputStats, collect_input_stats, kl_to_float,
                                run_blocks)
 from qat.ptq.gptq import GPTQResult, gptq_quantize
 from qat.ptq.outliers import detect_outliers, protected_layers, protection_overrides

@@ -7,93 +7,13 @@ blocks see the already-quantized earlier ones, as in GPTQ.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
-from qat.quant.modules import FakeQuantLinear
-from qat.quant.structure import decoder_blocks
-
-class _Stop(Exception):
-    """Raised after the last block's inputs are recorded: nothing after it needs to run."""
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextmanager
-def fake_quant_disabled(module: nn.Module) -> Iterator[nn.Module]:
-    """Run `module` in float (weights and activations), restoring each quantizer's flag on exit."""
-    saved = []
-    for m in module.modules():
-        if isinstance(m, FakeQuantLinear):
-            for fq in (m.weight_fake_quant, m.input_fake_quant):
-                if fq is not None:
-                    saved.append((fq, fq.enabled))
-                    fq.enabled = False
-    try:
-        yield module
-    finally:
-        for fq, enabled in saved:
-            fq.enabled = enabled
-
-
-@dataclass
-class BlockInputs:
-    """What the decoder blocks receive for one mini-batch: the first block's hidden states, and
-    per block the other positional args and kwargs (position embeddings, attention mask ...).
-
-    Blocks of one model can differ here (Gemma: sliding-window and global layers get their own
-    mask and rotary tables), so each block is later run with its own."""
-
-    hidden: torch.Tensor
-    calls: list[tuple[tuple, dict]]
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
-                         batch_size: int) -> list[BlockInputs]:
-    """Run the model on `ids` in mini-batches with every block replaced by a recorder that passes
-    its input through (no block computes, nothing after the last block runs), and keep what each
-    block was called with: the cost is the embedding lookups."""
-    captured: list[BlockInputs] = []
-
-    def recorder(index: int):
-        def forward(*args, **kwargs):
-            kwargs = dict(kwargs)
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            if index == 0:
-                captured.append(BlockInputs(hidden, []))
-            captured[-1].calls.append((tuple(args[1:]), kwargs))
-            if index == len(blocks) - 1:
-                raise _Stop
-            return hidden  # only block 0's input is kept: what later blocks get does not matter
-        return forward
-
-    own = [block.__dict__.get("forward") for block in blocks]  # instance-level forwards, if any
-    for index, block in enumerate(blocks):
-        block.forward = recorder(index)
-    try:
-        for batch in ids.split(batch_size):
-            try:
-                model(input_ids=batch.to(_device(model)), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for block, forward in zip(blocks, own):
-            if forward is None:
-                del block.forward  # the class's forward again
-            else:
-                block.forward = forward
-    return captured
-
-
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
+from qat.models.blocks import capture_block_inputs, device_of, fake_quant_disabled, hidden_of
+from qat.models.structure import decoder_blocks
 
 
 @torch.no_grad()
@@ -125,7 +45,7 @@ def run_blocks(model: nn.Module, ids: torch.Tensor,
                 block(hidden, *args, **kwargs)
 
         on_block(f"{prefix}.{index}", block, forward)
-        states = [_hidden(block(hidden, *args, **kwargs))
+        states = [hidden_of(block(hidden, *args, **kwargs))
                   for hidden, (args, kwargs) in zip(states, calls)]
 
 
@@ -218,7 +138,7 @@ def batched_forward(model: nn.Module, ids: torch.Tensor, batch_size: int) -> Cal
     """A `forward()` for `collect_input_stats` that runs the whole model over `ids`."""
     def forward() -> None:
         for batch in ids.split(batch_size):
-            model(input_ids=batch.to(_device(model)), use_cache=False)
+            model(input_ids=batch.to(device_of(model)), use_cache=False)
     return forward
 
 
@@ -233,7 +153,7 @@ def kl_to_float(model: nn.Module, ids: torch.Tensor, batch_size: int = 8,
     only for an exact model and grows with the quantization damage.
     """
     total, count = 0.0, 0
-    device = _device(model)
+    device = device_of(model)
     for batch in ids.split(batch_size):
         batch = batch.to(device)
         with fake_quant_disabled(reference if reference is not None else model) as ref_model:

@@ -89,8 +89,9 @@ def check_foldable(model: nn.Module, method: str) -> None:
     would not)."""
     import copy
 
-    from qat.ptq.calibrate import _hidden, capture_block_inputs, fake_quant_disabled
-    from qat.quant.structure import decoder_blocks
+    from qat.models.blocks import capture_block_inputs, fake_quant_disabled
+    from qat.models.blocks import hidden_of as _hidden
+    from qat.models.structure import decoder_blocks
 
     kind = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r})"
     prefix, blocks = decoder_blocks(model)

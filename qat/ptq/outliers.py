@@ -56,3 +56,11 @@ def protection_overrides(report: dict[str, list[int]], bits: int = 8, min_featur
                          ) -> dict[str, dict[str, int]]:
     """QuantConfig.overrides keeping the protected layers at `bits` (exact names as patterns)."""
     return {name: {"bits": bits} for name in protected_layers(report, min_features)}
+
+
+def find_outliers(model: nn.Module, ids: torch.Tensor, threshold: float) -> dict[str, list[int]]:
+    """detect_outliers on the float model, with a summary printed (first ten layers)."""
+    found = detect_outliers(model, ids, threshold=threshold)
+    print(f"outlier features (|x| >= {threshold}): {len(found)} layer(s)"
+          + "".join(f"\n  {name}: {len(f)} feature(s) {f[:8]}" for name, f in list(found.items())[:10]))
+    return found

@@ -13,10 +13,11 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from qat.ptq.calibrate import _device, fake_quant_disabled
+from qat.models.blocks import device_of as _device
+from qat.models.blocks import fake_quant_disabled
 from qat.ptq.rtn import fake_quant
 from qat.quant.modules import FakeQuantLinear
-from qat.quant.spec import WeightSpec
+from qat.quant.spec import QuantConfig, WeightSpec
 
 SCALE_BITS = 16  # a bf16/fp16 scale per group
 MAX_STATES = 200_000  # knapsack budget states; beyond it costs are rounded up (still feasible)
@@ -201,3 +202,34 @@ def block_sensitivity(model: nn.Module, ids: torch.Tensor, groups: dict[str, dic
                     modules[name].weight.copy_(originals[name])
     model.train(was_training)
     return result
+
+
+def mixed_precision(model: nn.Module, quant, ids: torch.Tensor, report) -> QuantConfig:
+    """quant.budget_bits: per-block widths from measured sensitivity, as per-layer overrides.
+
+    Each decoder block is quantized alone (RTN) at every width in quant.budget_choices and its
+    KL to the float model measured on `ids` (ptq.sensitivity_samples sequences); a knapsack then
+    picks the widths with the least total KL whose mean stored bits per weight meet the budget.
+    User overrides still win over the chosen widths. `report`: the prepare plan (qat.quant.plan).
+    """
+    import re
+    import time
+    from dataclasses import replace
+
+    groups: dict[str, dict] = {}
+    for layer in report.layers:
+        found = re.search(r"layers\.(\d+)\.", layer.name)
+        groups.setdefault(f"block {found.group(1)}" if found else layer.name, {})[layer.name] = \
+            layer.spec
+    numel = {g: sum(l.in_features * l.out_features for l in report.layers if l.name in members)
+             for g, members in groups.items()}
+    start = time.perf_counter()
+    sensitivity = block_sensitivity(model, ids, groups, quant.budget_choices)
+    weight = quant.weight
+    widths = assign_bits(sensitivity, numel, quant.budget_bits, quant.budget_choices,
+                         group_size=weight.effective_group_size, symmetric=weight.symmetric)
+    chosen = {name: {"bits": widths[g]} for g, members in groups.items() for name in members}
+    counts = {b: list(widths.values()).count(b) for b in sorted(set(widths.values()))}
+    print(f"mixed precision at {quant.budget_bits} bits per weight: blocks per width {counts} "
+          f"({time.perf_counter() - start:.0f} s)")
+    return replace(quant, overrides={**chosen, **quant.overrides})

@@ -29,7 +29,7 @@ class PTQSpec:
 
     method: str = "gptq"  # rtn | gptq | awq | smoothquant
     calibration_samples: int = 128  # sequences of calibration data (GPTQ/AWQ papers use 128)
-    seq_len: int = 512  # tokens per calibration sequence (for whoever draws the data)
+    seq_len: int = 256  # tokens per calibration sequence (for whoever draws the data)
     batch_size: int = 8  # sequences per forward pass during calibration
     damp: float = 0.01  # gptq: fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # gptq: columns per lazy batch update (speed only)

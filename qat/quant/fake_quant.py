@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from qat.models.blocks import Switchable
 from qat.format.grid import (DTYPES, compute_qparams, dequantize, group_view, quantize, qrange,
                              round_scale)
 from qat.quant.observers import build_observer, minmax
@@ -13,7 +14,7 @@ from qat.quant.spec import ActivationSpec, WeightSpec
 from qat.quant.ste import exact_ste, fake_quantize, round_ste, scale_gradient
 
 
-class FakeQuantWeight(nn.Module):
+class FakeQuantWeight(Switchable):
     """Fake-quantizes a (out, in) weight on the spec's grid.
 
     With `learnable_scale` the scales are parameters (LSQ), initialised from the weight's min/max at
@@ -215,7 +216,7 @@ class FakeQuantWeight(nn.Module):
         return f"{self.spec.describe()}, enabled={self.enabled}{extra}"
 
 
-class FakeQuantActivation(nn.Module):
+class FakeQuantActivation(Switchable):
     """Dynamic activation fake quantization: scales from each input's own range, per token."""
 
     def __init__(self, spec: ActivationSpec) -> None:

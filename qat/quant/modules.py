@@ -8,7 +8,7 @@ from torch import nn
 from qat.quant.fake_quant import FakeQuantActivation, FakeQuantWeight
 from qat.quant.spec import ActivationSpec, WeightSpec
 from qat.quant.ste import fake_quant_linear
-from qat.quant.structure import TRANSPOSED, source_class, stored_transposed
+from qat.models.structure import TRANSPOSED, source_class, stored_transposed
 
 
 class FakeQuantLinear(nn.Linear):
@@ -62,7 +62,4 @@ class FakeQuantLinear(nn.Linear):
 
 
 def _autocast(x: torch.Tensor) -> bool:
-    try:
-        return torch.is_autocast_enabled(x.device.type)
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_enabled()
+    return torch.is_autocast_enabled(x.device.type)

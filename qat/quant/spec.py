@@ -122,6 +122,14 @@ class QuantConfig:
     budget_bits: float | None = None  # mixed precision: mean stored bits per weight (e.g. 3.5)
     budget_choices: tuple[int, ...] = (2, 3, 4, 8)  # widths the budget may give a decoder block
 
+    def prepare(self, model):
+        """Swap fake quantization into `model` (qat.quant.prepare): what rebuilding a run from its
+        checkpoint (qat.models.checkpoint) calls on the spec its config names, so models need
+        not import quant."""
+        from qat.quant.swap import prepare
+
+        return prepare(model, self)
+
     def __post_init__(self) -> None:
         if isinstance(self.weight, Mapping):  # filled without _target_ (plain dict config)
             object.__setattr__(self, "weight", WeightSpec(**self.weight))

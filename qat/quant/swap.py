@@ -1,4 +1,5 @@
-"""`prepare` swaps chosen Linears for fake-quantized ones; `convert` gives plain Linears back."""
+"""`prepare` swaps chosen Linears for fake-quantized ones; `unprepare` gives plain Linears back
+(the served model is qat.export.convert's); `set_trainable` picks what the end-to-end stage trains."""
 from __future__ import annotations
 
 import fnmatch
@@ -8,7 +9,7 @@ from torch import nn
 
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import QuantConfig, WeightSpec
-from qat.quant.structure import (as_linear, block_patterns, features, is_projection,
+from qat.models.structure import (as_linear, block_patterns, features, is_projection,
                                   source_class)
 
 
@@ -149,6 +150,31 @@ def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:
         module.weight_fake_quant.enabled = enabled
         if module.input_fake_quant is not None:
             module.input_fake_quant.enabled = enabled
+
+
+TRAINABLE = ("weights", "scales", "all")
+
+
+def set_trainable(model: nn.Module, trainable: str) -> None:
+    """optim.trainable for the end-to-end stage.
+
+    weights: the weights train on the grid quant.init / the block stage left (as before).
+    scales: every quantized weight is frozen on its integer codes and only the scales train
+    (EfficientQAT's E2E-QP: few parameters, little optimizer memory); nothing else trains.
+    all: weights, scales and zero points train together.
+    """
+    if trainable not in TRAINABLE:
+        raise ValueError(f"optim.trainable={trainable!r} is not one of {TRAINABLE}")
+    if trainable == "weights":
+        return
+    if trainable == "scales":
+        model.requires_grad_(False)
+    for module in fake_quant_modules(model):
+        fq = module.weight_fake_quant
+        if trainable == "scales":
+            fq.freeze_codes(module.weight)
+        for p in fq.learn_grid(module.weight, zero_point=trainable == "all"):
+            p.requires_grad_(True)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

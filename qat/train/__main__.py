@@ -15,7 +15,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from qat.lightning.module import DivergenceError  # noqa: E402
-from qat.lightning.run import ConfigError, train  # noqa: E402
+from qat.train import ConfigError, train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="pkg://qat.conf", config_name="train")

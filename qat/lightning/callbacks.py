@@ -1,6 +1,7 @@
-"""The Lightning callback that prunes on schedule and keeps pruned weights at exactly zero.
+"""The Lightning callbacks of the end-to-end stage: pruning on schedule, and weight SQNR after
+each validation.
 
-Order within a training step (automatic optimization):
+Pruning, order within a training step (automatic optimization):
   on_train_batch_start  -> masks are (re)computed when the schedule says so, and applied
   forward / backward / optimizer.step  -> AdamW moves pruned weights a little (momentum, decay)
   on_train_batch_end    -> masks are applied again, so between steps pruned weights are exactly 0
@@ -9,12 +10,15 @@ the zero point), the fake-quantized weights are zero there too.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
 import torch
 from torch import nn
 
+from qat.eval.sqnr import sqnr_table
+from qat.io import write_json
 from qat.prune.masks import apply_masks, mask_sparsity
 from qat.prune.pruner import calibration_norms, compute_masks
 from qat.prune.schedule import last_update_at, sparsity_at
@@ -98,3 +102,48 @@ class PruningCallback(L.Callback):
         self.sparsity = mask_sparsity(self.masks)
         if state_dict.get("input_norms") is not None:
             self.input_norms = dict(state_dict["input_norms"])
+
+
+def start_pruning(model: nn.Module, spec: PruneSpec, calibration=None) -> PruningCallback:
+    """The schedule's callback, with what is due at step 0 pruned now, on the float model (so
+    every eval and a 0-step run see it)."""
+    callback = PruningCallback(spec, calibration=calibration)
+    if last_update_at(0, spec) is not None:
+        callback.update(model, 0)
+    return callback
+
+
+class SQNRCallback(L.Callback):
+    """After each validation: weight SQNR of every FakeQuantLinear, logged and written to JSON.
+
+    Logged as `sqnr/<layer>` (dB) through every attached logger's `log_metrics`, so CSV, wandb or
+    none all work, plus `sqnr/min` (the worst layer; exact layers, null in the table, are not logged); `<out_dir>/sqnr.json` holds the latest table,
+    worst layer first, with the step it was measured at. Weight SQNR needs no data and costs one
+    fake-quantization per layer, so it is cheap enough for every validation.
+
+    Args:
+        out_dir: where sqnr.json goes (usually the run directory); None: do not write it.
+    """
+
+    def __init__(self, out_dir: str | Path | None = None) -> None:
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.last_table: list[dict] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        model = getattr(pl_module, "model", pl_module)  # QATModule keeps the HF model in .model
+        table = sqnr_table(model)
+        if not table:
+            return
+        self.last_table = table
+        # an exact layer (null dB) is left out: loggers and dashboards choke on infinity
+        metrics = {f"sqnr/{row['layer']}": row["weight_sqnr_db"] for row in table
+                   if row["weight_sqnr_db"] is not None}
+        if metrics:
+            metrics["sqnr/min"] = min(metrics.values())
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.out_dir is not None:
+            write_json(self.out_dir / "sqnr.json", {"step": trainer.global_step, "layers": table})
+

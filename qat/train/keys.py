@@ -20,8 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 # Hydra's own keys on a node that it instantiates
 _HYDRA_KEYS = {"_target_", "_convert_", "_recursive_", "_partial_", "_args_"}
-_GROUPS = ("model", "data", "trainer", "logger", "quant", "distill", "prune", "ptq", "blockwise",
-           "callbacks")
 TRAIN_YAML = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"
 
 
@@ -35,7 +33,15 @@ def declared_sections() -> dict[str, frozenset[str] | None]:
     base = OmegaConf.load(TRAIN_YAML)
     sections = {str(k): (frozenset(str(s) for s in v) if isinstance(v, DictConfig) else None)
                 for k, v in base.items() if k not in ("defaults", "hydra")}
-    return {**sections, **{g: None for g in _GROUPS}}
+    return {**sections, **{g: None for g in config_groups()}}
+
+
+@lru_cache(maxsize=None)
+def config_groups() -> tuple[str, ...]:
+    """The groups train.yaml's defaults list composes (model, data, trainer, ..., recipe)."""
+    base = OmegaConf.load(TRAIN_YAML)
+    return tuple(next(iter(d)) for d in base.defaults
+                 if isinstance(d, DictConfig) and not str(next(iter(d))).startswith("override"))
 
 
 def _fields_of(kind) -> tuple[set[str] | None, dict[str, type]]:

@@ -1,0 +1,185 @@
+"""`train(cfg)`: a whole run, from a composed Hydra config to checkpoint, export and metrics.json,
+read as the list of its stages in order.
+
+Everything that can be wrong with the input (config values, paths, patterns, group sizes, data
+size, the serving target) is checked before the first stage changes anything; a run that fails
+there raises ConfigError and leaves no run directory behind. Each stage is a function of its own
+package that takes the model (or its blocks), plain tensors and its spec; only the end-to-end stage
+is Lightning's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from qat.blockwise import BlockStore, train_blocks
+from qat.data.tokens import calibration_ids, check_positions, load_tokens
+from qat.distill import Distiller, build_teacher
+from qat.eval.stage import float_ppl, quantized_ppl
+from qat.io import check_writable, is_rank_zero, write_json
+from qat.lightning.callbacks import SQNRCallback, start_pruning
+from qat.lightning.data import TextDataModule
+from qat.lightning.module import QATModule
+from qat.lightning.trainer import build_trainer, fit, save_checkpoint, validate_ppl
+from qat.models.structure import decoder_blocks
+from qat.prune.pruner import prune_structured
+from qat.prune.spec import STRUCTURED
+from qat.ptq import quantize_model
+from qat.quant import plan, prepare, set_fake_quant_enabled, set_trainable
+from qat.train import steps
+from qat.train.specs import ConfigError, build_specs
+from qat.train.summary import run_facts, summary
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run one QAT job; returns the metrics also written to `<run_dir>/metrics.json`."""
+    run_dir = Path(run_dir or steps.hydra_run_dir())
+    metrics: dict[str, Any] = {}
+    # 1. check the input, load the model and the tokens, freeze the float model (teacher)
+    try:
+        specs = build_specs(cfg)
+        callbacks = steps.user_callbacks(cfg)
+        check_writable(run_dir, "the run directory (hydra.run.dir)")
+        ckpt_path, resume_blocks = steps.resume_target(cfg, specs, run_dir)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        model, tokenizer = steps.load_checked(specs.model)
+        plan(model, specs.quant) if specs.quant.weight is not None else None  # patterns, groups
+        steps.check_architecture(model, specs)
+        check_positions(specs.data, getattr(model.config, "max_position_embeddings", None))
+        tokens = load_tokens(specs.data, tokenizer)
+        teacher = build_teacher(specs.distill.teacher, model, tokenizer) \
+            if specs.distill.enabled else None
+        float_model = steps.float_reference(model, teacher, specs) \
+            if specs.blockwise.enabled and ckpt_path is None else None
+        if specs.data.generated_samples:
+            from qat.distill.teacher_text import teacher_written
+
+            tokens.train_blocks = teacher_written(teacher, model, tokenizer, specs.data)
+        # 2. the float baseline, before pruning and PTQ change the weights
+        if specs.eval.fp_ppl:
+            metrics["fp_ppl"] = float_ppl(model, tokens.eval_ids, tokens.eval_blocks, specs.data,
+                                          cached=specs.eval.cache_fp_ppl)
+        # 3. pruning due at step 0 (structured: the model shrinks once, here)
+        pruner = shrunk = None
+        if specs.prune.enabled:
+            from qat.models.structure import linearize
+
+            linearize(model)  # masks follow (out, in) rows: GPT-2's Conv1D become Linears
+            calibration = tokens.train_blocks[: specs.prune.calibration_samples] \
+                if specs.prune.method == "wanda" else None
+            if specs.prune.pattern in STRUCTURED:
+                shrunk = prune_structured(model, specs.prune, calibration)
+            else:
+                pruner = start_pruning(model, specs.prune, calibration)
+        # 4. each layer's final scheme (outlier protection, bit budget) and who can serve it
+        report = steps.plan_precision(model, specs, tokens.train_blocks, run_dir) \
+            if specs.quant.weight is not None else None
+        if report is not None:
+            from qat.export.serving import check_serving
+
+            check_serving(report.layers, target=specs.export.target)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        steps.remove_run_dir(run_dir)
+        raise ConfigError(str(err)) from err
+
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    store = BlockStore.of_run(run_dir, run_config) if specs.blockwise.enabled else None
+    ptq_report = block_report = None
+    stage_metrics: dict[str, Any] = {}
+    if report is not None:
+        # 5. fake quantization in; 6. quant.init (PTQ) onto the grid; 7. the block stage
+        prepare(model, specs.quant)
+        if is_rank_zero():
+            print(report)
+        if store is not None and ckpt_path is None and not resume_blocks:
+            store.clear()  # a new run: blocks of an earlier run in this directory do not count
+        if specs.quant.init is not None and ckpt_path is None:
+            if store is not None and store.has_init():
+                store.load_init(decoder_blocks(model)[1])
+                print(f"quant.init={specs.quant.init}: loaded from {store.directory} (resumed)")
+            else:
+                ptq = replace(specs.ptq, method=specs.quant.init)
+                ptq_report = quantize_model(model, ptq, calibration_ids(
+                    tokens.train_blocks, ptq.calibration_samples, ptq.seq_len))
+                print(ptq_report)
+        elif specs.quant.init is not None and is_rank_zero():
+            # the checkpoint holds what calibration wrote (weights, grids, folded norm scales)
+            print(f"quant.init={specs.quant.init}: skipped, resuming from {ckpt_path}")
+        if store is not None and ckpt_path is None:
+            stage_metrics, block_report = block_stage(model, float_model, specs, tokens, store,
+                                                      cfg, ptq_report is not None)
+            float_model = None
+        elif store is not None and store.exists():  # resumed after the block stage
+            block_report = store.report()
+            stage_metrics = dict(store.init_info() or {})
+        set_trainable(model, specs.optim.trainable)
+    if shrunk:  # the checkpoint rebuilds the smaller model from these config changes
+        run_config["model_shrink"] = shrunk["config"]
+
+    # 8. end to end (Lightning): the student, its teacher, the Trainer
+    module = QATModule(model, specs.optim, specs.quant.start_step, run_config,
+                       Distiller(specs.distill, teacher) if teacher is not None else None,
+                       skip_nonfinite=specs.guard.skip_nonfinite)
+    data = TextDataModule.from_tokens(specs.data, tokens)
+    trainer = build_trainer(cfg, specs.checkpoint, run_dir,
+                            ([pruner] if pruner is not None else [])
+                            + ([SQNRCallback(run_dir)] if report is not None else []) + callbacks)
+    metrics = run_facts(cfg, specs, report, metrics, stage_metrics, block_report)
+    if specs.eval.quantized_before and report is not None and ckpt_path is None:
+        metrics["ptq_ppl"] = validate_ppl(trainer, module, data, "ptq", quantized=True)
+    set_fake_quant_enabled(model, specs.quant.start_step == 0)
+    start = time.perf_counter()
+    if cfg.trainer.max_steps > 0:
+        fit(trainer, module, data, ckpt_path, run_dir)
+    train_seconds = round(time.perf_counter() - start, 1)
+
+    # 9. the final perplexity, of the model as deployed (the rest in export.dtype)
+    metrics["ppl"] = steps.final_ppl(trainer, module, data, specs, quantized=report is not None)
+    metrics.update(steps.training_facts(cfg, specs, trainer, module, train_seconds, ckpt_path))
+
+    # 10. checkpoint, reports, export, metrics.json
+    save_checkpoint(trainer, module, run_dir / "checkpoints" / "last.ckpt")
+    if not trainer.is_global_zero:  # reports, export and metrics are rank zero's to write
+        return metrics
+    metrics.update(steps.write_reports(run_dir, specs, model, report, ptq_report, block_report,
+                                       shrunk))
+    if specs.export.enabled and report is not None:
+        metrics.update(steps.export_run(model, tokenizer, tokens.eval_ids, run_dir, specs,
+                                        trainer, metrics))
+    write_json(run_dir / "metrics.json", metrics)
+    print(summary(metrics, run_dir))
+    return metrics
+
+
+def block_stage(model, float_model, specs, tokens, store: BlockStore, cfg: DictConfig,
+                calibrated: bool) -> tuple[dict[str, Any], Any]:
+    """quant.init's result saved (resume does not calibrate again), its ppl, the block stage,
+    the ppl after it. Returns (metrics, BlockwiseReport)."""
+    info = store.init_info()
+    if info is None:
+        info = {}
+        if specs.eval.stage_ppl:
+            info["ptq_ppl"] = quantized_ppl(model, tokens.eval_ids, specs.data, specs.export.dtype,
+                                            "ppl after init")
+            print(f"ppl after quant.init={specs.quant.init or 'none (min/max grid)'}: "
+                  f"{info['ptq_ppl']:.3f}")
+        if is_rank_zero():
+            store.save_init(decoder_blocks(model)[1] if calibrated else None, info)
+    spec = specs.blockwise
+    ids = calibration_ids(tokens.train_blocks, spec.samples, spec.seq_len, owner="blockwise")
+    report = train_blocks(model, float_model, ids, spec, seed=cfg.seed, store=store)
+    if is_rank_zero():
+        print(report)
+    out = dict(info)
+    if specs.eval.stage_ppl and cfg.trainer.max_steps > 0:
+        out["block_ppl"] = quantized_ppl(model, tokens.eval_ids, specs.data, specs.export.dtype,
+                                         "ppl after blocks")
+        print(f"ppl after the block stage: {out['block_ppl']:.3f}")
+        if is_rank_zero():
+            store.update_info({"block_ppl": out["block_ppl"]})
+    return out, report

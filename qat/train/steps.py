@@ -1,0 +1,243 @@
+"""The pieces of `train(cfg)` that join stages: resuming, checks before any work, the precision
+plan, the final perplexity, the reports and the export of a run."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from qat.blockwise import BlockStore
+from qat.data.tokens import calibration_ids
+from qat.io import is_rank_zero, write_json
+from qat.lightning.checkpointing import check_resume_config, resolve_ckpt_path
+from qat.models import ModelSpec, load_model
+from qat.quant import PrepareReport, plan
+from qat.train.specs import ConfigError, Specs
+
+
+def hydra_run_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+    return HydraConfig.get().runtime.output_dir
+
+
+def user_callbacks(cfg: DictConfig) -> list:
+    """The callbacks group's entries, instantiated (a bad class or argument fails here)."""
+    out = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        try:
+            out.append(instantiate(node))
+        except InstantiationException as err:
+            raise ConfigError(f"callbacks.{name}: {err.__cause__ or err}") from err
+    return out
+
+
+def resume_target(cfg: DictConfig, specs: Specs, run_dir: Path) -> tuple[Path | None, bool]:
+    """(Lightning checkpoint to resume, whether to resume the block stage instead).
+
+    `ckpt_path=last` in a run killed during the block stage (no last.ckpt yet, but block files)
+    resumes the block stage at its next untrained block."""
+    value = cfg.get("ckpt_path")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if specs.blockwise.enabled and str(value) == "last" \
+            and not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        store = BlockStore.of_run(run_dir, config)
+        if store.exists():
+            store.completed()  # raises now, naming the field, when the config differs
+            return None, True
+    ckpt_path = resolve_ckpt_path(value, run_dir)
+    if ckpt_path is not None:
+        check_resume_config(ckpt_path, config)
+    return ckpt_path, False
+
+
+def load_checked(spec: ModelSpec):
+    """load_model, with damaged files (truncated weights, bad JSON) reported as model.path's and
+    NaN or infinite weights refused."""
+    try:
+        model, tokenizer = load_model(spec)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:  # safetensors, tokenizers and json raise their own types
+        if spec.path is None:
+            raise
+        raise ValueError(f"model.path={spec.path!r}: cannot be loaded "
+                         f"({type(err).__name__}: {err})") from err
+    check_finite(model, spec.path or spec.name)
+    return model, tokenizer
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """NaN or infinite weights would train into NaN losses: refuse them before training."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"model {where!r}: tensor {name!r} has {bad} NaN or infinite "
+                             f"value(s); the weights are damaged")
+
+
+def check_architecture(model, specs: Specs) -> None:
+    """Features that depend on the block layout refuse here, before any work, naming the
+    architecture (what works where: README, "Architectures")."""
+    if specs.quant.init in ("awq", "smoothquant"):
+        from qat.ptq.fold import check_foldable
+
+        check_foldable(model, specs.quant.init)
+    if specs.prune.enabled and specs.prune.pattern in ("heads", "channels"):
+        from qat.prune.structured import check_structured
+
+        check_structured(model, specs.prune.pattern)
+
+
+def float_reference(model, teacher, specs: Specs):
+    """The float model the block stage targets: the teacher when it is this model's own float
+    copy in the same dtype, otherwise a frozen copy of its own."""
+    if teacher is not None and specs.distill.teacher.is_self \
+            and next(teacher.parameters()).dtype == next(model.parameters()).dtype:
+        return teacher
+    import copy
+
+    from qat.distill import freeze
+    return freeze(copy.deepcopy(model))
+
+
+def plan_precision(model, specs: Specs, train_blocks: torch.Tensor, run_dir: Path
+                   ) -> PrepareReport:
+    """The final scheme of every layer: outlier protection and the bit budget may change
+    specs.quant (replaced in `specs`)."""
+    from dataclasses import replace
+
+    report = plan(model, specs.quant)
+    ptq = specs.ptq
+    if ptq.outliers != "off":
+        from qat.ptq import protection_overrides
+        from qat.ptq.outliers import find_outliers
+
+        found = find_outliers(model, calibration_ids(
+            train_blocks, min(ptq.calibration_samples, 32), ptq.seq_len), ptq.outlier_threshold)
+        if is_rank_zero():
+            write_json(run_dir / "outliers.json", found)
+        if found and ptq.outliers == "protect":
+            specs.quant = replace(specs.quant, overrides={**protection_overrides(found),
+                                                          **specs.quant.overrides})
+            report = plan(model, specs.quant)
+    if specs.quant.budget_bits is not None:
+        from qat.ptq.sensitivity import mixed_precision
+
+        ids = calibration_ids(train_blocks, ptq.sensitivity_samples, ptq.seq_len)
+        specs.quant = mixed_precision(model, specs.quant, ids, report)
+        report = plan(model, specs.quant)
+    return report
+
+
+def final_ppl(trainer, module, data, specs: Specs, quantized: bool) -> float:
+    """The perplexity of the model as deployed: everything but the packed weights in
+    export.dtype (what the export's reloaded perplexity equals)."""
+    from qat.lightning.trainer import validate_ppl
+
+    if not quantized:
+        return validate_ppl(trainer, module, data, "val", quantized=False)
+    from qat.export.compressed_tensors import as_exported
+
+    with as_exported(module.model, getattr(torch, specs.export.dtype)):
+        return validate_ppl(trainer, module, data, "val", quantized=True)
+
+
+def training_facts(cfg: DictConfig, specs: Specs, trainer, module, train_seconds: float,
+                   ckpt_path: Path | None) -> dict[str, Any]:
+    """What end-to-end training did and cost."""
+    steps = trainer.global_step
+    out = dict(steps=steps, tokens=steps * specs.data.batch_size * specs.data.block_size
+               * cfg.trainer.get("accumulate_grad_batches", 1) * trainer.world_size,
+               train_seconds=train_seconds,
+               first_loss=module.loss_history[0] if module.loss_history else None,
+               last_loss=module.loss_history[-1] if module.loss_history else None)
+    if ckpt_path is not None:
+        out["resumed_from"] = str(ckpt_path)
+    if module.skipped_steps:
+        out["skipped_steps"] = module.skipped_steps
+    return out
+
+
+def write_reports(run_dir: Path, specs: Specs, model, report, ptq_report, block_report,
+                  shrunk) -> dict[str, Any]:
+    """quant_report.json, ptq_report.json, blockwise_report.json, prune_report.json; returns
+    the metrics they add."""
+    out: dict[str, Any] = {}
+    if report is not None:
+        write_json(run_dir / "quant_report.json", report.to_dict())
+    if ptq_report is not None:
+        write_json(run_dir / "ptq_report.json", ptq_report.to_dict())
+        out["ptq_seconds"] = round(ptq_report.seconds, 1)
+    if block_report is not None:
+        write_json(run_dir / "blockwise_report.json", block_report.to_dict())
+    if specs.quant.budget_bits is not None:
+        out["budget_bits"] = specs.quant.budget_bits
+    if specs.prune.enabled:
+        from qat.prune.pruner import prune_report
+
+        written, metrics = prune_report(model, specs.prune, shrunk)
+        write_json(run_dir / "prune_report.json", written)
+        out.update(metrics)
+    return out
+
+
+def export_run(model, tokenizer, eval_ids: torch.Tensor, run_dir: Path, specs: Specs, trainer,
+               metrics: dict[str, Any]) -> dict[str, Any]:
+    """The export stage on the trained model (FSDP: rebuilt from the gathered checkpoint), its
+    perplexity on the protocol, and the N:M check of what it stores."""
+    from qat.eval.stage import protocol_ppl
+    from qat.export.stage import export
+    from qat.lightning.trainer import is_sharded
+
+    if is_sharded(trainer):
+        from qat.models.checkpoint import model_from_checkpoint
+
+        model, tokenizer, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    data = specs.data
+    card = {"base_model": metrics["model"], "recipe": metrics["recipe"],
+            "command": metrics.get("command"), "fp_ppl": metrics.get("fp_ppl"),
+            "ppl": metrics["ppl"],
+            "eval": f"{data.path or data.name}, {data.eval_windows} x {data.eval_window}-token windows"}
+    out = export(model, tokenizer, run_dir / "export", specs.export, card,
+                 measure=lambda served: protocol_ppl(served, eval_ids, data, "export ppl"))
+    if specs.prune.nm:
+        out["export_nm_ok"] = check_export_nm(run_dir / "export", specs.prune)
+    return out
+
+
+def check_export_nm(out_dir: Path, spec) -> bool:
+    """Read the export back and check every pruned layer's stored weights keep the N:M pattern."""
+    from qat.export.load import load_quantized
+    from qat.kernels import QuantizedLinear
+    from qat.prune import check_nm
+    from qat.quant.swap import include_patterns, matches
+
+    served = load_quantized(out_dir, dtype=torch.float32, backend="reference")
+    include = include_patterns(served, spec.include)
+    bad = []
+    with torch.no_grad():
+        for name, layer in served.named_modules():
+            if not isinstance(layer, QuantizedLinear) or not any(matches(name, p) for p in include) \
+                    or any(matches(name, p) for p in spec.exclude):
+                continue
+            out = layer(torch.eye(layer.in_features))  # row j: W[:, j] + bias, exactly as served
+            weight = (out - layer.bias if layer.bias is not None else out).T
+            if not check_nm(weight, *spec.nm):
+                bad.append(name)
+    if bad:
+        raise RuntimeError(f"export {out_dir}: layers {bad[:4]} lost the {spec.pattern} pattern")
+    return True
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """A run that failed validation leaves nothing: drop the directory Hydra made for it."""
+    if run_dir.exists() and not (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        parent = run_dir.parent
+        if parent.name != "outputs" and parent.exists() and not any(parent.iterdir()):
+            parent.rmdir()

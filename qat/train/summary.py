@@ -1,0 +1,76 @@
+"""What a run says about itself: the facts at the head of metrics.json and the closing summary."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from qat.quant import PrepareReport
+
+
+def run_facts(cfg: DictConfig, specs, report: PrepareReport | None, measured: dict[str, Any],
+              stage_metrics: dict[str, Any], block_report) -> dict[str, Any]:
+    """recipe, model, scheme, command, then what was measured before end-to-end training."""
+    out: dict[str, Any] = {"recipe": recipe_name(cfg), "model": specs.model.path or specs.model.name,
+                           "scheme": scheme(report)}
+    if command := command_line():
+        out["command"] = command
+    if "fp_ppl" in measured:
+        out["fp_ppl"] = measured["fp_ppl"]
+    out.update({k: v for k, v in stage_metrics.items() if k in ("ptq_ppl", "block_ppl")})
+    if block_report is not None:
+        out["blockwise"] = dict(block_report.summary(), ppl=stage_metrics.get("block_ppl"))
+    return out
+
+
+def summary(metrics: dict[str, Any], run_dir: Path) -> str:
+    rows = [("model", metrics["model"]), ("recipe", metrics["recipe"]),
+            ("scheme", metrics["scheme"]), ("steps", metrics["steps"]),
+            ("train time", f"{metrics['train_seconds']:.0f} s")]
+    staged = "blockwise" in metrics
+    for key, label in (("fp_ppl", "float ppl"),
+                       ("ptq_ppl", "ppl after quant.init" if staged
+                        else "quantized ppl before training"),
+                       ("block_ppl", "ppl after block stage"),
+                       ("ppl", "ppl after end-to-end" if staged and metrics["steps"]
+                        else "ppl after block stage" if staged else "ppl after training"),
+                       ("export_ppl", "exported model ppl")):
+        if key in metrics:
+            rows.append((label, f"{metrics[key]:.3f}"))
+    if "fp_ppl" in metrics:
+        rows.append(("vs float", f"{100 * (metrics['ppl'] / metrics['fp_ppl'] - 1):+.1f}%"))
+    if "sparsity" in metrics:
+        rows.append(("sparsity", f"{100 * metrics['sparsity']:.1f}% of pruned layers' weights"
+                     + (", N:M kept in export" if metrics.get("export_nm_ok") else "")))
+    rows.append(("run dir", str(run_dir)))
+    for label, path in (("checkpoint", run_dir / "checkpoints" / "last.ckpt"),
+                        ("metrics", run_dir / "metrics.json")):
+        rows.append((label, str(path)))
+    if metrics.get("export_dir"):
+        rows.append(("export", metrics["export_dir"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["", "== qat summary =="] + [f"{k:<{width}}  {v}" for k, v in rows])
+
+
+def scheme(report: PrepareReport | None) -> str:
+    if report is None:
+        return "float"
+    return ", ".join(f"{n} x {s}" for s, n in report.schemes().items())
+
+
+def recipe_name(cfg: DictConfig) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return HydraConfig.get().runtime.choices.get("recipe") or "none"
+    except Exception:  # composed without Hydra's runtime (tests, notebooks)
+        return cfg.get("recipe_name", "none")
+
+
+def command_line() -> str | None:
+    """The command line that made this run (None when composed without Hydra's runtime)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return " ".join(["python train.py", *HydraConfig.get().overrides.task])
+    except Exception:  # tests, notebooks
+        return None

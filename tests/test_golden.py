@@ -1,0 +1,69 @@
+"""Behaviour is what it was at 7c5188a (before the stages got packages of their own): the same
+recipes on the tiny model give the values recorded then (tests/golden/7c5188a.json, written by
+`python scripts/golden.py` on that commit).
+
+Exact where the math is the same on every x86-64 CPU: counts, shapes, schemes, reports, sizes, and
+the codes and bytes of a round-to-nearest export (elementwise IEEE arithmetic on seeded weights).
+Within RTOL where float32 matrix products enter (perplexities, losses, anything trained): their
+summation order differs between CPUs (AVX2, AVX-512), and training carries that rounding on. The
+block stage's MSEs are relative to tiny outputs and get BLOCK_RTOL. On the machine that recorded
+them these values are reproduced bit for bit (scripts/golden.py --compare, tolerance 0).
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import golden  # noqa: E402
+
+RECORDED = json.loads((ROOT / "tests" / "golden" / "7c5188a.json").read_text())["runs"]
+RTOL = 1e-4  # perplexities and losses: float32 rounding differences between CPUs
+BLOCK_RTOL = 1e-2  # the block stage's mean squared errors (about 1e-4 each)
+EXACT_EVERYWHERE = "rtn_0steps"  # no training, no calibration: every tensor and byte exact
+
+
+
+
+def _close(a, b, rtol) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float)
+                      and math.isclose(a, b, rel_tol=rtol))
+
+
+def differences(old, new, path="", rtol=RTOL) -> list[str]:
+    """Where `new` leaves `old`: exact for everything but floats (rtol, BLOCK_RTOL under block
+    losses)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = [f"{path}: keys {sorted(set(old) ^ set(new))}"] if set(old) != set(new) else []
+        for key in sorted(set(old) & set(new)):
+            tol = BLOCK_RTOL if "loss_before" in key or "loss_after" in key else rtol
+            out += differences(old[key], new[key], f"{path}.{key}", tol)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new))
+                for d in differences(a, b, f"{path}[{i}]", rtol)]
+    return [] if _close(old, new, rtol) else [f"{path}: {old!r} -> {new!r}"]
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED))
+def test_recipe_reproduces_7c5188a(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path / "cache"))  # no cached float ppl
+    new, old = golden.record(name, tmp_path), RECORDED[name]
+    found = differences(old["metrics"], new["metrics"], "metrics") \
+        + differences(old["reports"], new["reports"], "reports")
+    assert not found, "\n".join(found[:10])
+    assert sorted(new["tensors"]) == sorted(old["tensors"])  # the same state, key for key
+    assert sorted(new["export"]) == sorted(old["export"])
+    if name == EXACT_EVERYWHERE:
+        assert new["tensors"] == old["tensors"] and new["export"] == old["export"]
+
+
+def test_the_comparison_is_not_blind():
+    old = RECORDED["w4g64"]["metrics"]
+    assert not differences(old, dict(old))
+    assert differences(old, dict(old, ppl=old["ppl"] * (1 + 10 * RTOL)))
+    assert differences(old, dict(old, steps=old["steps"] + 1))
