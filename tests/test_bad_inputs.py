@@ -41,6 +41,11 @@ def files(tmp_path_factory):
         (d / "truncated_model" / f.name).write_bytes(f.read_bytes())
     weights = d / "truncated_model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _edited_copy(d / "model", d / "missing_tensor",
+                 lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    _edited_copy(d / "model", d / "unknown_tensor",
+                 lambda t: t.update({"model.layers.0.mlp.extra_proj.weight": torch.zeros(2, 2)}))
+    _bert_without_head(d / "bert", tok)
     (d / "empty.txt").write_text("")
     (d / "short.txt").write_text("one short line.\n\nanother one.\n")
     (d / "corpus.csv").write_text("text\nhello\n")
@@ -55,6 +60,29 @@ def files(tmp_path_factory):
     return d
 
 
+def _edited_copy(source, target, edit) -> None:
+    """A copy of a model dir whose weights file went through `edit(tensors)`."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    for f in source.iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(target / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _bert_without_head(target, tokenizer) -> None:
+    """A BERT encoder saved as an encoder (no LM head): a causal-LM loader would add a random head
+    and keep its attention bidirectional."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=128, max_position_embeddings=1024)
+    BertModel(config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
 # (override(s) built from the fixture dir, the text the error must contain)
 CONFIG_CASES = {
     "bits out of range": (["quant.weight.bits=9"], r"quant\.weight\.bits"),
@@ -64,6 +92,11 @@ CONFIG_CASES = {
     "truncated model weights": (["model.path={d}/truncated_model"], r"model\.path=.*truncated_model"),
     "NaN weights in the model": (["model.path={d}/nan_model"],
                                  r"nan_model.*layers\.1\.mlp\.up_proj\.weight.* NaN"),
+    "checkpoint lacking a tensor": (["model.path={d}/missing_tensor"],
+                                    r"missing_tensor.*lacks 1 tensor.*layers\.1\.mlp\.down_proj\.weight"),
+    "checkpoint with an unknown tensor": (["model.path={d}/unknown_tensor"],
+                                          r"unknown_tensor.*holds unknown 1 tensor.*extra_proj"),
+    "an encoder, not a causal decoder": (["model.path={d}/bert"], r"bert.*(lacks|not a causal)"),
     "vocab too large for the tiny BPE": (["model.vocab_size=100000"], r"model\.vocab_size=100000"),
     "teacher with another tokenizer": (["distill=kd", "distill.teacher.path={d}/other_vocab"],
                                        r"distill\.teacher .*other_vocab.*vocabulary"),

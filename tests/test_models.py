@@ -139,3 +139,22 @@ def test_reference_model_matches_the_protocol():
     assert result.n_tokens == 1022 and result.n_windows == 2
     assert result.nll_sum == pytest.approx(nll, rel=1e-5)
     assert 5 < result.ppl < 40
+
+
+def test_a_causal_decoder_passes_the_causality_check(tiny_llama):
+    from qat.models.structure import check_causal
+
+    check_causal(tiny_llama, "tiny")  # raises if it were not
+
+
+def test_an_encoder_with_a_head_is_refused_as_not_causal():
+    """Complete weights, so only the attention gives it away."""
+    import pytest
+    from transformers import BertConfig, BertLMHeadModel
+
+    from qat.models.structure import check_causal
+
+    model = BertLMHeadModel(BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=128)).eval()
+    with pytest.raises(ValueError, match="not a causal decoder.*later tokens"):
+        check_causal(model, "bert")

@@ -127,3 +127,13 @@ def test_float_ppl_is_cached_per_weights_and_tokens(tmp_path):
     fresh = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=7", "eval.cache_fp_ppl=false"]),
                   run_dir=tmp_path / "d")
     assert fresh["fp_ppl"] == pytest.approx(first["fp_ppl"])
+
+
+def test_gradient_checkpointing_trains_the_same_model(tmp_path):
+    """Recomputing each block in backward changes memory, not results."""
+    args = TINY + ["recipe=w4g64_kd", "blockwise=none", "trainer.max_steps=3", "optim.lr=1e-3",
+                   "eval.fp_ppl=false", "export.enabled=false", "logger=none"]
+    plain = train(compose_train(args), run_dir=tmp_path / "plain")
+    checkpointed = train(compose_train(args + ["model.gradient_checkpointing=true"]),
+                         run_dir=tmp_path / "checkpointed")
+    assert checkpointed["last_loss"] == plain["last_loss"] and checkpointed["ppl"] == plain["ppl"]

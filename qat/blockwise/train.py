@@ -84,7 +84,9 @@ class _Inputs:
 
     def call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         args, kwargs = self.calls[id(block)]
-        return hidden_of(block(x.float(), *args, **kwargs))
+        # the block's own dtype in, float32 out: losses are computed in float32 whatever it is
+        dtype = next(block.parameters()).dtype
+        return hidden_of(block(x.to(dtype), *args, **kwargs)).float()
 
     @torch.no_grad()
     def run(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,

@@ -237,8 +237,9 @@ def export_footprint(directory: str | Path) -> dict:
     """
     from transformers import AutoConfig
 
-    from qat.format.schema import WEIGHTS_FILE, read_config
     from qat.export.load import layer_specs
+    from qat.format.schema import read_config
+    from qat.format.shards import weight_files
 
     directory = Path(directory)
     raw = read_config(directory)
@@ -250,6 +251,11 @@ def export_footprint(directory: str | Path) -> dict:
     schemes: dict[str, int] = {}
     for spec in specs.values():
         schemes[spec.describe()] = schemes.get(spec.describe(), 0) + 1
-    path = directory / WEIGHTS_FILE
-    return {"measured": safetensors_bytes(path), "predicted": model_bytes(shapes, specs, float_bytes),
-            "file_bytes": path.stat().st_size, "schemes": schemes, "float_dtype": dtype}
+    files = weight_files(directory)
+    measured = dict.fromkeys([*KINDS, "total"], 0)
+    for path in files:
+        for kind, size in safetensors_bytes(path).items():
+            measured[kind] += size
+    return {"measured": measured, "predicted": model_bytes(shapes, specs, float_bytes),
+            "file_bytes": sum(p.stat().st_size for p in files), "schemes": schemes,
+            "float_dtype": dtype}

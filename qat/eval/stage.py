@@ -26,17 +26,38 @@ def protocol_ppl(model: torch.nn.Module, eval_ids: torch.Tensor, spec: DataSpec,
 
 
 def fingerprint(model: torch.nn.Module, eval_blocks: torch.Tensor) -> str:
-    """Digest of the float weights, the eval tokens and the software that computes on them."""
+    """Digest of the float model, the eval tokens and the software that computes on them.
+
+    A model loaded from a directory is named by its files (path, size and modification time of
+    each weights file, and its config), so a 70B model is not read again to be recognised; one
+    built in memory (the tiny test model) by its weights."""
     import transformers
 
     digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if "fake_quant" in name:
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(f"{next(model.parameters()).dtype} {model.config.to_json_string()}".encode())
+    files = model_files(model)
+    if files:
+        for path in files:
+            stat = path.stat()
+            digest.update(f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}".encode())
+    else:
+        for name, tensor in sorted(model.state_dict().items()):
+            if "fake_quant" in name:
+                continue
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(eval_blocks.cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def model_files(model: torch.nn.Module) -> list:
+    """The weights files a model was loaded from (empty when it was built in memory)."""
+    from pathlib import Path
+
+    source = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+    if not source.name or not source.is_dir():
+        return []
+    return sorted(source.glob("*.safetensors")) + sorted(source.glob("*.bin"))
 
 
 def float_ppl(model: torch.nn.Module, eval_ids: torch.Tensor, eval_blocks: torch.Tensor,

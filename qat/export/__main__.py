@@ -6,8 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from qat.models.checkpoint import model_from_checkpoint
+from qat.export.spec import ExportSpec
 from qat.export.writer import export_model
+from qat.format.shards import parse_size
+from qat.models.checkpoint import model_from_checkpoint
 
 
 def card_facts(ckpt: str, config: dict) -> dict:
@@ -25,10 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qat-export", description=__doc__)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     parser.add_argument("--out", required=True, help="export directory to create")
+    parser.add_argument("--max-shard-size", default=ExportSpec.max_shard_size,
+                        help="weights files of at most this size, e.g. 5GB, 500MB (default: "
+                             "%(default)s; Hugging Face's sharded layout with an index)")
     args = parser.parse_args(argv)
     try:
+        max_bytes = parse_size(args.max_shard_size, "--max-shard-size")
         model, tokenizer, config = model_from_checkpoint(args.ckpt)
-        out = export_model(model, tokenizer, args.out, run=card_facts(args.ckpt, config))
+        out = export_model(model, tokenizer, args.out, run=card_facts(args.ckpt, config),
+                           max_shard_bytes=max_bytes)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,8 @@ from torch import nn
 
 from qat.export.convert import serve_as
 from qat.format.pack import packed_words, unpack_zero_points
-from qat.format.schema import WEIGHTS_FILE, read_config, scheme_from_args
+from qat.format.schema import read_config, scheme_from_args
+from qat.format.shards import INDEX_FILE, WEIGHTS_FILE, weight_files, weight_map
 from qat.kernels import QuantizedLinear
 from qat.quant.spec import WeightSpec
 from qat.models.structure import features, is_projection, source_class
@@ -43,6 +44,33 @@ def layer_specs(model: nn.Module, qconfig: dict[str, Any], where: str) -> dict[s
                 specs[name] = spec
                 break
     return specs
+
+
+class _Weights:
+    """The tensors of a model directory, one file or shards, read by name (safetensors maps each
+    file; a tensor is read only when asked for)."""
+
+    def __init__(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        self.files = {}
+        for path in weight_files(directory):
+            try:
+                self.files[path.name] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as err:
+                raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+        self.where = {key: name for name, f in self.files.items() for key in f.keys()}
+        listed = weight_map(directory)
+        if listed and listed != self.where:
+            wrong = sorted(k for k in set(listed) | set(self.where) if listed.get(k) != self.where.get(k))
+            raise ValueError(f"{directory / INDEX_FILE}: the index and the shards disagree about "
+                             f"{len(wrong)} tensor(s), e.g. {wrong[:3]}")
+
+    def keys(self):
+        return self.where.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.files[self.where[key]].get_tensor(key)
 
 
 def _tensor(f, key: str, path: Path) -> torch.Tensor:
@@ -109,26 +137,24 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
     Returns:
         The model in eval mode; quantized Linears are `QuantizedLinear` modules.
     """
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not allowed; choose one of {list(BACKENDS)}")
     directory = Path(directory)
     config_dict = read_config(directory)
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; the export is incomplete")
+    sharded = (directory / INDEX_FILE).is_file()
+    path = directory / (INDEX_FILE if sharded else WEIGHTS_FILE)
+    for file in weight_files(directory):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: missing; the export is incomplete")
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we build the quantized layers ourselves
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     specs = layer_specs(model, config_dict["quantization_config"], str(directory / "config.json"))
-    try:
-        f = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    f = _Weights(directory)
     keys = set(f.keys())
     for name, spec in specs.items():
         parent_name, _, child = name.rpartition(".")

@@ -12,11 +12,18 @@ class ExportSpec:
     """compressed-tensors pack-quantized into <run dir>/export/ (`export=true` on the command line
     is short for export.enabled=true)."""
 
-    enabled: bool = False
+    enabled: bool = True  # the deployable checkpoint is the point of a run
     target: str | None = None  # a serving target that must run the export (qat.export.serving)
     dtype: str = "bfloat16"  # everything not quantized (embeddings, norms)
     evaluate: bool = True  # the export's perplexity (metrics.json: export_ppl)
     eval_backend: str = "reference"  # reference: unpack + float32 matmul | auto: fused kernels
+    max_shard_size: int | str = "5GB"  # weights files of at most this size (and an index)
+
+    @property
+    def max_shard_bytes(self) -> int:
+        from qat.format.shards import parse_size
+
+        return parse_size(self.max_shard_size)
 
     def __post_init__(self) -> None:
         from qat.export.serving import check_target
@@ -27,6 +34,7 @@ class ExportSpec:
             raise ValueError(f"export.eval_backend={self.eval_backend!r} is not one of "
                              f"{EVAL_BACKENDS}")
         check_target(self.target)
+        self.max_shard_bytes  # noqa: B018 - raises naming the field when it is not a size
         for name in ("enabled", "evaluate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"export.{name}={getattr(self, name)!r} must be true or false")

@@ -29,7 +29,8 @@ def export(model: torch.nn.Module, tokenizer, out_dir: Path, spec: ExportSpec,
 
     dtype = getattr(torch, spec.dtype)
     served = convert(model, dtype)  # as load_quantized(out_dir, dtype) serves it by default
-    export_model(served, tokenizer, out_dir, dtype=dtype, run=card)
+    export_model(served, tokenizer, out_dir, dtype=dtype, run=card,
+                 max_shard_bytes=spec.max_shard_bytes)
     result: dict[str, Any] = {"export_dir": str(out_dir), "export_eval_backend": spec.eval_backend,
                               "export_bytes": sum(f.stat().st_size for f in out_dir.iterdir()),
                               "export_weight_bytes": weight_bytes(served)["total"]}

@@ -17,7 +17,8 @@ from qat.export.card import model_card
 from qat.export.compressed_tensors import stored_tensors
 from qat.export.convert import convert
 from qat.export.serving import serving_report
-from qat.format.schema import WEIGHTS_FILE, quantization_config
+from qat.format.schema import quantization_config
+from qat.format.shards import INDEX_FILE, plan_shards, shard_name, weight_files
 from qat.io import atomic_path
 from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
@@ -26,13 +27,16 @@ from qat.quant.swap import LayerReport
 
 
 def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
-                 dtype: torch.dtype = torch.bfloat16, run: dict[str, Any] | None = None) -> Path:
+                 dtype: torch.dtype = torch.bfloat16, run: dict[str, Any] | None = None,
+                 max_shard_bytes: int | None = None) -> Path:
     """Write `model` and `tokenizer` to `out_dir`: a fake-quantized model (FakeQuantLinear layers,
     converted here) or one that `qat.export.convert` already converted (QuantizedLinear layers).
 
     Quantized Linears are stored packed with their scales (and zero points); every other tensor in
     `dtype`. `run`: what the model card says about how it was made (base_model, recipe, command,
-    fp_ppl, ppl, eval). Returns the directory.
+    fp_ppl, ppl, eval). `max_shard_bytes`: weights files of at most this size (Hugging Face's
+    sharded convention, with model.safetensors.index.json); None: one model.safetensors.
+    Returns the directory.
     """
     out_dir = Path(out_dir)
     if any(isinstance(m, FakeQuantLinear) for m in model.modules()):
@@ -49,7 +53,7 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     with atomic_path(out_dir, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_weights(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -87,16 +91,42 @@ def _layers(model: nn.Module) -> list[LayerReport]:
             for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
 
 
+def write_weights(tensors: dict[str, torch.Tensor], directory: Path,
+                  max_shard_bytes: int | None) -> list[str]:
+    """The weights files (one, or shards of at most max_shard_bytes with their index), in the
+    order of `tensors`, a module's tensors (packed codes, scales, shape) always in one file so
+    each shard decompresses on its own; returns the file names."""
+    modules: dict[str, list[str]] = {}
+    for key in tensors:
+        modules.setdefault(key.rpartition(".")[0], []).append(key)
+    sizes = [(m, sum(tensors[k].numel() * tensors[k].element_size() for k in keys))
+             for m, keys in modules.items()]
+    plan = plan_shards(sizes, max_shard_bytes) if max_shard_bytes else [list(modules)]
+    shards = [[k for m in group for k in modules[m]] for group in plan]
+    names = [shard_name(i, len(shards)) for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        save_file({k: tensors[k] for k in keys}, str(directory / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(size for _, size in sizes)},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
 def verify_export(directory: Path, expected: dict[str, torch.Tensor]) -> None:
-    """Re-open what was written and compare every tensor, so a bad write never gets renamed."""
+    """Re-open what was written and compare every tensor, file by file, so a bad write never
+    gets renamed."""
     from safetensors import safe_open
 
-    path = directory / WEIGHTS_FILE
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        missing = sorted(set(expected) - keys)
-        if missing:
-            raise OSError(f"{path}: tensors missing after write: {missing[:5]}")
-        for key, value in expected.items():
-            if not torch.equal(f.get_tensor(key), value.cpu()):
-                raise OSError(f"{path}: tensor {key!r} differs after write")
+    found: set[str] = set()
+    for path in weight_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if key not in expected:
+                    raise OSError(f"{path}: tensor {key!r} was not meant to be written")
+                if not torch.equal(f.get_tensor(key), expected[key].cpu()):
+                    raise OSError(f"{path}: tensor {key!r} differs after write")
+                found.add(key)
+    missing = sorted(set(expected) - found)
+    if missing:
+        raise OSError(f"{directory}: tensors missing after write: {missing[:5]}")

@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from qat.format.shards import WEIGHTS_FILE  # noqa: F401 (where readers have found it)
+
 FORMAT = "pack-quantized"
 QUANT_METHOD = "compressed-tensors"
-WEIGHTS_FILE = "model.safetensors"
 STRATEGIES = ("tensor", "channel", "group")
 
 

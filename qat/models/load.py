@@ -82,5 +82,27 @@ def _from_pretrained(source: str, spec: ModelSpec) -> tuple[PreTrainedModel, Pre
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, spec.dtype), **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, spec.dtype),
+                                                       output_loading_info=True, **kwargs)
+    check_loading_info(info, _where(spec))
     return model.eval(), tokenizer
+
+
+def _where(spec: ModelSpec) -> str:
+    return f"model.path={spec.path!r}" if spec.path is not None else f"model.name={spec.name!r}"
+
+
+def check_loading_info(info: dict, where: str) -> None:
+    """Refuse a checkpoint that lacks tensors the model needs (transformers would fill them at
+    random and say so in a log line) or holds tensors the model does not know (a model of
+    another kind), naming them."""
+    problems = []
+    for key, what in (("missing_keys", "lacks"), ("unexpected_keys", "holds unknown"),
+                      ("mismatched_keys", "has wrong shapes for")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if names:
+            problems.append(f"{what} {len(names)} tensor(s): {', '.join(names[:6])}"
+                            + (" ..." if len(names) > 6 else ""))
+    if problems:
+        raise ValueError(f"{where}: the checkpoint does not match the model its config builds: "
+                         + "; ".join(problems))

@@ -22,6 +22,7 @@ class ModelSpec:
     dtype: str = "float32"
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    gradient_checkpointing: bool = False  # end-to-end: recompute each block in backward (memory)
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4

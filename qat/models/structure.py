@@ -107,3 +107,34 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def block_patterns(model: nn.Module) -> tuple[str, ...]:
     """Module-name patterns selecting every projection inside the decoder blocks."""
     return (f"{decoder_blocks(model)[0]}.*",)
+
+
+@torch.no_grad()
+def check_causal(model: nn.Module, where: str) -> None:
+    """Refuse a model that is not a causal decoder: each position's logits must depend on its
+    prefix alone, so changing the last token of a short input must leave every earlier
+    position's logits as they were (an encoder loaded as a causal LM attends both ways and fails
+    this; an encoder-decoder has no such forward at all)."""
+    kind = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r})"
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{where}: {kind} is an encoder-decoder, not a causal decoder")
+    vocab = model.config.vocab_size
+    a = torch.tensor([[3, 5, 7, 11, 13, 17, 19, 23]]) % vocab
+    b = a.clone()
+    b[0, -1] = (b[0, -1] + 1) % vocab
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        first, second = (model(input_ids=x.to(device), use_cache=False).logits[0, :-1].float()
+                         for x in (a, b))
+    except Exception as err:  # noqa: BLE001 - whatever the forward raises, it is no causal LM
+        raise ValueError(f"{where}: {kind} does not run as a causal LM "
+                         f"({type(err).__name__}: {err})") from err
+    finally:
+        model.train(was_training)
+    change = ((first - second).abs().max() / first.abs().max().clamp_min(1e-6)).item()
+    if not change < 1e-3:
+        raise ValueError(f"{where}: {kind} is not a causal decoder: changing the last input token "
+                         f"changed the logits before it (by {change:.2g} of their range); its "
+                         "attention sees later tokens")

@@ -7,7 +7,7 @@ from torch import nn
 
 from qat.quant.fake_quant import FakeQuantActivation, FakeQuantWeight
 from qat.quant.spec import ActivationSpec, WeightSpec
-from qat.quant.ste import fake_quant_linear
+from qat.quant.ste import fake_quant_linear, frozen_codes_linear
 from qat.models.structure import TRANSPOSED, source_class, stored_transposed
 
 
@@ -54,8 +54,12 @@ class FakeQuantLinear(nn.Linear):
         fq = self.weight_fake_quant
         if not fq.enabled:
             return F.linear(x, self.weight, self.bias)
-        if _autocast(x) or fq.codes is not None:  # autocast picks the matmul dtype; frozen codes
-            # ignore the weight: let F.linear see the fake-quantized one
+        if fq.codes is not None and not _autocast(x):  # frozen codes: only the grid trains
+            scale, zero_point = fq.forward_qparams(self.weight)
+            return frozen_codes_linear(x, fq.codes, scale, zero_point, self.bias,
+                                       self.weight.shape, self.weight.dtype)
+        if _autocast(x) or fq.codes is not None:  # autocast picks the matmul dtype: let F.linear
+            # see the fake-quantized weight
             return F.linear(x, fq(self.weight), self.bias)
         scale, zero_point = fq.forward_qparams(self.weight)
         return fake_quant_linear(x, self.weight, scale, zero_point, self.bias, fq.spec.bits)

@@ -152,6 +152,54 @@ def fake_quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     return _FakeQuantLinear.apply(x, weight, scale, zero_point, bias, bits)
 
 
+class _FrozenCodesLinear(torch.autograd.Function):
+    """y = F.linear(x, ((codes - zp) * scale) as (out, in), bias), keeping for backward only x,
+    the int8 codes and the grid: the float weight is recomputed, never saved. Gradients are the
+    ones autograd gives the composed expression, computed in the same order (bit for bit)."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scale, zero_point, bias, shape, dtype):
+        w_hat = _dequantize_codes(codes, scale, zero_point).reshape(shape).to(dtype)
+        ctx.save_for_backward(x, codes, scale, zero_point)
+        ctx.shape, ctx.dtype = shape, dtype
+        return F.linear(x, w_hat, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, codes, scale, zero_point = ctx.saved_tensors
+        want_x, _, want_s, want_z, want_b, _, _ = ctx.needs_input_grad
+        out_features, in_features = ctx.shape
+        g2 = grad_y.reshape(-1, out_features)
+        grad_x = grad_s = grad_z = grad_b = None
+        if want_x:
+            w_hat = _dequantize_codes(codes, scale, zero_point).reshape(ctx.shape).to(ctx.dtype)
+            grad_x = (g2 @ w_hat).view(x.shape)
+        if want_s or want_z:
+            grad_w = (g2.t() @ x.reshape(-1, in_features)).float().view(codes.shape)
+            if want_s:
+                q = codes.float() if zero_point is None else codes.float() - zero_point
+                grad_s = _sum_to(grad_w * q, scale.shape)
+            if want_z:
+                grad_z = _sum_to(-(grad_w * scale), zero_point.shape)
+        if want_b:
+            grad_b = g2.sum(0)
+        return grad_x, None, grad_s, grad_z, grad_b, None, None
+
+
+def _dequantize_codes(codes: torch.Tensor, scale: torch.Tensor,
+                      zero_point: torch.Tensor | None) -> torch.Tensor:
+    q = codes.float() if zero_point is None else codes.float() - zero_point
+    return q * scale
+
+
+def frozen_codes_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                        zero_point: torch.Tensor | None, bias: torch.Tensor | None,
+                        shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """F.linear(x, dequantized frozen codes, bias) for training the grid alone (optim.trainable=
+    scales): backward keeps the int8 codes, not float copies of the weight."""
+    return _FrozenCodesLinear.apply(x, codes, scale, zero_point, bias, tuple(shape), dtype)
+
+
 def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Identity forward, gradient multiplied by `factor` (LSQ's g = 1 / sqrt(N * qmax))."""
     return (x - x * factor).detach() + x * factor

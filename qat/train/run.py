@@ -40,6 +40,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one QAT job; returns the metrics also written to `<run_dir>/metrics.json`."""
     run_dir = Path(run_dir or steps.hydra_run_dir())
     metrics: dict[str, Any] = {}
+    steps.fast_float32_matmuls()
     # 1. check the input, load the model and the tokens, freeze the float model (teacher)
     try:
         specs = build_specs(cfg)
@@ -122,6 +123,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         run_config["model_shrink"] = shrunk["config"]
 
     # 8. end to end (Lightning): the student, its teacher, the Trainer
+    if specs.model.gradient_checkpointing:
+        steps.checkpoint_activations(model)
     module = QATModule(model, specs.optim, specs.quant.start_step, run_config,
                        Distiller(specs.distill, teacher) if teacher is not None else None,
                        skip_nonfinite=specs.guard.skip_nonfinite)

@@ -16,6 +16,7 @@ from qat.data.tokens import calibration_ids
 from qat.io import is_rank_zero, write_json
 from qat.lightning.checkpointing import check_resume_config, resolve_ckpt_path
 from qat.models import ModelSpec, load_model
+from qat.models.structure import check_causal
 from qat.quant import PrepareReport, plan
 from qat.train.specs import ConfigError, Specs
 
@@ -23,6 +24,24 @@ from qat.train.specs import ConfigError, Specs
 def hydra_run_dir() -> str:
     from hydra.core.hydra_config import HydraConfig
     return HydraConfig.get().runtime.output_dir
+
+
+def fast_float32_matmuls() -> None:
+    """TF32 for float32 matmuls and convolutions on CUDA (Ampere and later): tensor cores at a
+    10-bit mantissa instead of float32's CUDA cores. The CPU path is untouched."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def checkpoint_activations(model) -> None:
+    """model.gradient_checkpointing: each decoder block recomputed in backward (transformers'
+    activation checkpointing, non-reentrant: frozen embeddings need no input gradients)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.25; earlier releases know only the older name
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def user_callbacks(cfg: DictConfig) -> list:
@@ -68,6 +87,7 @@ def load_checked(spec: ModelSpec):
         raise ValueError(f"model.path={spec.path!r}: cannot be loaded "
                          f"({type(err).__name__}: {err})") from err
     check_finite(model, spec.path or spec.name)
+    check_causal(model, f"model.path={spec.path!r}" if spec.path else f"model.name={spec.name!r}")
     return model, tokenizer
 
 

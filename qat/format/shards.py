@@ -1,0 +1,68 @@
+"""Which weights file holds which tensor: one `model.safetensors`, or the Hugging Face sharded
+convention (`model-00001-of-00003.safetensors` ... and `model.safetensors.index.json` mapping every
+tensor to its file), which transformers, compressed-tensors and vLLM all read.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str, field: str = "export.max_shard_size") -> int:
+    """Bytes from 123, "500MB", "5GB" or "2GiB" (decimal units as Hugging Face counts them)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(value), re.IGNORECASE)
+        if not found:
+            raise ValueError(f"{field}={value!r} is not a size: give bytes or a number with KB, "
+                             "MB, GB (or KiB, MiB, GiB)")
+        size = int(float(found[1]) * _UNITS[(found[2] or "").upper()])
+    if size < 1:
+        raise ValueError(f"{field}={value!r} must be at least one byte")
+    return size
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Tensor names in order, cut into files of at most `max_bytes` (a larger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes:
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def shard_name(index: int, count: int) -> str:
+    """The file of shard `index` (0-based) of `count`; one shard is plain model.safetensors."""
+    return WEIGHTS_FILE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def weight_map(directory: Path) -> dict[str, str]:
+    """tensor name -> file name, from the index (sharded) or {} when there is one file."""
+    index = Path(directory) / INDEX_FILE
+    if not index.is_file():
+        return {}
+    try:
+        mapping = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{index}: not a weights index ({err})") from err
+    return {str(k): str(v) for k, v in mapping.items()}
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weights files of a model directory, in order."""
+    directory = Path(directory)
+    mapping = weight_map(directory)
+    if mapping:
+        return [directory / name for name in sorted(set(mapping.values()))]
+    return [directory / WEIGHTS_FILE]
