@@ -41,6 +41,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir or steps.hydra_run_dir())
     metrics: dict[str, Any] = {}
     steps.fast_float32_matmuls()
+    steps.stage("load")
     # 1. check the input, load the model and the tokens, freeze the float model (teacher)
     try:
         specs = build_specs(cfg)
@@ -63,6 +64,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             tokens.train_blocks = teacher_written(teacher, model, tokenizer, specs.data)
         # 2. the float baseline, before pruning and PTQ change the weights
         if specs.eval.fp_ppl:
+            steps.stage("float ppl")
             metrics["fp_ppl"] = float_ppl(model, tokens.eval_ids, tokens.eval_blocks, specs.data,
                                           cached=specs.eval.cache_fp_ppl)
         # 3. pruning due at step 0 (structured: the model shrinks once, here)
@@ -70,6 +72,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if specs.prune.enabled:
             from qat.models.structure import linearize
 
+            steps.stage("prune")
             linearize(model)  # masks follow (out, in) rows: GPT-2's Conv1D become Linears
             calibration = tokens.train_blocks[: specs.prune.calibration_samples] \
                 if specs.prune.method == "wanda" else None
@@ -78,6 +81,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             else:
                 pruner = start_pruning(model, specs.prune, calibration)
         # 4. each layer's final scheme (outlier protection, bit budget) and who can serve it
+        steps.stage("plan")
         report = steps.plan_precision(model, specs, tokens.train_blocks, run_dir) \
             if specs.quant.weight is not None else None
         if report is not None:
@@ -94,6 +98,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     stage_metrics: dict[str, Any] = {}
     if report is not None:
         # 5. fake quantization in; 6. quant.init (PTQ) onto the grid; 7. the block stage
+        steps.stage("prepare")
         prepare(model, specs.quant)
         if is_rank_zero():
             print(report)
@@ -104,6 +109,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 store.load_init(decoder_blocks(model)[1])
                 print(f"quant.init={specs.quant.init}: loaded from {store.directory} (resumed)")
             else:
+                steps.stage("ptq")
                 ptq = replace(specs.ptq, method=specs.quant.init)
                 ptq_report = quantize_model(model, ptq, calibration_ids(
                     tokens.train_blocks, ptq.calibration_samples, ptq.seq_len))
@@ -112,6 +118,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             # the checkpoint holds what calibration wrote (weights, grids, folded norm scales)
             print(f"quant.init={specs.quant.init}: skipped, resuming from {ckpt_path}")
         if store is not None and ckpt_path is None:
+            steps.stage("block stage")
             stage_metrics, block_report = block_stage(model, float_model, specs, tokens, store,
                                                       cfg, ptq_report is not None)
             float_model = None
@@ -123,6 +130,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         run_config["model_shrink"] = shrunk["config"]
 
     # 8. end to end (Lightning): the student, its teacher, the Trainer
+    steps.stage("end-to-end")
     if specs.model.gradient_checkpointing:
         steps.checkpoint_activations(model)
     module = QATModule(model, specs.optim, specs.quant.start_step, run_config,
@@ -142,19 +150,23 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     train_seconds = round(time.perf_counter() - start, 1)
 
     # 9. the final perplexity, of the model as deployed (the rest in export.dtype)
+    steps.stage("final ppl")
     metrics["ppl"] = steps.final_ppl(trainer, module, data, specs, quantized=report is not None)
     metrics.update(steps.training_facts(cfg, specs, trainer, module, train_seconds, ckpt_path))
 
     # 10. checkpoint, reports, export, metrics.json
+    steps.stage("checkpoint")
     save_checkpoint(trainer, module, run_dir / "checkpoints" / "last.ckpt")
     if not trainer.is_global_zero:  # reports, export and metrics are rank zero's to write
         return metrics
     metrics.update(steps.write_reports(run_dir, specs, model, report, ptq_report, block_report,
                                        shrunk))
     if specs.export.enabled and report is not None:
+        steps.stage("export")
         metrics.update(steps.export_run(model, tokenizer, tokens.eval_ids, run_dir, specs,
                                         trainer, metrics))
     write_json(run_dir / "metrics.json", metrics)
+    steps.stage("done")
     print(summary(metrics, run_dir))
     return metrics
 

@@ -2,6 +2,7 @@
 plan, the final perplexity, the reports and the export of a run."""
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,15 @@ from qat.train.specs import ConfigError, Specs
 def hydra_run_dir() -> str:
     from hydra.core.hydra_config import HydraConfig
     return HydraConfig.get().runtime.output_dir
+
+
+log = logging.getLogger("qat.train")
+
+
+def stage(name: str) -> None:
+    """Mark where the run is (a debug record of logger "qat.train"): bench/memory.py takes each
+    stage's peak memory at these marks; `hydra.verbose=qat.train` prints them."""
+    log.debug("stage: %s", name)
 
 
 def fast_float32_matmuls() -> None:
