@@ -157,9 +157,9 @@ def test_bad_override_is_named_by_hydra(override, message):
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    import lightning.fabric.plugins.io.torch_io as torch_io
+    import qat.lightning.checkpointing as checkpointing
 
-    real, calls = torch_io._atomic_save, []
+    real, calls = checkpointing.write_checkpoint, []
 
     def fill_disk(checkpoint, path):
         calls.append(path)
@@ -168,7 +168,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
         Path(path).write_bytes(b"\0" * 1000)  # a partial write, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch_io, "_atomic_save", fill_disk)
+    monkeypatch.setattr(checkpointing, "write_checkpoint", fill_disk)
     cfg = compose_train(TINY + ["trainer.max_steps=3", "checkpoint.every_n_steps=1"])
     with pytest.raises(OSError, match=r"cannot write .*epoch=0-step=2\.ckpt: No space left"):
         train(cfg, run_dir=tmp_path)
