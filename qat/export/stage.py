@@ -12,7 +12,8 @@ from qat.export.spec import ExportSpec
 
 def export(model: torch.nn.Module, tokenizer, out_dir: Path, spec: ExportSpec,
            card: dict[str, Any] | None = None,
-           measure: Callable[[torch.nn.Module], float] | None = None) -> dict[str, Any]:
+           measure: Callable[[torch.nn.Module], float] | None = None,
+           inplace: bool = False) -> dict[str, Any]:
     """Write `model` (fake-quantized) to `out_dir`; returns export_dir, export_bytes,
     export_weight_bytes, export_eval_backend and, with `measure`, export_ppl.
 
@@ -20,6 +21,7 @@ def export(model: torch.nn.Module, tokenizer, out_dir: Path, spec: ExportSpec,
     same tensors (the check that what was measured is what was written).
     `card`: the model card's facts about the run (see `qat.export.writer.export_model`).
     `measure`: the perplexity of a served model (spec.evaluate); None skips it.
+    `inplace`: convert `model` itself (its last use: no copy of the model is made).
     """
     from qat.export.convert import cast_float_tensors, convert, serve_as
     from qat.export.load import load_quantized, weight_bytes
@@ -28,7 +30,7 @@ def export(model: torch.nn.Module, tokenizer, out_dir: Path, spec: ExportSpec,
     from qat.kernels import QuantizedLinear
 
     dtype = getattr(torch, spec.dtype)
-    served = convert(model, dtype)  # as load_quantized(out_dir, dtype) serves it by default
+    served = convert(model, dtype, inplace=inplace)  # as load_quantized(out_dir, dtype) serves it
     export_model(served, tokenizer, out_dir, dtype=dtype, run=card,
                  max_shard_bytes=spec.max_shard_bytes)
     result: dict[str, Any] = {"export_dir": str(out_dir), "export_eval_backend": spec.eval_backend,

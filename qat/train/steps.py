@@ -233,8 +233,10 @@ def export_run(model, tokenizer, eval_ids: torch.Tensor, run_dir: Path, specs: S
             "command": metrics.get("command"), "fp_ppl": metrics.get("fp_ppl"),
             "ppl": metrics["ppl"],
             "eval": f"{data.path or data.name}, {data.eval_windows} x {data.eval_window}-token windows"}
+    # the run's last use of its model: converted in place, no copy
     out = export(model, tokenizer, run_dir / "export", specs.export, card,
-                 measure=lambda served: protocol_ppl(served, eval_ids, data, "export ppl"))
+                 measure=lambda served: protocol_ppl(served, eval_ids, data, "export ppl"),
+                 inplace=True)
     if specs.prune.nm:
         out["export_nm_ok"] = check_export_nm(run_dir / "export", specs.prune)
     return out
