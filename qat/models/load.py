@@ -84,12 +84,8 @@ def _from_pretrained(source: str, spec: ModelSpec) -> tuple[PreTrainedModel, Pre
         kwargs["attn_implementation"] = spec.attn_implementation
     model, info = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, spec.dtype),
                                                        output_loading_info=True, **kwargs)
-    check_loading_info(info, _where(spec))
+    check_loading_info(info, spec.where)
     return model.eval(), tokenizer
-
-
-def _where(spec: ModelSpec) -> str:
-    return f"model.path={spec.path!r}" if spec.path is not None else f"model.name={spec.name!r}"
 
 
 def check_loading_info(info: dict, where: str) -> None:

@@ -32,6 +32,11 @@ class ModelSpec:
     max_position_embeddings: int = 1024
     seed: int = 0
 
+    @property
+    def where(self) -> str:
+        """The field that names the model, for messages: model.path='...' or model.name='...'."""
+        return f"model.path={self.path!r}" if self.path is not None else f"model.name={self.name!r}"
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"model.name must be a non-empty string: one of {BUILTIN_MODELS} or a "

@@ -97,7 +97,7 @@ def load_checked(spec: ModelSpec):
         raise ValueError(f"model.path={spec.path!r}: cannot be loaded "
                          f"({type(err).__name__}: {err})") from err
     check_finite(model, spec.path or spec.name)
-    check_causal(model, f"model.path={spec.path!r}" if spec.path else f"model.name={spec.name!r}")
+    check_causal(model, spec.where)
     return model, tokenizer
 
 
