@@ -162,8 +162,8 @@ def test_kd_run_logs_both_losses_and_keeps_the_teacher_out(tmp_path, monkeypatch
     seen = {}
     original = run.build_teacher
 
-    def keep(spec, student, tokenizer):
-        seen["teacher"] = original(spec, student, tokenizer)
+    def keep(spec, student, tokenizer, student_dir):
+        seen["teacher"] = original(spec, student, tokenizer, student_dir)
         seen["before"] = {k: v.clone() for k, v in seen["teacher"].state_dict().items()}
         return seen["teacher"]
 

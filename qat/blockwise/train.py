@@ -24,6 +24,7 @@ from torch import nn
 from qat.blockwise.spec import BlockwiseSpec
 from qat.distill.losses import ForwardKL
 from qat.models.blocks import capture_block_inputs, fake_quant_disabled, hidden_of
+from qat.models.onload import held
 from qat.models.structure import decoder_blocks
 from qat.quant.modules import FakeQuantLinear
 
@@ -268,7 +269,7 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
     bar = tqdm(blocks, desc="blockwise", disable=not spec.progress)
     try:
         for index, block in enumerate(bar):
-            with fake_quant_disabled(float_model):
+            with fake_quant_disabled(float_model), held(float_blocks[index]):
                 target, _ = fp.run(float_blocks[index], fp_in)
             if index < len(done):  # trained by an earlier run: load it, go on from its output
                 store.load(index, block)

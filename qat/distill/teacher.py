@@ -6,6 +6,7 @@ saved in the student's checkpoint, never wrapped by DDP and never seen by the op
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,22 +26,42 @@ def freeze(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     return model
 
 
-def build_teacher(spec: TeacherSpec, student: nn.Module, tokenizer) -> nn.Module:
-    """A frozen copy of `student` (call before fake quantization) or another model, checked.
+def build_teacher(spec: TeacherSpec, student: nn.Module, tokenizer,
+                  student_dir: Path | None = None) -> nn.Module:
+    """The frozen float model to distil from (call before fake quantization), checked.
+
+    The student's own float model (`distill.teacher.name=self`) or another model's directory is
+    onloaded from its files: its blocks are read one at a time while it runs, never held as a
+    copy. A student without files (model.name=tiny) is deep-copied.
 
     Raises ValueError when the teacher's vocabulary differs from the student's.
     """
+    from qat.models.onload import onloaded_model
+
     dtype = getattr(torch, spec.dtype)
     if spec.is_self:
-        return freeze(copy.deepcopy(student), dtype)
+        teacher = onloaded_model(
+            student_dir, dtype, trust_remote_code=spec.trust_remote_code,
+            attn_implementation=getattr(student.config, "_attn_implementation", None)) \
+            if student_dir is not None else None
+        return teacher if teacher is not None else freeze(copy.deepcopy(student), dtype)
     from qat.models import ModelSpec, load_model
 
+    field = "path" if spec.path is not None else "name"
     try:
-        teacher, teacher_tokenizer = load_model(ModelSpec(
-            name=spec.name or "teacher", path=spec.path, dtype=spec.dtype,
-            trust_remote_code=spec.trust_remote_code))
+        teacher = onloaded_model(spec.path, dtype, trust_remote_code=spec.trust_remote_code) \
+            if spec.path is not None and Path(spec.path, "config.json").is_file() else None
+        teacher_tokenizer = None
+        if teacher is None:
+            teacher, teacher_tokenizer = load_model(ModelSpec(
+                name=spec.name or "teacher", path=spec.path, dtype=spec.dtype,
+                trust_remote_code=spec.trust_remote_code))
+        else:
+            from transformers import AutoTokenizer
+
+            teacher_tokenizer = AutoTokenizer.from_pretrained(
+                spec.path, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as err:
-        field = "path" if spec.path is not None else "name"
         raise FileNotFoundError(f"distill.teacher.{field}={getattr(spec, field)!r}: cannot load "
                                 f"the teacher ({err})") from err
     check_vocabulary(student, tokenizer, teacher, teacher_tokenizer, spec.path or spec.name)
@@ -102,7 +123,9 @@ class Distiller:
         self.hidden = HiddenStateLoss(spec.hidden_loss) if spec.hidden_weight > 0 else None
 
     def to(self, device: torch.device | str) -> "Distiller":
-        self.teacher.to(device)
+        from qat.models.onload import move
+
+        move(self.teacher, device)
         return self
 
     def __call__(self, student: nn.Module, input_ids: torch.Tensor,

@@ -53,6 +53,16 @@ def load_model(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     return _from_pretrained(spec.name, spec)
 
 
+def model_dir(spec: ModelSpec) -> Path | None:
+    """The local directory of the model's safetensors files (model.path, or the builtin's cache),
+    or None when the model has none there (model.name=tiny, a hub id)."""
+    if spec.path is not None:
+        return Path(spec.path).expanduser()
+    if spec.name == "smollm2-135m":
+        return smollm2_dir()
+    return None
+
+
 def smollm2_dir() -> Path:
     """The float32 safetensors dir of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
     target = cache_dir() / "models" / SMOLLM2_CACHE_NAME

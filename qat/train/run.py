@@ -26,6 +26,7 @@ from qat.lightning.callbacks import SQNRCallback, start_pruning
 from qat.lightning.data import TextDataModule
 from qat.lightning.module import QATModule
 from qat.lightning.trainer import build_trainer, fit, save_checkpoint, validate_ppl
+from qat.models.load import model_dir
 from qat.models.structure import decoder_blocks
 from qat.prune.pruner import prune_structured
 from qat.prune.spec import STRUCTURED
@@ -54,7 +55,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         steps.check_architecture(model, specs)
         check_positions(specs.data, getattr(model.config, "max_position_embeddings", None))
         tokens = load_tokens(specs.data, tokenizer)
-        teacher = build_teacher(specs.distill.teacher, model, tokenizer) \
+        teacher = build_teacher(specs.distill.teacher, model, tokenizer, model_dir(specs.model)) \
             if specs.distill.enabled else None
         float_model = steps.float_reference(model, teacher, specs) \
             if specs.blockwise.enabled and ckpt_path is None else None

@@ -125,10 +125,21 @@ def check_architecture(model, specs: Specs) -> None:
 
 def float_reference(model, teacher, specs: Specs):
     """The float model the block stage targets: the teacher when it is this model's own float
-    copy in the same dtype, otherwise a frozen copy of its own."""
+    model in the same dtype, else the model's files onloaded block by block, else (no files:
+    model.name=tiny) a frozen copy."""
     if teacher is not None and specs.distill.teacher.is_self \
             and next(teacher.parameters()).dtype == next(model.parameters()).dtype:
         return teacher
+    from qat.models.load import model_dir
+    from qat.models.onload import onloaded_model
+
+    directory = model_dir(specs.model)
+    reference = onloaded_model(
+        directory, next(model.parameters()).dtype, trust_remote_code=specs.model.trust_remote_code,
+        attn_implementation=getattr(model.config, "_attn_implementation", None)) \
+        if directory is not None else None
+    if reference is not None:
+        return reference
     import copy
 
     from qat.distill import freeze

@@ -1,0 +1,220 @@
+"""A frozen model whose decoder blocks stay in their safetensors files.
+
+The float model a run reads but never trains (the distillation teacher, the block stage's
+targets) is a skeleton: its small tensors (embeddings, final norm, head, rotary tables) are in
+memory, each decoder block's tensors are read from the files (cast to the model's dtype, moved to
+its device) only while that block runs, and dropped after. It costs one block of memory, where a
+copy of the model cost the whole model again.
+
+    teacher = onloaded_model(directory, torch.float32)      # None: the files do not match
+    teacher(input_ids)                                        # each block read, run, dropped
+    with held(block): ...                                     # one block kept over many calls
+    move(teacher, "cuda")                                     # blocks then read onto the GPU
+"""
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from qat.format.shards import WEIGHTS_FILE, weight_map
+from qat.models.structure import decoder_blocks
+
+
+class TensorFiles:
+    """Which safetensors file of a model directory holds each tensor, and reading them."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        mapping = weight_map(self.directory)
+        if not mapping:
+            single = self.directory / WEIGHTS_FILE
+            if not single.is_file():
+                raise FileNotFoundError(f"{self.directory}: no {WEIGHTS_FILE} and no index")
+            with safe_open(str(single), framework="pt") as f:
+                mapping = {name: WEIGHTS_FILE for name in f.keys()}
+        self.file_of = {name: self.directory / file for name, file in mapping.items()}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for file, names in self._by_file(list(self.file_of)).items():
+            with safe_open(str(file), framework="pt") as f:
+                out.update({n: tuple(f.get_slice(n).get_shape()) for n in names})
+        return out
+
+    def read(self, names: list[str], dtype: torch.dtype, device: torch.device | str
+             ) -> dict[str, torch.Tensor]:
+        """The named tensors, in `dtype` on `device` (floating ones cast, others as stored)."""
+        out = {}
+        for file, group in self._by_file(names).items():
+            with safe_open(str(file), framework="pt") as f:
+                for name in group:
+                    t = f.get_tensor(name)
+                    out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        return out
+
+    def _by_file(self, names: list[str]) -> dict[Path, list[str]]:
+        out: dict[Path, list[str]] = {}
+        for name in names:
+            out.setdefault(self.file_of[name], []).append(name)
+        return out
+
+
+def _set(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    if leaf in module._parameters:
+        module._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) \
+            else nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+class Onloader:
+    """Reads a block's tensors into it before it runs and drops them after (see module doc)."""
+
+    def __init__(self, files: TensorFiles, names: dict[int, dict[str, str]],
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.files, self.names, self.dtype, self.device = files, names, dtype, device
+        self._held: dict[int, int] = {}  # id(block) -> nesting depth
+
+    def load(self, block: nn.Module) -> None:
+        names = self.names[id(block)]  # local name -> name in the files
+        tensors = self.files.read(list(names.values()), self.dtype, self.device)
+        for local, stored in names.items():
+            _set(block, local, tensors[stored])
+
+    def drop(self, block: nn.Module) -> None:
+        for local in self.names[id(block)]:
+            tensor = block.get_parameter(local) if _is_param(block, local) \
+                else block.get_buffer(local)
+            _set(block, local, nn.Parameter(torch.empty_like(tensor, device="meta"),
+                                            requires_grad=False)
+                 if _is_param(block, local) else torch.empty_like(tensor, device="meta"))
+
+    @contextmanager
+    def held(self, block: nn.Module) -> Iterator[nn.Module]:
+        key = id(block)
+        if not self._held.get(key):
+            self.load(block)
+        self._held[key] = self._held.get(key, 0) + 1
+        try:
+            yield block
+        finally:
+            self._held[key] -= 1
+            if not self._held[key]:
+                self.drop(block)
+
+    def run(self, block: nn.Module, *args, **kwargs):
+        with self.held(block):
+            return type(block).forward(block, *args, **kwargs)
+
+
+def _is_param(module: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in (module.get_submodule(owner) if owner else module)._parameters
+
+
+def held(block: nn.Module):
+    """Keep an onloaded block's tensors in memory for the `with` body (a no-op for a block of
+    an ordinary model): a stage that calls one block many times reads it once."""
+    loader = block.__dict__.get("_onloader")
+    return loader.held(block) if loader is not None else nullcontext(block)
+
+
+def move(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """model.to(device), for an onloaded model too: its resident tensors move, its blocks are read
+    onto `device` from then on."""
+    loader = model.__dict__.get("_onloader")
+    if loader is None:
+        return model.to(device)
+    device = torch.device(device)
+    prefix, blocks = decoder_blocks(model)
+    inside = {id(m) for b in blocks for m in b.modules()}
+    with torch.no_grad():
+        for module in model.modules():
+            if id(module) in inside:
+                continue
+            for key, p in list(module._parameters.items()):
+                if p is not None and p.device != device:
+                    module._parameters[key] = nn.Parameter(p.to(device), requires_grad=False)
+            for key, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[key] = b.to(device)
+    _tie(model)
+    loader.device = device
+    return model
+
+
+def _tie(model: nn.Module) -> None:
+    """The head shares the input embeddings' tensor when the config ties them."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    head = model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and head is not None:
+        head.weight = model.get_input_embeddings().weight
+
+
+def onloaded_model(directory: str | Path, dtype: torch.dtype, *, trust_remote_code: bool = False,
+                   attn_implementation: str | None = None) -> nn.Module | None:
+    """The frozen model of `directory` with its blocks left in the files, in eval mode; None when
+    the files' tensor names are not the model's own (a checkpoint transformers converts while
+    loading): the caller then loads it whole."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights():  # parameters on meta; buffers (rotary tables) computed as usual
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code, **kwargs)
+    files = TensorFiles(directory)
+    shapes = files.shapes()
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    head = model.get_output_embeddings()
+    head_ids = {id(head.weight)} if tied and head is not None else set()
+    wanted = {n: tuple(p.shape) for n, p in model.named_parameters()
+              if id(p) not in head_ids}
+    wanted.update({n: tuple(b.shape) for n, b in model.named_buffers() if n in shapes})
+    if set(wanted) != set(shapes) - _head_name(model, tied) \
+            or any(shapes[n] != s for n, s in wanted.items()):
+        return None
+    prefix, blocks = decoder_blocks(model)
+    names: dict[int, dict[str, str]] = {}
+    resident = list(wanted)
+    for index, block in enumerate(blocks):
+        start = f"{prefix}.{index}."
+        local = {n[len(start):]: n for n in wanted if n.startswith(start)}
+        names[id(block)] = local
+        resident = [n for n in resident if not n.startswith(start)]
+    device = torch.device("cpu")
+    for name, tensor in files.read(resident, dtype, device).items():
+        _set(model, name, tensor)
+    if tied:
+        _tie(model)
+    loader = Onloader(files, names, dtype, device)
+    model.__dict__["_onloader"] = loader
+    for block in blocks:
+        block.__dict__["_onloader"] = loader
+        block.forward = functools.partial(loader.run, block)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _head_name(model: nn.Module, tied: bool) -> set[str]:
+    """The head's tensor name, which a tied checkpoint may or may not store."""
+    if not tied:
+        return set()
+    head = model.get_output_embeddings()
+    return {n for n, m in model.named_modules() if m is head for n in (f"{n}.weight",)}
+
+
+def is_onloaded(model: nn.Module) -> bool:
+    return "_onloader" in model.__dict__
