@@ -84,7 +84,7 @@ def record(name: str, workdir: Path) -> dict:
         cfg = _compose([*COMMON, *overrides, *BLOCKS])
     metrics = _train()(cfg, run_dir=run_dir)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    tensors = {k: _digest(v.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    tensors = {k: _digest(v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
                if v.numel() else "empty" for k, v in sorted(ckpt["state_dict"].items())}
     reports = {p.name: _strip(json.loads(p.read_text())) for p in sorted(run_dir.glob("*.json"))
                if p.name != "metrics.json"}

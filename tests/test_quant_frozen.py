@@ -75,7 +75,8 @@ def test_a_layer_saves_no_float_weight():
 def test_a_scales_only_model_saves_codes_and_activations_alone(tiny_llama):
     prepare(tiny_llama, QuantConfig(weight=WeightSpec(bits=4, group_size=64)))
     set_trainable(tiny_llama, "scales")
-    weights = {m.weight.numel() for m in fake_quant_modules(tiny_llama)}
+    weights = {m.out_features * m.in_features for m in fake_quant_modules(tiny_llama)}
+    assert all(m.weight is None for m in fake_quant_modules(tiny_llama))  # codes held alone
     ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(0))
     assert all(n % ids.numel() for n in weights)  # no activation can have a weight's size
     sizes = saved_float_sizes(lambda: tiny_llama(input_ids=ids).logits.float().logsumexp(-1).sum())
@@ -103,3 +104,59 @@ def test_gradient_checkpointing_recomputes_fake_quantized_blocks(tiny_llama, che
     assert len(calls) == (2 if checkpointing else 1)
     grads = [p.grad for p in tiny_llama.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)
+
+
+def _scales_only(model, spec=WeightSpec(bits=4, group_size=64, symmetric=False)):
+    prepare(model, QuantConfig(weight=spec))
+    for m in fake_quant_modules(model):  # a grid the weight does not sit on exactly
+        m.weight_fake_quant.freeze_codes(m.weight)
+    return model
+
+
+def test_holding_codes_drops_the_float_weight_and_changes_no_output(tiny_llama):
+    from qat.eval.sqnr import weight_sqnr
+
+    _scales_only(tiny_llama)
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = tiny_llama(input_ids=ids).logits
+    sqnr_before = weight_sqnr(tiny_llama)
+    float_bytes = sum(m.weight.numel() * 4 for m in fake_quant_modules(tiny_llama))
+    set_trainable(tiny_llama, "scales")
+    state = tiny_llama.state_dict()
+    assert not [k for k in state if k.endswith("proj.weight")]
+    held = sum(t.numel() * t.element_size() for k, t in state.items() if "proj." in k)
+    assert held < float_bytes / 3  # int8 codes, a grid and two sums per group
+    with torch.no_grad():
+        assert torch.equal(tiny_llama(input_ids=ids).logits, before)
+    sqnr_held = weight_sqnr(tiny_llama)  # from the kept sums, with the grid learned now
+    for name, db in sqnr_before.items():
+        assert sqnr_held[name] == pytest.approx(db, rel=1e-5), name
+    # the sums follow the grid: a changed scale changes the SQNR as the float weight would say
+    layer = next(iter(fake_quant_modules(tiny_llama)))
+    with torch.no_grad():
+        layer.weight_fake_quant.scale.mul_(1.1)
+    name = next(n for n, m in tiny_llama.named_modules() if m is layer)
+    assert weight_sqnr(tiny_llama)[name] < sqnr_before[name] - 0.1
+
+
+def test_a_codes_held_state_loads_into_a_fresh_float_model(tiny_llama):
+    import copy
+
+    fresh = copy.deepcopy(tiny_llama)
+    _scales_only(tiny_llama)
+    set_trainable(tiny_llama, "scales")
+    with torch.no_grad():
+        for m in fake_quant_modules(tiny_llama):
+            m.weight_fake_quant.scale.mul_(0.9)  # trained scales
+    prepare(fresh, QuantConfig(weight=WeightSpec(bits=4, group_size=64, symmetric=False)))
+    fresh.load_state_dict(tiny_llama.state_dict(), strict=True)
+    assert all(m.holds_codes for m in fake_quant_modules(fresh))
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, tiny_llama(input_ids=ids).logits)
+    with pytest.raises(RuntimeError, match="codes"):
+        from qat.quant import set_fake_quant_enabled
+
+        set_fake_quant_enabled(fresh, False)
+        fresh(input_ids=ids)

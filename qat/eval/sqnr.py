@@ -57,8 +57,16 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 def weight_sqnr(model: nn.Module) -> dict[str, float]:
     """Weight SQNR (dB) of every FakeQuantLinear, whether or not its quantizer is enabled now."""
     with _frozen(model):
-        return {name: sqnr_db(m.weight, m.weight_fake_quant.dequantized(m.weight))
+        return {name: _held_db(*m.held_sqnr_terms()) if m.holds_codes
+                else sqnr_db(m.weight, m.weight_fake_quant.dequantized(m.weight))
                 for name, m in _layers(model).items()}
+
+
+def _held_db(power: float, noise: float) -> float:
+    """SQNR (dB) of a codes-held layer from its kept sums (FakeQuantLinear.held_sqnr_terms)."""
+    if noise <= power * 1e-15:  # exact up to the rounding of the sums
+        return math.inf
+    return 10.0 * math.log10(power / noise) if power > 0 else -math.inf
 
 
 @torch.no_grad()
@@ -69,6 +77,10 @@ def output_sqnr(model: nn.Module, input_ids: torch.Tensor) -> dict[str, dict[str
     copy of each quantized layer's output for the batch (SmolLM2-135M at (1, 512): about 320 MB).
     """
     layers = _layers(model)
+    held = [n for n, m in layers.items() if m.holds_codes]
+    if held:
+        raise ValueError(f"output SQNR needs the float model, but {len(held)} layer(s) hold only "
+                         f"their integer codes (optim.trainable=scales), e.g. {held[0]}")
     float_out: dict[str, torch.Tensor] = {}
     result: dict[str, dict[str, float]] = {}
 

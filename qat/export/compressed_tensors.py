@@ -72,7 +72,7 @@ def as_exported(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Iterat
     seen: set[int] = set()
     for key, value in model.state_dict(keep_vars=True).items():
         owner, _, leaf = key.rpartition(".")
-        if (owner in quantized and leaf == "weight") or ".weight_fake_quant." in key \
+        if (owner in quantized and leaf != "bias") or ".weight_fake_quant." in key \
                 or ".input_fake_quant." in key or not value.is_floating_point():
             continue
         if value.data_ptr() in seen or value.dtype == dtype:

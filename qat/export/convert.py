@@ -35,7 +35,7 @@ def _quantized_linear(module: FakeQuantLinear, dtype: torch.dtype, backend: str)
     """The codes, scales and zero points exactly as the fake quantizer's forward pass uses them."""
     spec = module.weight_fake_quant.spec
     with torch.no_grad():
-        q, scale, zp = module.weight_fake_quant.quantized(module.weight)  # (out, in), (rows, G) x 2
+        q, scale, zp = module.weight_fake_quant.quantized(module.weight_like())  # (out, in), (rows, G)
     if spec.granularity == "tensor":  # one scale (and zero point): served as per-channel
         scale, zp = (t.reshape(1, 1).expand(module.out_features, 1) for t in (scale, zp))
     bias = module.bias.detach().to(dtype) if module.bias is not None else None

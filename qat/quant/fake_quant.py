@@ -145,6 +145,10 @@ class FakeQuantWeight(Switchable):
             self.register_buffer("scale", torch.empty_like(state_dict[prefix + "scale"]))
             self.register_buffer("zero_point", torch.empty_like(state_dict[prefix + "zero_point"]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.static:  # a learned grid saved raw loads as the grid its forward used (rounded)
+            with torch.no_grad():
+                self.scale, self.zero_point = (t.detach().clone()
+                                               for t in self._learned_qparams())
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) shaped (rows, groups, 1), exactly as the forward pass uses them."""
@@ -154,7 +158,8 @@ class FakeQuantWeight(Switchable):
         if spec.learnable_scale:
             return round_ste(self.scale, DTYPES[spec.scale_dtype]), self.zero_point
         if self.static:
-            if self.scale.device != w.device:  # loaded from a CPU state dict after .to(device)
+            if self.scale.device != w.device and w.device.type != "meta":
+                # loaded from a CPU state dict after .to(device); meta: a codes-held layer's shape
                 self.scale, self.zero_point = self.scale.to(w.device), self.zero_point.to(w.device)
             return self.scale, self.zero_point
         lo, hi = self.observer(self._grouped(w))

@@ -35,13 +35,74 @@ class FakeQuantLinear(nn.Linear):
         new.source_class = source_class(linear)  # e.g. Conv1D, FalconLinear: what export names
         return new
 
+    @torch.no_grad()
+    def hold_codes(self) -> None:
+        """Keep the frozen integer codes and drop the float weight: with the codes frozen
+        (optim.trainable=scales) it can no longer change the output, and it cost 4 (or 2) bytes
+        per parameter beside the codes' one. Three sums per group (`held_sqnr_terms`) keep the
+        weight's SQNR measurable as the scales train."""
+        if self.weight is None:
+            return
+        fq = self.weight_fake_quant
+        if fq.codes is None:
+            raise RuntimeError("hold_codes: freeze the codes first (weight_fake_quant.freeze_codes)")
+        w = fq._grouped(self.weight.detach()).double()
+        q = fq.codes.double()
+        self.register_buffer("float_power", w.pow(2).sum())
+        # (rows, groups), float32 (a quarter of the codes' bytes at group 64): sum of w * code,
+        # and for an asymmetric grid sum of w
+        self.register_buffer("float_dot", (w * q).sum(-1).float())
+        self.register_buffer("float_sum", None if fq.spec.symmetric else w.sum(-1).float())
+        self.float_dtype = self.weight.dtype
+        self.weight = None
+
+    @property
+    def holds_codes(self) -> bool:
+        return self.weight is None
+
+    def weight_like(self) -> torch.Tensor:
+        """The float weight, or (codes held) a meta tensor of its shape and dtype: what the
+        quantizer's methods read the shape from."""
+        if self.weight is not None:
+            return self.weight
+        return torch.empty(self.out_features, self.in_features, dtype=self.float_dtype,
+                           device="meta")
+
+    @torch.no_grad()
+    def held_sqnr_terms(self) -> tuple[float, float]:
+        """(|w|^2, |w - w_hat|^2) of a codes-held layer, from the sums taken when the weight was
+        dropped and the grid now: |w|^2 - 2 sum_g s_g (sum w q - zp_g sum w) + |w_hat|^2."""
+        fq = self.weight_fake_quant
+        scale, zp = (t.detach().double().squeeze(-1) for t in fq.qparams(self.weight_like()))
+        w_hat = fq.dequantized(self.weight_like()).double()
+        dot = self.float_dot.double()
+        cross = (scale * (dot if self.float_sum is None
+                          else dot - zp * self.float_sum.double())).sum()
+        noise = self.float_power - 2 * cross + w_hat.pow(2).sum()
+        return float(self.float_power), max(float(noise), 0.0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a codes-held layer's state (codes, no weight) loads into a fresh float layer: drop it
+        if self.weight is not None and prefix + "weight" not in state_dict \
+                and prefix + "weight_fake_quant.codes" in state_dict:
+            self.float_dtype = self.weight.dtype
+            self.weight = None
+            for name in ("float_power", "float_dot", "float_sum"):
+                if prefix + name in state_dict:
+                    self.register_buffer(name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def to_linear(self, bake: bool = True) -> nn.Linear:
         """A plain Linear; with `bake` its weight is the fake-quantized weight (what export stores)."""
+        if self.weight is None and not bake:
+            raise RuntimeError("to_linear(bake=False): this layer holds codes, not its float weight")
         with torch.device("meta"):
             linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                               dtype=self.weight.dtype)
-        weight = self.weight_fake_quant.dequantized(self.weight) if bake else self.weight.detach()
-        linear.weight = nn.Parameter(weight.clone(), requires_grad=self.weight.requires_grad)
+                               dtype=self.weight_like().dtype)
+        weight = self.weight_fake_quant.dequantized(self.weight_like()) if bake \
+            else self.weight.detach()
+        linear.weight = nn.Parameter(weight.clone(), requires_grad=self.weight is not None
+                                     and self.weight.requires_grad)
         linear.bias = self.bias
         if stored_transposed(self):
             setattr(linear, TRANSPOSED, True)
@@ -53,16 +114,19 @@ class FakeQuantLinear(nn.Linear):
             x = self.input_fake_quant(x)
         fq = self.weight_fake_quant
         if not fq.enabled:
+            if self.weight is None:
+                raise RuntimeError("fake quantization is off, but this layer holds its integer "
+                                   "codes, not its float weight (optim.trainable=scales)")
             return F.linear(x, self.weight, self.bias)
+        w = self.weight_like()
         if fq.codes is not None and not _autocast(x):  # frozen codes: only the grid trains
-            scale, zero_point = fq.forward_qparams(self.weight)
-            return frozen_codes_linear(x, fq.codes, scale, zero_point, self.bias,
-                                       self.weight.shape, self.weight.dtype)
+            scale, zero_point = fq.forward_qparams(w)
+            return frozen_codes_linear(x, fq.codes, scale, zero_point, self.bias, w.shape, w.dtype)
         if _autocast(x) or fq.codes is not None:  # autocast picks the matmul dtype: let F.linear
             # see the fake-quantized weight
-            return F.linear(x, fq(self.weight), self.bias)
-        scale, zero_point = fq.forward_qparams(self.weight)
-        return fake_quant_linear(x, self.weight, scale, zero_point, self.bias, fq.spec.bits)
+            return F.linear(x, fq(w), self.bias)
+        scale, zero_point = fq.forward_qparams(w)
+        return fake_quant_linear(x, w, scale, zero_point, self.bias, fq.spec.bits)
 
 
 def _autocast(x: torch.Tensor) -> bool:

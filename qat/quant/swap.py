@@ -172,9 +172,11 @@ def set_trainable(model: nn.Module, trainable: str) -> None:
     for module in fake_quant_modules(model):
         fq = module.weight_fake_quant
         if trainable == "scales":
-            fq.freeze_codes(module.weight)
-        for p in fq.learn_grid(module.weight, zero_point=trainable == "all"):
+            fq.freeze_codes(module.weight_like())
+        for p in fq.learn_grid(module.weight_like(), zero_point=trainable == "all"):
             p.requires_grad_(True)
+        if trainable == "scales":
+            module.hold_codes()  # the float weight can no longer change the output
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
