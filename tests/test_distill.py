@@ -178,7 +178,10 @@ def test_kd_run_logs_both_losses_and_keeps_the_teacher_out(tmp_path, monkeypatch
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     student_keys = {k for k in ckpt["state_dict"] if k.startswith("model.")}
     assert student_keys == set(ckpt["state_dict"])  # nothing but the student
-    n_student = sum(v.numel() for k, v in ckpt["state_dict"].items() if "fake_quant" not in k)
+    state = ckpt["state_dict"]  # scales-only: each quantized weight held as its codes
+    n_student = sum(v.numel() for k, v in state.items()
+                    if "fake_quant" not in k and ".float_" not in k) \
+        + sum(v.numel() for k, v in state.items() if k.endswith("weight_fake_quant.codes"))
     assert n_student == sum(p.numel() for p in seen["teacher"].state_dict().values())
     with open(tmp_path / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -122,6 +122,16 @@ class BlockStore:
     def load_init(self, blocks: nn.Module) -> None:
         _load(blocks, self.directory / INIT)
 
+    def load_init_block(self, index: int, block: nn.Module) -> None:
+        """One block of the saved quant.init result (the rest stays on disk)."""
+        from safetensors import safe_open
+
+        start = f"{index}."
+        with safe_open(str(self.directory / INIT), framework="pt") as f:
+            state = {k[len(start):]: f.get_tensor(k) for k in f.keys() if k.startswith(start)}
+        device = next(block.parameters()).device
+        block.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+
     def init_info(self) -> dict[str, Any] | None:
         """What the run measured and noted (ptq_ppl, block_ppl); None before quant.init's save."""
         return self._progress().get("info") if self.exists() else None

@@ -224,7 +224,9 @@ def train_block(block: nn.Module, inputs: _Inputs, q_in: torch.Tensor, target: t
 
 def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
                  spec: BlockwiseSpec, *, seed: int = 0, store=None,
-                 on_block: Callable[[BlockResult], None] | None = None) -> BlockwiseReport:
+                 on_block: Callable[[BlockResult], None] | None = None,
+                 before_block: Callable[[int, nn.Module], None] | None = None,
+                 after_block: Callable[[int, nn.Module], None] | None = None) -> BlockwiseReport:
     """Block-wise QAT of a prepared (and optionally PTQ-initialised) model, in place.
 
     Args:
@@ -237,6 +239,8 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
         store: a `BlockStore`: blocks it already holds are loaded instead of trained (resume),
             and each newly trained block is saved to it.
         on_block: called with each block's result (e.g. a progress bar).
+        before_block, after_block: called with (index, block) around a block's training (not for
+            a resumed block): give it its float weights back, keep only its codes after.
     Returns:
         BlockwiseReport; afterwards every quantized Linear holds trained weights and a static grid.
     """
@@ -278,6 +282,8 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
                 q_out, _ = quantized.run(block, q_in)
             else:
                 t0 = time.perf_counter()
+                if before_block is not None:
+                    before_block(index, block)
                 before = quantized.loss(block, q_in, target)
                 with fake_quant_disabled(float_model):  # the lens is the float model's
                     steps = train_block(block, quantized, q_in, target,
@@ -285,6 +291,8 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
                                         torch.Generator().manual_seed(seed * 100_003 + index),
                                         lens)
                 q_out, after = quantized.run(block, q_in, target)  # the next block's inputs
+                if after_block is not None:
+                    after_block(index, block)
                 result = BlockResult(index, f"{prefix}.{index}", before, after,
                                      round(time.perf_counter() - t0, 2), steps)
                 if store is not None:

@@ -110,6 +110,22 @@ class Onloader:
             if not self._held[key]:
                 self.drop(block)
 
+    def adopt(self, block: nn.Module) -> None:
+        """Read the block's tensors into it for good (trainable, as a loaded model's are): from
+        now on it is an ordinary module, which a stage may quantize and keep."""
+        if block.__dict__.get("_onloader") is not self:
+            return
+        self.load(block)
+        for p in block.parameters():
+            p.requires_grad_(True)
+        del block.__dict__["forward"], block.__dict__["_onloader"]
+
+    def read(self, block: nn.Module, local: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors of `block` by their names in it, as the files hold them (cast, moved)."""
+        names = self.names[id(block)]
+        tensors = self.files.read([names[n] for n in local], self.dtype, self.device)
+        return {n: tensors[names[n]] for n in local}
+
     def run(self, block: nn.Module, *args, **kwargs):
         with self.held(block):
             return type(block).forward(block, *args, **kwargs)
@@ -161,10 +177,12 @@ def _tie(model: nn.Module) -> None:
 
 
 def onloaded_model(directory: str | Path, dtype: torch.dtype, *, trust_remote_code: bool = False,
-                   attn_implementation: str | None = None) -> nn.Module | None:
-    """The frozen model of `directory` with its blocks left in the files, in eval mode; None when
-    the files' tensor names are not the model's own (a checkpoint transformers converts while
-    loading): the caller then loads it whole."""
+                   attn_implementation: str | None = None, frozen: bool = True
+                   ) -> nn.Module | None:
+    """The model of `directory` with its blocks left in the files, in eval mode; None when the
+    files' tensor names are not the model's own (a checkpoint transformers converts while
+    loading): the caller then loads it whole. `frozen=False`: a student, whose resident tensors
+    train and whose blocks a stage adopts (`Onloader.adopt`) one by one."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -204,8 +222,12 @@ def onloaded_model(directory: str | Path, dtype: torch.dtype, *, trust_remote_co
         block.forward = functools.partial(loader.run, block)
     model.eval()
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(not frozen and p.device.type != "meta")
     return model
+
+
+def onloader_of(model: nn.Module) -> Onloader | None:
+    return model.__dict__.get("_onloader")
 
 
 def _head_name(model: nn.Module, tied: bool) -> set[str]:

@@ -59,12 +59,17 @@ def write_layer(module: FakeQuantLinear, weight: torch.Tensor, scale: torch.Tens
                                          zero_point.to(module.weight.device))
 
 
+def rtn_layers(module: nn.Module, report: PTQReport, prefix: str = "") -> None:
+    """Min-max grid frozen as static qparams on every quantized Linear in `module` (a model or
+    one block, named under `prefix`); needs no calibration data."""
+    for name, layer in quantized_linears(module, prefix).items():
+        scale, zero = rtn_qparams(layer.weight, layer.weight_fake_quant.spec)
+        write_layer(layer, layer.weight, scale, zero)
+        report.layers[name] = {"bits": layer.weight_fake_quant.spec.bits}
+
+
 def _rtn(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport) -> None:
-    """Min-max grid frozen as static qparams; needs no calibration data."""
-    for name, module in quantized_linears(model).items():
-        scale, zero = rtn_qparams(module.weight, module.weight_fake_quant.spec)
-        write_layer(module, module.weight, scale, zero)
-        report.layers[name] = {"bits": module.weight_fake_quant.spec.bits}
+    rtn_layers(model, report)
 
 
 def _gptq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport) -> None:

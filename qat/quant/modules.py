@@ -46,6 +46,8 @@ class FakeQuantLinear(nn.Linear):
         fq = self.weight_fake_quant
         if fq.codes is None:
             raise RuntimeError("hold_codes: freeze the codes first (weight_fake_quant.freeze_codes)")
+        if not (fq.static or fq.learned_grid or fq.spec.learnable_scale):
+            fq.set_qparams(*fq.qparams(self.weight))  # the observer's grid, kept: no weight after
         w = fq._grouped(self.weight.detach()).double()
         q = fq.codes.double()
         self.register_buffer("float_power", w.pow(2).sum())
@@ -55,6 +57,16 @@ class FakeQuantLinear(nn.Linear):
         self.register_buffer("float_sum", None if fq.spec.symmetric else w.sum(-1).float())
         self.float_dtype = self.weight.dtype
         self.weight = None
+
+    @torch.no_grad()
+    def thaw(self, weight: torch.Tensor) -> None:
+        """Undo `hold_codes` with the float weight it dropped (read back from the model's files):
+        the block stage trains weights again, on the grid the layer kept."""
+        self.weight = nn.Parameter(weight.to(self.float_dtype if self.weight is None
+                                             else self.weight.dtype))
+        self.weight_fake_quant.codes = None
+        for name in ("float_power", "float_dot", "float_sum"):
+            self._buffers.pop(name, None)
 
     @property
     def holds_codes(self) -> bool:

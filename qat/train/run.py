@@ -32,7 +32,7 @@ from qat.prune.pruner import prune_structured
 from qat.prune.spec import STRUCTURED
 from qat.ptq import quantize_model
 from qat.quant import plan, prepare, set_fake_quant_enabled, set_trainable
-from qat.train import steps
+from qat.train import steps, streamed
 from qat.train.specs import ConfigError, build_specs
 from qat.train.summary import run_facts, summary
 
@@ -50,7 +50,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         check_writable(run_dir, "the run directory (hydra.run.dir)")
         ckpt_path, resume_blocks = steps.resume_target(cfg, specs, run_dir)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        model, tokenizer = steps.load_checked(specs.model)
+        directory = streamed.streamed_dir(specs, ckpt_path is not None)
+        loaded = streamed.load_student(specs.model, directory) if directory is not None else None
+        model, tokenizer = loaded if loaded is not None else steps.load_checked(specs.model)
         plan(model, specs.quant) if specs.quant.weight is not None else None  # patterns, groups
         steps.check_architecture(model, specs)
         check_positions(specs.data, getattr(model.config, "max_position_embeddings", None))
@@ -105,7 +107,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             print(report)
         if store is not None and ckpt_path is None and not resume_blocks:
             store.clear()  # a new run: blocks of an earlier run in this directory do not count
-        if specs.quant.init is not None and ckpt_path is None:
+        if loaded is not None:  # the blocks come from the files one at a time, held as codes
+            steps.stage("ptq")
+            ptq_report = streamed.init_blocks(model, specs, store, resume_blocks)
+            if ptq_report is not None:
+                print(ptq_report)
+        elif specs.quant.init is not None and ckpt_path is None:
             if store is not None and store.has_init():
                 store.load_init(decoder_blocks(model)[1])
                 print(f"quant.init={specs.quant.init}: loaded from {store.directory} (resumed)")
@@ -120,8 +127,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             print(f"quant.init={specs.quant.init}: skipped, resuming from {ckpt_path}")
         if store is not None and ckpt_path is None:
             steps.stage("block stage")
-            stage_metrics, block_report = block_stage(model, float_model, specs, tokens, store,
-                                                      cfg, ptq_report is not None)
+            stage_metrics, block_report = block_stage(
+                model, float_model, specs, tokens, store, cfg, ptq_report is not None,
+                before_block=streamed.thaw(model) if loaded is not None else None,
+                after_block=streamed.hold if specs.optim.trainable == "scales" else None)
             float_model = None
         elif store is not None and store.exists():  # resumed after the block stage
             block_report = store.report()
@@ -173,9 +182,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 
 def block_stage(model, float_model, specs, tokens, store: BlockStore, cfg: DictConfig,
-                calibrated: bool) -> tuple[dict[str, Any], Any]:
+                calibrated: bool, before_block=None, after_block=None
+                ) -> tuple[dict[str, Any], Any]:
     """quant.init's result saved (resume does not calibrate again), its ppl, the block stage,
-    the ppl after it. Returns (metrics, BlockwiseReport)."""
+    the ppl after it. Returns (metrics, BlockwiseReport). before_block / after_block: as
+    train_blocks takes them (a streamed run's float weights in, codes held after)."""
     info = store.init_info()
     if info is None:
         info = {}
@@ -188,7 +199,8 @@ def block_stage(model, float_model, specs, tokens, store: BlockStore, cfg: DictC
             store.save_init(decoder_blocks(model)[1] if calibrated else None, info)
     spec = specs.blockwise
     ids = calibration_ids(tokens.train_blocks, spec.samples, spec.seq_len, owner="blockwise")
-    report = train_blocks(model, float_model, ids, spec, seed=cfg.seed, store=store)
+    report = train_blocks(model, float_model, ids, spec, seed=cfg.seed, store=store,
+                          before_block=before_block, after_block=after_block)
     if is_rank_zero():
         print(report)
     out = dict(info)

@@ -1,0 +1,133 @@
+"""A run that never holds the float model: the student's decoder blocks stay in the model's
+safetensors files until quant.init reaches them, and each is held as its integer codes from then
+on; the block stage reads one block's float weights back to train it, and holds codes again.
+
+    load        skeleton: embeddings, final norm, head in memory; blocks in the files
+    quant.init  per block: read, quantizers on, rtn grid (or the min/max grid), codes held
+    block stage per block: float weights read back, trained, codes held (BlockStore: codes)
+    end to end  the codes and their trainable scales (optim.trainable=scales)
+
+Taken when the run can (`streamed_dir`): the model has safetensors files in its own names, a
+block stage trains it and the end-to-end stage trains scales alone, and nothing before the block
+stage needs the whole float model. Any other run loads the model whole, as before; the numbers
+are the same either way (tests/test_streamed.py).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qat.blockwise import BlockStore
+from qat.models.onload import TensorFiles, onloaded_model, onloader_of
+from qat.models.spec import ModelSpec
+from qat.models.structure import check_causal, decoder_blocks
+from qat.ptq.apply import PTQReport, rtn_layers
+from qat.quant.fake_quant import FakeQuantWeight
+from qat.quant.modules import FakeQuantLinear
+from qat.train.specs import Specs
+
+INITS = (None, "rtn")  # quant.init methods that need no pass over the whole model
+
+
+def streamed_dir(specs: Specs, resuming_lightning: bool) -> Path | None:
+    """The model directory a streamed run reads its blocks from, or None: load it whole."""
+    from qat.models.load import model_dir
+
+    if resuming_lightning or specs.quant.weight is None or not specs.blockwise.enabled \
+            or specs.optim.trainable != "scales" or specs.quant.init not in INITS \
+            or specs.prune.enabled or specs.ptq.outliers != "off" \
+            or specs.quant.budget_bits is not None or specs.data.generated_samples \
+            or specs.quant.start_step:
+        return None
+    return model_dir(specs.model)
+
+
+def load_student(spec: ModelSpec, directory: Path):
+    """(skeleton, tokenizer), checked as `load_checked` checks a whole model, or None when the
+    files are not in the model's own tensor names (it is then loaded whole)."""
+    from transformers import AutoTokenizer
+
+    if not (directory / "config.json").is_file():
+        return None
+    model = onloaded_model(directory, getattr(torch, spec.dtype), frozen=False,
+                           trust_remote_code=spec.trust_remote_code,
+                           attn_implementation=spec.attn_implementation)
+    if model is None:
+        return None
+    check_finite_files(onloader_of(model).files, spec.where)
+    check_causal(model, spec.where)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory),
+                                              trust_remote_code=spec.trust_remote_code)
+    return model, tokenizer
+
+
+def check_finite_files(files: TensorFiles, where: str) -> None:
+    """NaN or infinite weights refused before any work, one tensor in memory at a time."""
+    for name in files.file_of:
+        tensor = files.read([name], torch.float32, "cpu")[name]
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"model {where!r}: tensor {name!r} has {bad} NaN or infinite "
+                             f"value(s); the weights are damaged")
+
+
+def init_blocks(model: nn.Module, specs: Specs, store: BlockStore, resumed: bool
+                ) -> PTQReport | None:
+    """quant.init block by block: each block read from the files, its quantizers set from its
+    weights, its grid (rtn, or the observer's min/max), its codes held; a resumed run takes the
+    saved init instead. Returns the PTQReport (None without quant.init)."""
+    loader = onloader_of(model)
+    prefix, blocks = decoder_blocks(model)
+    report = PTQReport(specs.quant.init) if specs.quant.init is not None else None
+    saved = resumed and store.has_init()
+    start = time.perf_counter()
+    for index, block in enumerate(blocks):
+        loader.adopt(block)
+        _fresh_quantizers(block)
+        if saved:
+            store.load_init_block(index, block)
+            continue
+        if report is not None:
+            rtn_layers(block, report, f"{prefix}.{index}")
+        hold(index, block)
+    if report is not None:
+        report.seconds = time.perf_counter() - start
+    if saved:
+        print(f"quant.init={specs.quant.init}: loaded from {store.directory} (resumed)")
+        return None
+    return report
+
+
+def _fresh_quantizers(block: nn.Module) -> None:
+    """Quantizers built on the skeleton saw no weight: build them again from the real one."""
+    for module in block.modules():
+        if isinstance(module, FakeQuantLinear):
+            fq = module.weight_fake_quant
+            fresh = FakeQuantWeight(fq.spec, module.weight)
+            fresh.enabled = fq.enabled
+            module.weight_fake_quant = fresh
+
+
+def hold(index: int, block: nn.Module) -> None:
+    """The block's quantized layers keep their codes alone (optim.trainable=scales: the float
+    weights will not train again)."""
+    for module in block.modules():
+        if isinstance(module, FakeQuantLinear):
+            module.weight_fake_quant.freeze_codes(module.weight_like())
+            module.hold_codes()
+
+
+def thaw(model: nn.Module):
+    """before_block for the block stage: the block's float weights read back from the files."""
+    loader = onloader_of(model)
+
+    def before_block(index: int, block: nn.Module) -> None:
+        layers = {n: m for n, m in block.named_modules()
+                  if isinstance(m, FakeQuantLinear) and m.holds_codes}
+        weights = loader.read(block, [f"{n}.weight" for n in layers])
+        for name, layer in layers.items():
+            layer.thaw(weights[f"{name}.weight"])
+    return before_block

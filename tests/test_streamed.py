@@ -1,0 +1,118 @@
+"""A streamed run (qat.train.streamed): the student's blocks read from the files one at a time and
+held as codes give the numbers, codes, scales and export of the run that loads the model whole."""
+import json
+
+import pytest
+import torch
+from conftest import compose_train
+
+import qat.train.streamed as streamed
+from qat.models.structure import decoder_blocks
+from qat.quant import fake_quant_modules
+from qat.train import train
+
+RUN = ["data=tiny", "logger=none", "trainer.enable_progress_bar=false", "trainer.max_steps=2",
+       "blockwise.samples=4", "blockwise.epochs=1", "blockwise.seq_len=64",
+       "blockwise.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    from qat.models import ModelSpec, load_model
+
+    directory = tmp_path_factory.mktemp("model")
+    model, tokenizer = load_model(ModelSpec(name="tiny", num_layers=3))
+    model.save_pretrained(directory, max_shard_size="300KB")  # several shards
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _run(source, run_dir, overrides):
+    cfg = compose_train([f"model.path={source}", *RUN, *overrides])
+    return train(cfg, run_dir=run_dir)
+
+
+def _tensors(run_dir):
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=True)["state_dict"]
+    return state
+
+
+@pytest.mark.parametrize("overrides", [["recipe=w4g64_kd"], ["recipe=w4g64_kd", "quant.init=null"],
+                                       ["recipe=w4g64_kd", "model.dtype=bfloat16"]])
+def test_a_streamed_run_equals_the_whole_model_run(source, tmp_path, monkeypatch, overrides):
+    seen = {}
+    original = streamed.init_blocks
+
+    def observe(model, *args):
+        out = original(model, *args)
+        seen["held"] = all(m.holds_codes for m in fake_quant_modules(model))
+        seen["meta"] = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        return out
+
+    monkeypatch.setattr(streamed, "init_blocks", observe)
+    a = _run(source, tmp_path / "streamed", overrides)
+    assert seen == {"held": True, "meta": []}  # every block adopted and held as codes
+    monkeypatch.setattr(streamed, "streamed_dir", lambda *a: None)  # load the model whole
+    b = _run(source, tmp_path / "whole", overrides)
+    for key in ("fp_ppl", "ptq_ppl", "block_ppl", "ppl", "first_loss", "last_loss",
+                "export_ppl"):
+        assert a.get(key) == b.get(key), key
+    ta, tb = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "whole")
+    assert sorted(ta) == sorted(tb)
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+    export_a = (tmp_path / "streamed" / "export")
+    export_b = (tmp_path / "whole" / "export")
+    for path in export_a.glob("*.safetensors"):
+        assert path.read_bytes() == (export_b / path.name).read_bytes(), path.name
+    assert json.loads((tmp_path / "streamed" / "blockwise_report.json").read_text())["blocks"][0][
+        "loss_after"] == json.loads((tmp_path / "whole" / "blockwise_report.json").read_text())[
+        "blocks"][0]["loss_after"]
+
+
+def test_a_streamed_block_store_holds_codes_and_resumes(source, tmp_path):
+    run_dir = tmp_path / "run"
+    first = _run(source, run_dir, ["recipe=w4g64_kd"])
+    store = run_dir / "checkpoints" / "blockwise"
+    from safetensors import safe_open
+
+    with safe_open(str(store / "block_000.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith("weight_fake_quant.codes") for k in keys)
+    assert not any(k.endswith("proj.weight") for k in keys)  # codes, never float weights
+    # killed after the block stage: resume from the block files, same result
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
+    again = _run(source, run_dir, ["recipe=w4g64_kd", "ckpt_path=last"])
+    assert again["ppl"] == first["ppl"]
+
+
+def test_runs_that_need_the_whole_model_load_it(source, tmp_path):
+    from qat.train.specs import build_specs
+
+    for overrides, streams in ((["recipe=w4g64_kd"], True), (["recipe=w4g64"], False),
+                               (["recipe=w4g64_kd", "quant.init=gptq"], False),
+                               (["recipe=w4g64_kd", "optim.trainable=weights"], False)):
+        cfg = compose_train([f"model.path={source}", "data=tiny", *overrides])
+        assert (streamed.streamed_dir(build_specs(cfg), False) is not None) == streams, overrides
+
+
+def test_one_float_block_at_a_time(source, tmp_path, monkeypatch):
+    """While the streamed run works, no more than one block holds float weights."""
+    import qat.train.run as run
+
+    most = []
+    original = run.train_blocks
+
+    def watch(model, *args, **kwargs):
+        def count(*_):
+            _, blocks = decoder_blocks(model)
+            most.append(sum(any(m.weight is not None for m in fake_quant_modules(b))
+                            for b in blocks))
+        for layer in fake_quant_modules(model):
+            layer.register_forward_pre_hook(count)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(run, "train_blocks", watch)
+    _run(source, tmp_path / "run", ["recipe=w4g64_kd"])
+    assert most and max(most) == 1
