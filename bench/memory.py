@@ -63,8 +63,9 @@ class PeakPerStage(logging.Handler):
         Path("/proc/self/clear_refs").write_text("5")  # the kernel's peak RSS starts again
 
 
-def child(model_dir: str, recipe: str, run_dir: str, out: str) -> None:
-    """Run one job in this process and write its per-stage peaks to `out`."""
+def child(model_dir: str, recipe: str, run_dir: str, out: str, *extra: str) -> None:
+    """Run one job in this process (`extra`: more overrides, last) and write its per-stage peaks
+    to `out`."""
     from hydra import compose, initialize_config_dir
 
     import qat
@@ -79,7 +80,9 @@ def child(model_dir: str, recipe: str, run_dir: str, out: str) -> None:
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
         if cfg.blockwise.enabled:
-            cfg = compose(config_name="train", overrides=overrides + BLOCKS)
+            cfg = compose(config_name="train", overrides=overrides + BLOCKS + list(extra))
+        elif extra:
+            cfg = compose(config_name="train", overrides=overrides + list(extra))
     start = time.perf_counter()
     train(cfg, run_dir=run_dir)
     handler.close_stage()
@@ -178,7 +181,7 @@ def section(result: dict) -> str:
 
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--child":
-        child(*argv[1:5])
+        child(*argv[1:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
@@ -194,9 +197,11 @@ def main(argv: list[str]) -> None:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    earlier = json.loads((RESULTS / "memory.json").read_text()) \
+        if (RESULTS / "memory.json").is_file() else {}
     result = {"command": command(), "machine": machine(),
               "load_average_before": load_before, "rows": rows, "fit": fit(rows),
-              "larger_than_memory": None}
+              "larger_than_memory": earlier.get("larger_than_memory")}  # bench/larger_than_memory.py
     write_json(RESULTS / "memory.json", result)
     update_section("memory", section(result))
     print(json.dumps(result["fit"], indent=1))

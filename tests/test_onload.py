@@ -5,6 +5,7 @@ from conftest import compose_train
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import qat.models.onload as onload
+import qat.train.streamed as streamed
 from qat.distill import Distiller, freeze
 from qat.distill.spec import DistillSpec
 from qat.models.onload import held, is_onloaded, onloaded_model
@@ -103,6 +104,7 @@ def test_a_run_gives_what_it_gave_with_a_copied_float_model(tmp_path, monkeypatc
     onloaded = _run(tmp_path, "onloaded", "w4g64_kd")
     assert built and all(m is not None and is_onloaded(m) for m in built)
     monkeypatch.setattr(onload, "onloaded_model", lambda *a, **k: None)  # the copies of before
+    monkeypatch.setattr(streamed, "streamed_dir", lambda *a: None)  # and the whole student
     copied = _run(tmp_path, "copied", "w4g64_kd")
     for key in ("fp_ppl", "ptq_ppl", "block_ppl", "ppl", "first_loss", "last_loss"):
         assert onloaded.get(key) == copied.get(key), key

@@ -126,7 +126,7 @@ def test_holding_codes_drops_the_float_weight_and_changes_no_output(tiny_llama):
     state = tiny_llama.state_dict()
     assert not [k for k in state if k.endswith("proj.weight")]
     held = sum(t.numel() * t.element_size() for k, t in state.items() if "proj." in k)
-    assert held < float_bytes / 3  # int8 codes, a grid and two sums per group
+    assert held < float_bytes / 5  # 4-bit codes two per byte, a grid and two sums per group
     with torch.no_grad():
         assert torch.equal(tiny_llama(input_ids=ids).logits, before)
     sqnr_held = weight_sqnr(tiny_llama)  # from the kept sums, with the grid learned now
@@ -160,3 +160,18 @@ def test_a_codes_held_state_loads_into_a_fresh_float_model(tiny_llama):
 
         set_fake_quant_enabled(fresh, False)
         fresh(input_ids=ids)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_codes_of_up_to_4_bits_pack_two_per_byte_exactly(bits):
+    from qat.quant.ste import code_values, pack_codes
+
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    codes = torch.randint(low, high + 1, (3, 5, 64), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, low)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 32)
+    assert torch.equal(code_values(packed, low), codes.float())
+    layer = frozen_layer(WeightSpec(bits=bits, group_size=32))
+    assert layer.weight_fake_quant.codes.dtype == torch.uint8
+    assert layer.weight_fake_quant.codes.numel() * 2 == layer.weight.numel()
+    assert frozen_layer(SPECS["w8_channel"]).weight_fake_quant.codes.dtype == torch.int8

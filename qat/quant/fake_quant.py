@@ -11,7 +11,8 @@ from qat.format.grid import (DTYPES, compute_qparams, dequantize, group_view, qu
                              round_scale)
 from qat.quant.observers import build_observer, minmax
 from qat.quant.spec import ActivationSpec, WeightSpec
-from qat.quant.ste import exact_ste, fake_quantize, round_ste, scale_gradient
+from qat.quant.ste import (code_values, exact_ste, fake_quantize, pack_codes, round_ste,
+                           scale_gradient)
 
 
 class FakeQuantWeight(Switchable):
@@ -27,7 +28,8 @@ class FakeQuantWeight(Switchable):
         self.spec = spec
         self.enabled = True
         self.learned_grid = False  # learn_grid: scale (and zero point) are trained parameters
-        self.register_buffer("codes", None)  # freeze_codes: integer codes (int8, grouped shape)
+        # freeze_codes: integer codes in the grouped shape, int8, or two per byte (uint8) at <= 4 bits
+        self.register_buffer("codes", None)
         self.observer = build_observer(spec)
         if spec.learnable_scale:
             if weight is None:
@@ -90,7 +92,16 @@ class FakeQuantWeight(Switchable):
             return
         scale, zp = self.qparams(w)
         codes = quantize(self._grouped(w.detach()), scale.detach(), zp.detach(), self.spec.bits)
-        self.codes = codes.to(torch.int8)
+        self.codes = pack_codes(codes, self.code_min) \
+            if self.spec.bits <= 4 and codes.shape[-1] % 2 == 0 else codes.to(torch.int8)
+
+    @property
+    def code_min(self) -> int:
+        return qrange(self.spec.bits)[0]
+
+    def code_values(self) -> torch.Tensor:
+        """The frozen codes as float32, in the grouped (rows, groups, elements) shape."""
+        return code_values(self.codes, self.code_min)
 
     def _drop_grid(self) -> None:
         for name in ("scale", "zero_point"):
@@ -193,7 +204,7 @@ class FakeQuantWeight(Switchable):
             return w
         scale, zp = self.forward_qparams(w)
         if self.codes is not None:  # frozen codes: only the grid carries a gradient
-            q = self.codes.float() if zp is None else self.codes.float() - zp
+            q = self.code_values() if zp is None else self.code_values() - zp
             return (q * scale).reshape(w.shape).to(w.dtype)
         return fake_quantize(self._grouped(w), scale, zp, self.spec.bits).reshape(w.shape)
 
@@ -202,7 +213,7 @@ class FakeQuantWeight(Switchable):
         """Integer codes (int32, shape of w) and (scale, zero_point) as (rows, groups), for export."""
         scale, zp = self.qparams(w)
         scale, zp = scale.detach(), zp.detach()
-        q = self.codes.float() if self.codes is not None \
+        q = self.code_values() if self.codes is not None \
             else quantize(self._grouped(w), scale, zp, self.spec.bits)
         return q.reshape(w.shape).to(torch.int32), scale.squeeze(-1), zp.squeeze(-1)
 
@@ -211,7 +222,7 @@ class FakeQuantWeight(Switchable):
         """The weight exactly as the enabled forward pass sees it, with no autograd."""
         scale, zp = self.qparams(w)
         scale, zp = scale.detach(), zp.detach()
-        q = self.codes.float() if self.codes is not None \
+        q = self.code_values() if self.codes is not None \
             else quantize(self._grouped(w), scale, zp, self.spec.bits)
         return dequantize(q, scale, zp).reshape(w.shape).to(w.dtype)
 

@@ -49,7 +49,7 @@ class FakeQuantLinear(nn.Linear):
         if not (fq.static or fq.learned_grid or fq.spec.learnable_scale):
             fq.set_qparams(*fq.qparams(self.weight))  # the observer's grid, kept: no weight after
         w = fq._grouped(self.weight.detach()).double()
-        q = fq.codes.double()
+        q = fq.code_values().double()
         self.register_buffer("float_power", w.pow(2).sum())
         # (rows, groups), float32 (a quarter of the codes' bytes at group 64): sum of w * code,
         # and for an asymmetric grid sum of w
@@ -133,7 +133,8 @@ class FakeQuantLinear(nn.Linear):
         w = self.weight_like()
         if fq.codes is not None and not _autocast(x):  # frozen codes: only the grid trains
             scale, zero_point = fq.forward_qparams(w)
-            return frozen_codes_linear(x, fq.codes, scale, zero_point, self.bias, w.shape, w.dtype)
+            return frozen_codes_linear(x, fq.codes, scale, zero_point, self.bias, w.shape, w.dtype,
+                                       fq.code_min)
         if _autocast(x) or fq.codes is not None:  # autocast picks the matmul dtype: let F.linear
             # see the fake-quantized weight
             return F.linear(x, fq(w), self.bias)

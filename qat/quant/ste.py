@@ -158,46 +158,65 @@ class _FrozenCodesLinear(torch.autograd.Function):
     ones autograd gives the composed expression, computed in the same order (bit for bit)."""
 
     @staticmethod
-    def forward(ctx, x, codes, scale, zero_point, bias, shape, dtype):
-        w_hat = _dequantize_codes(codes, scale, zero_point).reshape(shape).to(dtype)
+    def forward(ctx, x, codes, scale, zero_point, bias, shape, dtype, code_min):
+        w_hat = _dequantize_codes(codes, scale, zero_point, code_min).reshape(shape).to(dtype)
         ctx.save_for_backward(x, codes, scale, zero_point)
-        ctx.shape, ctx.dtype = shape, dtype
+        ctx.shape, ctx.dtype, ctx.code_min = shape, dtype, code_min
         return F.linear(x, w_hat, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, codes, scale, zero_point = ctx.saved_tensors
-        want_x, _, want_s, want_z, want_b, _, _ = ctx.needs_input_grad
+        want_x, _, want_s, want_z, want_b, _, _, _ = ctx.needs_input_grad
         out_features, in_features = ctx.shape
         g2 = grad_y.reshape(-1, out_features)
         grad_x = grad_s = grad_z = grad_b = None
         if want_x:
-            w_hat = _dequantize_codes(codes, scale, zero_point).reshape(ctx.shape).to(ctx.dtype)
-            grad_x = (g2 @ w_hat).view(x.shape)
+            w_hat = _dequantize_codes(codes, scale, zero_point, ctx.code_min)
+            grad_x = (g2 @ w_hat.reshape(ctx.shape).to(ctx.dtype)).view(x.shape)
         if want_s or want_z:
-            grad_w = (g2.t() @ x.reshape(-1, in_features)).float().view(codes.shape)
+            q = code_values(codes, ctx.code_min)
+            grad_w = (g2.t() @ x.reshape(-1, in_features)).float().view(q.shape)
             if want_s:
-                q = codes.float() if zero_point is None else codes.float() - zero_point
+                q = q if zero_point is None else q - zero_point
                 grad_s = _sum_to(grad_w * q, scale.shape)
             if want_z:
                 grad_z = _sum_to(-(grad_w * scale), zero_point.shape)
         if want_b:
             grad_b = g2.sum(0)
-        return grad_x, None, grad_s, grad_z, grad_b, None, None
+        return grad_x, None, grad_s, grad_z, grad_b, None, None, None
+
+
+def pack_codes(codes: torch.Tensor, code_min: int) -> torch.Tensor:
+    """Integer codes of at most 4 bits, two per byte along the last dim (even length): byte i
+    holds codes 2i (low nibble) and 2i+1 (high), each as code - code_min (0..15)."""
+    v = (codes.to(torch.int16) - code_min).to(torch.uint8)
+    return v[..., 0::2] | (v[..., 1::2] << 4)
+
+
+def code_values(codes: torch.Tensor, code_min: int) -> torch.Tensor:
+    """The codes as float32: int8 as they are, uint8 (`pack_codes`) unpacked."""
+    if codes.dtype != torch.uint8:
+        return codes.float()
+    pairs = torch.stack((codes & 15, codes >> 4), dim=-1)
+    return pairs.reshape(*codes.shape[:-1], codes.shape[-1] * 2).float() + code_min
 
 
 def _dequantize_codes(codes: torch.Tensor, scale: torch.Tensor,
-                      zero_point: torch.Tensor | None) -> torch.Tensor:
-    q = codes.float() if zero_point is None else codes.float() - zero_point
+                      zero_point: torch.Tensor | None, code_min: int) -> torch.Tensor:
+    q = code_values(codes, code_min)
+    q = q if zero_point is None else q - zero_point
     return q * scale
 
 
 def frozen_codes_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                         zero_point: torch.Tensor | None, bias: torch.Tensor | None,
-                        shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+                        shape: torch.Size, dtype: torch.dtype, code_min: int = 0) -> torch.Tensor:
     """F.linear(x, dequantized frozen codes, bias) for training the grid alone (optim.trainable=
-    scales): backward keeps the int8 codes, not float copies of the weight."""
-    return _FrozenCodesLinear.apply(x, codes, scale, zero_point, bias, tuple(shape), dtype)
+    scales): backward keeps the codes (int8, or uint8 nibbles from `pack_codes` whose values
+    start at `code_min`), not float copies of the weight."""
+    return _FrozenCodesLinear.apply(x, codes, scale, zero_point, bias, tuple(shape), dtype,
+                                    code_min)
 
 
 def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
