@@ -92,3 +92,26 @@ def is_rank_zero() -> bool:
         if os.environ.get(key) is not None:
             return int(os.environ[key]) == 0
     return True
+
+
+_LIBC: Any = None
+
+
+def release_memory() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim; elsewhere a no-op).
+
+    glibc keeps freed chunks below its (self-raising) mmap threshold in the heap, and tensors
+    freed between ones still alive leave holes it never returns: a stage that reads, quantizes
+    and drops block after block would grow by about a block each time without this."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)

@@ -24,6 +24,7 @@ from torch import nn
 from qat.blockwise.spec import BlockwiseSpec
 from qat.distill.losses import ForwardKL
 from qat.models.blocks import capture_block_inputs, fake_quant_disabled, hidden_of
+from qat.io import release_memory
 from qat.models.onload import held
 from qat.models.structure import decoder_blocks
 from qat.quant.modules import FakeQuantLinear
@@ -302,6 +303,7 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
             if on_block is not None:
                 on_block(result)
             q_in, fp_in = q_out, target
+            release_memory()  # the block's optimizer and temporaries, back to the kernel
     finally:
         bar.close()
         model.train(was_training[0]), float_model.train(was_training[1])

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qat.format.shards import WEIGHTS_FILE, weight_map
+from qat.io import release_memory
 from qat.models.structure import decoder_blocks
 
 
@@ -49,13 +50,17 @@ class TensorFiles:
 
     def read(self, names: list[str], dtype: torch.dtype, device: torch.device | str
              ) -> dict[str, torch.Tensor]:
-        """The named tensors, in `dtype` on `device` (floating ones cast, others as stored)."""
+        """The named tensors, in `dtype` on `device` (floating ones cast, others as stored).
+
+        Always copies: a tensor safetensors hands out may view the file's memory map, and one
+        such tensor kept (a norm) would keep every page of the file read so far resident."""
         out = {}
         for file, group in self._by_file(names).items():
             with safe_open(str(file), framework="pt") as f:
                 for name in group:
                     t = f.get_tensor(name)
-                    out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+                    out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else None,
+                                     copy=True)
         return out
 
     def _by_file(self, names: list[str]) -> dict[Path, list[str]]:
@@ -109,6 +114,7 @@ class Onloader:
             self._held[key] -= 1
             if not self._held[key]:
                 self.drop(block)
+                release_memory()
 
     def adopt(self, block: nn.Module) -> None:
         """Read the block's tensors into it for good (trainable, as a loaded model's are): from

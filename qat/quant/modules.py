@@ -48,13 +48,21 @@ class FakeQuantLinear(nn.Linear):
             raise RuntimeError("hold_codes: freeze the codes first (weight_fake_quant.freeze_codes)")
         if not (fq.static or fq.learned_grid or fq.spec.learnable_scale):
             fq.set_qparams(*fq.qparams(self.weight))  # the observer's grid, kept: no weight after
-        w = fq._grouped(self.weight.detach()).double()
-        q = fq.code_values().double()
-        self.register_buffer("float_power", w.pow(2).sum())
         # (rows, groups), float32 (a quarter of the codes' bytes at group 64): sum of w * code,
-        # and for an asymmetric grid sum of w
-        self.register_buffer("float_dot", (w * q).sum(-1).float())
-        self.register_buffer("float_sum", None if fq.spec.symmetric else w.sum(-1).float())
+        # and for an asymmetric grid sum of w; in float64, a few rows at a time
+        w, q = fq._grouped(self.weight.detach()), fq.code_values()
+        power = torch.zeros((), dtype=torch.float64, device=w.device)
+        dot = torch.empty(w.shape[:2], dtype=torch.float32, device=w.device)
+        total = torch.empty_like(dot)
+        step = max(1, (1 << 20) // max(w[0].numel(), 1))
+        for start in range(0, w.shape[0], step):
+            rows = w[start:start + step].double()
+            power += rows.pow(2).sum()
+            dot[start:start + step] = (rows * q[start:start + step].double()).sum(-1)
+            total[start:start + step] = rows.sum(-1)
+        self.register_buffer("float_power", power)
+        self.register_buffer("float_dot", dot)
+        self.register_buffer("float_sum", None if fq.spec.symmetric else total)
         self.float_dtype = self.weight.dtype
         self.weight = None
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qat.blockwise import BlockStore
 from qat.data.tokens import calibration_ids
-from qat.io import is_rank_zero, write_json
+from qat.io import is_rank_zero, release_memory, write_json
 from qat.lightning.checkpointing import check_resume_config, resolve_ckpt_path
 from qat.models import ModelSpec, load_model
 from qat.models.structure import check_causal
@@ -33,6 +33,7 @@ log = logging.getLogger("qat.train")
 def stage(name: str) -> None:
     """Mark where the run is (a debug record of logger "qat.train"): bench/memory.py takes each
     stage's peak memory at these marks; `hydra.verbose=qat.train` prints them."""
+    release_memory()  # what the last stage freed goes back to the kernel
     log.debug("stage: %s", name)
 
 

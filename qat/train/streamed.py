@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qat.blockwise import BlockStore
+from qat.io import release_memory
 from qat.models.onload import TensorFiles, onloaded_model, onloader_of
 from qat.models.spec import ModelSpec
 from qat.models.structure import check_causal, decoder_blocks
@@ -118,6 +119,7 @@ def hold(index: int, block: nn.Module) -> None:
         if isinstance(module, FakeQuantLinear):
             module.weight_fake_quant.freeze_codes(module.weight_like())
             module.hold_codes()
+    release_memory()
 
 
 def thaw(model: nn.Module):
