@@ -117,3 +117,59 @@ def test_cli_odd_width_is_an_error_naming_the_layer(tiny_llama, tmp_path, capsys
     assert main(["--model", str(tmp_path)]) == 2
     assert "model.layers.0.mlp.down_proj" in capsys.readouterr().err
     assert main(["--model", str(tmp_path), "--group-size", "32"]) == 0
+
+
+def _saved_llama(directory, layers):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.models.tiny import tiny_tokenizer
+
+    config = AutoConfig.for_model("llama", num_hidden_layers=layers, hidden_size=128,
+                                  intermediate_size=256, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=512)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tiny_tokenizer(512).save_pretrained(directory)
+    return directory
+
+
+def test_run_footprint_per_stage(tmp_path, capsys):
+    """--recipe: each stage's host and disk bytes; a streamed recipe holds codes, so a model of
+    twice the blocks adds about the held bytes of the added blocks, far below their float
+    bytes; the recipe that loads the model whole needs more."""
+    from qat.footprint.run import held_layer_bytes
+
+    small, large = _saved_llama(tmp_path / "a", 2), _saved_llama(tmp_path / "b", 4)
+    outs = {}
+    for name, model in (("small", small), ("large", large)):
+        for recipe in ("w4g64_kd", "w4g64"):
+            path = tmp_path / f"{name}-{recipe}.json"
+            assert main(["--model", str(model), "--recipe", recipe, "data=tiny",
+                         "--json", str(path)]) == 0
+            outs[name, recipe] = json.loads(path.read_text())
+    assert "streamed" in capsys.readouterr().out
+    assert outs["small", "w4g64_kd"]["streamed"] and not outs["small", "w4g64"]["streamed"]
+    stages = [r["stage"] for r in outs["small", "w4g64_kd"]["stages"]]
+    assert stages == ["load", "ptq", "block stage", "end-to-end", "checkpoint", "export"]
+
+    def peak(key):
+        return max(r["host_bytes"] for r in outs[key]["stages"])
+
+    added = outs["large", "w4g64_kd"]["params"] - outs["small", "w4g64_kd"]["params"]
+    grew = peak(("large", "w4g64_kd")) - peak(("small", "w4g64_kd"))
+    assert 0 < grew < added * 1.5  # bytes per added parameter: codes and grids, not floats
+    whole = peak(("large", "w4g64")) - peak(("small", "w4g64"))
+    assert whole > added * 4  # the float model, its gradients and AdamW moments
+    disk = [r["disk_bytes"] for r in outs["small", "w4g64_kd"]["stages"]]
+    assert disk == sorted(disk)  # the files only accumulate
+    spec = WeightSpec(bits=4, group_size=64)
+    from qat.footprint.run import QuantizedLayer
+
+    assert held_layer_bytes(QuantizedLayer(128, 256, spec)) == 128 * 256 // 2 + 128 * 4 * 12 + 8
+
+
+def test_run_footprint_refuses_bad_input(tmp_path, capsys):
+    model = _saved_llama(tmp_path / "m", 2)
+    assert main(["--model", str(model), "--recipe", "no_such_recipe"]) == 2
+    assert main(["--model", str(tmp_path / "nowhere"), "--recipe", "w4g64_kd"]) == 2
+    assert main(["--model", str(model), "--recipe", "w4g64_kd", "optim.trainable=nope"]) == 2
+    assert "optim.trainable" in capsys.readouterr().err

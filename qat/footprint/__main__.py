@@ -1,4 +1,5 @@
 """python -m qat.footprint --model NAME_OR_DIR | --params 70e9 [--group-size 64|channel] [--json PATH]
+python -m qat.footprint --model DIR --recipe NAME [key=value ...]   (a run's memory, stage by stage)
 
 Weight memory at FP32, BF16, INT8, INT4, INT3 and INT2: first the naive params * bits / 8, then the
 bytes an export stores (bf16 scales per group, packed zero points when asymmetric, embeddings /
@@ -126,6 +127,46 @@ def report(model: str | None, params: float | None, group_size: int | None) -> t
     return "\n".join(parts), out
 
 
+def run_report(model: str, recipe: str, overrides: list[str]) -> tuple[str, dict]:
+    """Each stage's peak host, device and disk bytes for `python train.py recipe=RECIPE
+    model.path=MODEL OVERRIDES` (qat.footprint.run), from config.json alone."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    import qat
+    from qat.eval.footprint import meta_model, model_config
+    from qat.footprint.run import run_shape, stage_bytes
+    from qat.format.shards import weight_files
+    from qat.train.specs import build_specs
+    from qat.train.streamed import can_stream
+
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: no config.json (--recipe needs a model dir)")
+    conf = Path(qat.__file__).resolve().parent / "conf"
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="train",
+                          overrides=[f"recipe={recipe}", f"model.path={path}", *overrides])
+    except HydraException as err:
+        raise ValueError(f"--recipe {recipe} {' '.join(overrides)}: {err}") from err
+    specs = build_specs(cfg)
+    shape = run_shape(meta_model(model_config(str(path))), specs.quant)
+    files = [f for f in weight_files(path) if f.is_file()]
+    streamed = can_stream(specs) and bool(files)
+    stages = stage_bytes(shape, specs, streamed, sum(f.stat().st_size for f in files))
+    rows = [(r["stage"], f"{r['host_bytes'] / GIB:,.2f}", f"{r['device_bytes'] / GIB:,.2f}",
+             f"{r['disk_bytes'] / GIB:,.2f}") for r in stages]
+    how = "streamed: blocks read from the files one at a time, held as codes" if streamed \
+        else "the model loaded whole"
+    text = (f"{model}, recipe={recipe} {' '.join(overrides)}: {shape.params / 1e9:.3f}B "
+            f"parameters, {shape.blocks} blocks; {how}\n"
+            + text_table(("stage", "host GiB", "device GiB", "disk GiB"), rows)
+            + f"\npeak host {max(r['host_bytes'] for r in stages) / GIB:,.2f} GiB")
+    return text, {"model": model, "recipe": recipe, "overrides": overrides,
+                  "params": shape.params, "streamed": streamed, "stages": stages}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qat-footprint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,11 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=_group_size, default=64,
                         help="weights per scale (default 64) or 'channel'")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
+    parser.add_argument("--recipe", help="predict a training run's peak memory and disk per stage "
+                        "(with --model DIR; trailing key=value overrides as train.py takes them)")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides, with --recipe")
     args = parser.parse_args(argv)
     if args.params is not None and args.params <= 0:
         parser.error("--params must be positive")
+    if args.overrides and args.recipe is None:
+        parser.error("key=value overrides go with --recipe")
+    if args.recipe is not None and args.model is None:
+        parser.error("--recipe needs --model DIR")
     try:
-        text, out = report(args.model, args.params, args.group_size)
+        text, out = run_report(args.model, args.recipe, args.overrides) if args.recipe \
+            else report(args.model, args.params, args.group_size)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -198,8 +198,10 @@ def code_values(codes: torch.Tensor, code_min: int) -> torch.Tensor:
     """The codes as float32: int8 as they are, uint8 (`pack_codes`) unpacked."""
     if codes.dtype != torch.uint8:
         return codes.float()
-    pairs = torch.stack((codes & 15, codes >> 4), dim=-1)
-    return pairs.reshape(*codes.shape[:-1], codes.shape[-1] * 2).float() + code_min
+    out = torch.empty(*codes.shape, 2, dtype=torch.float32, device=codes.device)
+    out[..., 0] = codes & 15  # two strided writes into one buffer: 2x an int8 read, where
+    out[..., 1] = codes >> 4  # stack + reshape + float took 10x
+    return out.view(*codes.shape[:-1], codes.shape[-1] * 2).add_(code_min)
 
 
 def _dequantize_codes(codes: torch.Tensor, scale: torch.Tensor,

@@ -33,15 +33,20 @@ from qat.train.specs import Specs
 INITS = (None, "rtn")  # quant.init methods that need no pass over the whole model
 
 
+def can_stream(specs: Specs) -> bool:
+    """Whether the recipe lets the run keep the float model on disk (see the module doc)."""
+    return specs.quant.weight is not None and specs.blockwise.enabled \
+        and specs.optim.trainable == "scales" and specs.quant.init in INITS \
+        and not specs.prune.enabled and specs.ptq.outliers == "off" \
+        and specs.quant.budget_bits is None and not specs.data.generated_samples \
+        and not specs.quant.start_step
+
+
 def streamed_dir(specs: Specs, resuming_lightning: bool) -> Path | None:
     """The model directory a streamed run reads its blocks from, or None: load it whole."""
     from qat.models.load import model_dir
 
-    if resuming_lightning or specs.quant.weight is None or not specs.blockwise.enabled \
-            or specs.optim.trainable != "scales" or specs.quant.init not in INITS \
-            or specs.prune.enabled or specs.ptq.outliers != "off" \
-            or specs.quant.budget_bits is not None or specs.data.generated_samples \
-            or specs.quant.start_step:
+    if resuming_lightning or not can_stream(specs):
         return None
     return model_dir(specs.model)
 

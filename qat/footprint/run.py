@@ -1,0 +1,181 @@
+"""Will it fit? Each stage's peak host, device and disk bytes for a training run, from the model's
+config and the recipe alone (the model is built on the meta device; nothing is loaded).
+
+The prediction adds up what each stage holds, as the pipeline is written (qat.train.run):
+
+    process        the interpreter with torch, transformers and Lightning imported (PROCESS_BYTES)
+    resident       embeddings, final norm, head: the student's, and an onloaded teacher's
+    held           every quantized layer as its codes (two per byte at <= 4 bits), its grid and
+                   its SQNR sums; the block norms in the model dtype (a streamed run)
+    float model    every parameter in the model dtype (a run that loads the model whole)
+    block          one decoder block in float: read from the files, trained (weights, gradients,
+                   AdamW's two moments), or the float model's block that gives the targets
+    activations    the block stage's three (samples, seq_len, hidden) tensors and a mini-batch's
+                   saved activations; end to end, a batch's saved activations per block and the
+                   logits (student, teacher, their float32 loss chunks)
+
+On a CPU run the device is the host (device bytes 0). On an accelerator the stages keep the model
+on the host and move one block at a time, so the device holds the block, its optimizer and the
+activations; end to end the student (held), its optimizer and the activations.
+
+Disk: the model's files, the block store (held blocks), the checkpoint (held model and AdamW over
+the grid) and the export (qat.eval.footprint), cumulated stage by stage.
+
+The constants below the arithmetic (PROCESS_BYTES, the transient multipliers) were fitted on
+bench/memory.py's measurements (BENCHMARKS.md, Memory); bench/memory.py prints the prediction
+beside every measured stage.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from qat.quant.spec import WeightSpec
+
+PROCESS_BYTES = 0.53 * 2**30  # python + torch + transformers + lightning, measured at startup
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# transients, as multiples of what they scale with (fitted, see the module doc)
+READ_COPIES = 2.0  # a tensor read from the files: the mapped pages and the copy
+QUANTIZE_COPIES = 3.0  # float temporaries of one layer while its grid and codes are computed
+BLOCK_STAGE_COPIES = 1.0  # the block's forward temporaries, beside weights, gradients, moments
+E2E_SAVED_PER_TOKEN = (12, 4)  # saved floats per token per block: (x hidden, x intermediate)
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    out_features: int
+    in_features: int
+    spec: WeightSpec
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The sizes the stages scale with, from config.json."""
+
+    blocks: int
+    block_params: int  # one decoder block
+    resident_params: int  # outside the blocks (embeddings, final norm, head)
+    largest_tensor: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    layers: tuple[QuantizedLayer, ...]  # the quantized Linears of one block
+
+    @property
+    def params(self) -> int:
+        return self.blocks * self.block_params + self.resident_params
+
+    @property
+    def quantized_per_block(self) -> int:
+        return sum(l.out_features * l.in_features for l in self.layers)
+
+
+def run_shape(model, quant) -> RunShape:
+    """`model`: the run's model built on the meta device; `quant`: its QuantConfig."""
+    from qat.models.structure import decoder_blocks
+    from qat.quant.swap import plan
+
+    prefix, blocks = decoder_blocks(model)
+    report = plan(model, quant)
+    first = f"{prefix}.0."
+    layers = tuple(QuantizedLayer(l.out_features, l.in_features, l.spec) for l in report.layers
+                   if l.name.startswith(first) and l.spec is not None)
+    block_params = sum(p.numel() for p in blocks[0].parameters())
+    total = sum(p.numel() for p in model.parameters())
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    return RunShape(blocks=len(blocks), block_params=block_params,
+                    resident_params=total - len(blocks) * block_params,
+                    largest_tensor=max(p.numel() for p in model.parameters()),
+                    hidden=int(config.hidden_size),
+                    intermediate=int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
+                    vocab=int(config.vocab_size), layers=layers)
+
+
+def held_layer_bytes(layer: QuantizedLayer) -> int:
+    """A codes-held layer: codes, scale and zero point (float32), the SQNR sums, per group."""
+    n = layer.out_features * layer.in_features
+    spec = layer.spec
+    group = layer.in_features if spec.granularity != "group" else spec.group_size
+    groups = n // group if spec.granularity != "tensor" else 1
+    codes = n // 2 if spec.bits <= 4 and group % 2 == 0 else n
+    per_group = 4 + 4 + 4 + (0 if spec.symmetric else 4)  # scale, zero point, sum w*q, sum w
+    return codes + groups * per_group + 8
+
+
+def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
+                ) -> list[dict]:
+    """[{stage, host_bytes, device_bytes, disk_bytes}] in the order the run passes them."""
+    d = DTYPE_BYTES[specs.model.dtype]
+    distill = specs.distill.enabled
+    td = DTYPE_BYTES[specs.distill.teacher.dtype] if distill else 0
+    held_block = sum(held_layer_bytes(l) for l in shape.layers) \
+        + (shape.block_params - shape.quantized_per_block) * d
+    held = shape.blocks * held_block + shape.resident_params * d
+    block = shape.block_params * d
+    layer = max((l.out_features * l.in_features for l in shape.layers), default=0)
+    resident = shape.resident_params * (d + td)
+    floats = shape.params * d  # the whole float model
+    bw = specs.blockwise
+    cache = DTYPE_BYTES[bw.cache_dtype] if bw.enabled else 0
+    block_acts = (3 * bw.samples * bw.seq_len * shape.hidden * cache
+                  + bw.batch_size * bw.seq_len * (12 * shape.hidden + 4 * shape.intermediate) * 4
+                  ) if bw.enabled else 0
+    train_block = block * (4 + BLOCK_STAGE_COPIES)  # weights, gradients, 2 moments, temporaries
+    tokens = specs.data.batch_size * specs.data.block_size
+    per_token = E2E_SAVED_PER_TOKEN[0] * shape.hidden + E2E_SAVED_PER_TOKEN[1] * shape.intermediate
+    e2e_acts = tokens * shape.blocks * per_token * d + tokens * shape.vocab * 4 * (3 if distill
+                                                                                   else 2)
+    grid = sum(held_layer_bytes(l) - l.out_features * l.in_features // 2 for l in shape.layers) \
+        * shape.blocks  # the grid's own bytes: its gradient and moments
+    teacher_block = shape.block_params * td
+    read = shape.largest_tensor * 4 * READ_COPIES
+    quantize = layer * 4 * QUANTIZE_COPIES
+    stages = []
+    if streamed:
+        stages += [("load", resident + read), ("ptq", resident + held + block + quantize),
+                   ("block stage", resident + held + train_block + teacher_block + block_acts),
+                   ("end-to-end", resident + held + 3 * grid + teacher_block + e2e_acts),
+                   ("checkpoint", resident + held + 3 * grid), ("export", resident + held + quantize)]
+    else:
+        teacher = floats * td / d if distill else 0
+        weights_train = specs.optim.trainable != "scales"
+        stages += [("load", floats + teacher + read)]
+        if bw.enabled:
+            stages += [("block stage", floats + teacher + floats + train_block + block_acts)]
+        model_e2e = floats * (4 if weights_train else 1)  # weights, gradients, moments
+        stages += [("end-to-end", model_e2e + teacher + e2e_acts),
+                   ("checkpoint", model_e2e + teacher), ("export", floats + teacher + quantize)]
+    store = shape.blocks * held_block if bw.enabled else 0
+    checkpoint = held + 2 * grid if streamed else floats * (3 if specs.optim.trainable != "scales"
+                                                            else 1)
+    disk = {"load": model_files_bytes, "ptq": model_files_bytes, "block stage":
+            model_files_bytes + store, "end-to-end": model_files_bytes + store,
+            "checkpoint": model_files_bytes + store + checkpoint}
+    from qat.eval.footprint import LinearShape, ModelShapes, model_bytes
+
+    shapes = ModelShapes(tuple(LinearShape(f"l{i}.{j}", l.out_features, l.in_features)
+                               for i in range(shape.blocks) for j, l in enumerate(shape.layers)),
+                         shape.params)
+    specs_by_name = {f"l{i}.{j}": l.spec for i in range(shape.blocks)
+                     for j, l in enumerate(shape.layers)}
+    export = model_bytes(shapes, specs_by_name, DTYPE_BYTES[specs.export.dtype])["total"] \
+        if specs.export.enabled else 0
+    disk["export"] = disk["checkpoint"] + export
+    out = []
+    for name, host in stages:
+        device = 0
+        out.append({"stage": name, "host_bytes": int(PROCESS_BYTES + host),
+                    "device_bytes": device, "disk_bytes": int(disk.get(name, model_files_bytes))})
+    return out
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b else 0
+
+
+__all__ = ["RunShape", "run_shape", "stage_bytes", "held_layer_bytes", "math"]
