@@ -5,7 +5,7 @@ data (corpora, tokens, the eval protocol) and models (structure, decoder blocks 
 loading, run checkpoints) below quant and kernels; the distillation losses and teacher; then the
 stages, siblings that never import each other (PTQ, the block stage, pruning, export); evaluation
 (which reads exports) and serving; Lightning, the end-to-end stage; `train(cfg)` and the commands
-on top. A new upward or sideways import (a cycle in waiting) fails here with the module that made it.
+on top, `qat-footprint` above them (it reads a recipe as train.py does). A new upward or sideways import (a cycle in waiting) fails here with the module that made it.
 """
 import ast
 from pathlib import Path
@@ -23,7 +23,8 @@ LAYERS = [
     {"ptq", "blockwise", "prune", "export"},  # the stages: siblings
     {"eval", "serve"},
     {"lightning"},
-    {"train", "footprint", "report", "__init__", "conf"},
+    {"train", "report", "__init__", "conf"},
+    {"footprint"},  # a run's footprint reads the recipe as train.py would (train.specs, streamed)
 ]
 STAGES = {"ptq", "blockwise", "prune", "export", "eval", "quant", "distill"}
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
