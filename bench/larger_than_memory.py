@@ -6,7 +6,8 @@ A synthetic Llama (hidden 5120, MLP 13824, 40 heads, vocab 512: the 13B layout, 
 blocks as make its bfloat16 weights at least `ratio` x the RAM) is written block by block straight
 into safetensors shards (random normal weights, std 0.02; never the whole model in memory), then
 run as `python train.py model.path=DIR recipe=w4g64_kd` with quant.init=rtn, the block stage on
-2 samples of 128 tokens, one end-to-end KD step of 1 x 128 tokens and the export; then
+2 samples of 128 tokens, one end-to-end KD step of 1 x 128 tokens (each block's activations
+recomputed in backward: model.gradient_checkpointing) and the export; then
 `qat.load_quantized` reads the export and greedily picks one token. Each step is a child
 process whose peak RSS (VmHWM, per stage as bench/memory.py takes it) is recorded; a thread samples
 the disk the work directory uses. The synthetic files are deleted at the end (--keep: not).
@@ -35,7 +36,7 @@ WIDTH = dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
 OVERRIDES = ["trainer.max_steps=1", "quant.init=rtn", "blockwise.samples=2", "blockwise.seq_len=128",
              "blockwise.batch_size=1", "blockwise.epochs=1", "data.batch_size=1",
              "data.block_size=128", "data.eval_windows=1", "data.ood_windows=1",
-             "eval.quantized_before=false"]
+             "eval.quantized_before=false", "model.gradient_checkpointing=true"]
 
 
 def ram_bytes() -> int:
