@@ -1,7 +1,7 @@
 """Peak memory of each stage of a run against model size (issue 30).
 
     python bench/memory.py                                  # 2, 4, 8 layers x w4g64_kd, w4g64
-    python bench/memory.py --layers 2 4 8 16 --recipes w4g64_kd
+    python bench/memory.py --layers 2 4 8 16 --recipes w4g64_kd w4g64_kd:model.gradient_checkpointing=true
 
 Synthetic Llamas of one family (hidden 2048, MLP 5632, vocab 512: random weights from transformers'
 own config class, saved as float32 safetensors with the tiny tokenizer), each run through the
@@ -110,6 +110,17 @@ def build_model(layers: int, directory: Path) -> int:
     return params
 
 
+def predicted(model_dir: Path, recipe: str, extra: list[str]) -> dict[str, int]:
+    """qat-footprint's prediction of each stage's peak host bytes for the same run."""
+    from qat.footprint.__main__ import run_report
+
+    try:
+        stages = run_report(str(model_dir), recipe, [*OVERRIDES, *BLOCKS, *extra])[1]["stages"]
+    except ValueError:  # a recipe without a block stage has no blockwise.samples to set
+        stages = run_report(str(model_dir), recipe, [*OVERRIDES, *extra])[1]["stages"]
+    return {r["stage"]: r["host_bytes"] for r in stages}
+
+
 def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -118,17 +129,22 @@ def measure(layers: int, recipes: list[str], work: Path) -> list[dict]:
     model_dir = work / f"llama-{layers}"
     params = build_model(layers, model_dir)
     rows = []
-    for recipe in recipes:
-        run_dir, out = work / f"run-{layers}-{recipe}", work / f"peaks-{layers}-{recipe}.json"
-        subprocess.run([sys.executable, __file__, "--child", str(model_dir), recipe, str(run_dir),
-                        str(out)], check=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    for index, recipe in enumerate(recipes):
+        name, *extra = recipe.split(":")  # NAME:key=value:key=value, a recipe with overrides
+        run_dir, out = work / f"run-{layers}-{index}", work / f"peaks-{layers}-{index}.json"
+        subprocess.run([sys.executable, __file__, "--child", str(model_dir), name, str(run_dir),
+                        str(out), *extra], check=True,
+                       env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
         result = json.loads(out.read_text())
         disk = disk_bytes(run_dir)
+        guess = predicted(model_dir, name, extra)
         for phase, peak in result["peaks"]:
             rows.append({"recipe": recipe, "params": params, "layers": layers, "phase": phase,
-                         "peak_rss_bytes": peak, "disk_bytes": disk})
+                         "peak_rss_bytes": peak, "disk_bytes": disk,
+                         "predicted_bytes": guess.get(phase)})
         rows.append({"recipe": recipe, "params": params, "layers": layers, "phase": "whole run",
                      "peak_rss_bytes": result["peak"], "disk_bytes": disk,
+                     "predicted_bytes": max(guess.values()),
                      "seconds": round(result["seconds"], 1)})
         print(f"{layers} layers ({params / 1e9:.3f}B), {recipe}: peak {result['peak'] / 2**30:.2f}"
               f" GiB in {result['seconds']:.0f} s", flush=True)
@@ -165,8 +181,13 @@ def section(result: dict) -> str:
               "bytes/param": f"{r['peak_rss_bytes'] / r['params']:.1f}",
               "largest stage": max(stages[(r["recipe"], r["layers"])],
                                    key=lambda s: s["peak_rss_bytes"])["phase"],
+              "predicted": f"{r['predicted_bytes'] / gib:.2f} GiB",
+              "error": f"{r['predicted_bytes'] / r['peak_rss_bytes'] - 1:+.0%}",
               "run dir on disk": f"{r['disk_bytes'] / gib:.2f} GiB", "seconds": r.get("seconds")}
              for r in whole]
+    staged = [r for r in result["rows"] if r.get("predicted_bytes") and r["phase"] != "whole run"]
+    worst = max(staged, key=lambda r: abs(r["predicted_bytes"] / r["peak_rss_bytes"] - 1),
+                default=None)
     fits = "; ".join(f"{k}: {v['slope_bytes_per_param']} bytes/param + "
                      f"{v['intercept_bytes'] / gib:.2f} GiB" for k, v in result["fit"].items())
     return ("## Memory against model size (issue 30)\n\n"
@@ -175,8 +196,13 @@ def section(result: dict) -> str:
             "synthetic Llamas (hidden 2048, MLP 5632, vocab 512), float32 files, `data=tiny "
             "blockwise.samples=4`, float and stage perplexities off, 2 end-to-end steps, the export. "
             f"Slope of peak RSS on parameters (bar: <= 1.5 bytes/param): {fits or 'one size only'}."
-            "\n\n" + markdown_table(table, ["recipe", "layers", "params", "peak RSS", "bytes/param",
-                                             "largest stage", "run dir on disk", "seconds"]))
+            " `predicted`: `qat-footprint --model DIR --recipe R` with the same overrides, from "
+            "config.json alone (bar: within 15%)"
+            + (f"; its worst stage: {worst['recipe']} {worst['layers']} layers {worst['phase']}, "
+               f"{worst['predicted_bytes'] / worst['peak_rss_bytes'] - 1:+.0%}" if worst else "")
+            + ".\n\n" + markdown_table(table, ["recipe", "layers", "params", "peak RSS",
+                                               "bytes/param", "largest stage", "predicted", "error",
+                                               "run dir on disk", "seconds"]))
 
 
 def main(argv: list[str]) -> None:
@@ -185,7 +211,9 @@ def main(argv: list[str]) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--recipes", nargs="+", default=["w4g64_kd", "w4g64"])
+    parser.add_argument("--recipes", nargs="+", default=[
+        "w4g64_kd", "w4g64_kd:model.gradient_checkpointing=true", "w4g64"],
+        help="recipe names, each optionally with :key=value overrides")
     parser.add_argument("--work", default=None, help="where models and runs go (default: a temp dir)")
     args = parser.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="qat-memory-"))

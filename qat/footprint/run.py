@@ -32,13 +32,14 @@ from dataclasses import dataclass
 
 from qat.quant.spec import WeightSpec
 
-PROCESS_BYTES = 0.53 * 2**30  # python + torch + transformers + lightning, measured at startup
+PROCESS_BYTES = 0.645 * 2**30  # python, torch, transformers, Lightning, the tokens: after loading
+LOAD_BYTES = 0.40 * 2**30  # loading's own transients (config, tokenizer, corpus, modeling code)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # transients, as multiples of what they scale with (fitted, see the module doc)
 READ_COPIES = 2.0  # a tensor read from the files: the mapped pages and the copy
-QUANTIZE_COPIES = 3.0  # float temporaries of one layer while its grid and codes are computed
-BLOCK_STAGE_COPIES = 1.0  # the block's forward temporaries, beside weights, gradients, moments
-E2E_SAVED_PER_TOKEN = (12, 4)  # saved floats per token per block: (x hidden, x intermediate)
+QUANTIZE_COPIES = 3.5  # float32 temporaries of one layer while its grid and codes are computed
+BLOCK_STAGE_COPIES = 2.0  # the block's forward temporaries, beside weights, gradients, moments
+E2E_SAVED_PER_TOKEN = (12, 4)  # floats saved per token per block: (x hidden, x intermediate)
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,13 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
     train_block = block * (4 + BLOCK_STAGE_COPIES)  # weights, gradients, 2 moments, temporaries
     tokens = specs.data.batch_size * specs.data.block_size
     per_token = E2E_SAVED_PER_TOKEN[0] * shape.hidden + E2E_SAVED_PER_TOKEN[1] * shape.intermediate
-    e2e_acts = tokens * shape.blocks * per_token * d + tokens * shape.vocab * 4 * (3 if distill
-                                                                                   else 2)
+    saved = tokens * (shape.blocks * shape.hidden + per_token) * d \
+        if specs.model.gradient_checkpointing else tokens * shape.blocks * per_token * d
+    e2e_acts = saved + tokens * shape.vocab * 4 * (3 if distill else 2)  # + the logits
     grid = sum(held_layer_bytes(l) - l.out_features * l.in_features // 2 for l in shape.layers) \
         * shape.blocks  # the grid's own bytes: its gradient and moments
     teacher_block = shape.block_params * td
-    read = shape.largest_tensor * 4 * READ_COPIES
+    read = shape.largest_tensor * 4 * READ_COPIES + LOAD_BYTES
     quantize = layer * 4 * QUANTIZE_COPIES
     stages = []
     if streamed:
