@@ -196,7 +196,10 @@ def block_stage(model, float_model, specs, tokens, store: BlockStore, cfg: DictC
             print(f"ppl after quant.init={specs.quant.init or 'none (min/max grid)'}: "
                   f"{info['ptq_ppl']:.3f}")
         if is_rank_zero():
-            store.save_init(decoder_blocks(model)[1] if calibrated else None, info)
+            # rtn is a pure function of the weights: a resumed run recomputes it rather than keep
+            # a second copy of the quantized model on disk
+            keep = calibrated and specs.quant.init != "rtn"
+            store.save_init(decoder_blocks(model)[1] if keep else None, info)
     spec = specs.blockwise
     ids = calibration_ids(tokens.train_blocks, spec.samples, spec.seq_len, owner="blockwise")
     report = train_blocks(model, float_model, ids, spec, seed=cfg.seed, store=store,
