@@ -121,6 +121,30 @@ def predicted(model_dir: Path, recipe: str, extra: list[str]) -> dict[str, int]:
     return {r["stage"]: r["host_bytes"] for r in stages}
 
 
+def repredict() -> None:
+    """The recorded rows' predictions again (after the footprint's arithmetic changed), from
+    config-only model dirs: the prediction reads config.json alone."""
+    from transformers import AutoConfig
+
+    result = json.loads((RESULTS / "memory.json").read_text())
+    guesses: dict[tuple, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in result["rows"]:
+            key = (row["layers"], row["recipe"])
+            if key not in guesses:
+                directory = Path(tmp) / f"llama-{row['layers']}"
+                if not directory.exists():
+                    AutoConfig.for_model("llama", num_hidden_layers=row["layers"],
+                                         **WIDTH).save_pretrained(directory)
+                name, *extra = row["recipe"].split(":")
+                guesses[key] = predicted(directory, name, extra)
+            guess = guesses[key]
+            row["predicted_bytes"] = max(guess.values()) if row["phase"] == "whole run" \
+                else guess.get(row["phase"])
+    write_json(RESULTS / "memory.json", result)
+    update_section("memory", section(result))
+
+
 def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -215,7 +239,12 @@ def main(argv: list[str]) -> None:
         "w4g64_kd", "w4g64_kd:model.gradient_checkpointing=true", "w4g64"],
         help="recipe names, each optionally with :key=value overrides")
     parser.add_argument("--work", default=None, help="where models and runs go (default: a temp dir)")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="recompute qat-footprint's predictions for the recorded rows")
     args = parser.parse_args(argv)
+    if args.predict_only:
+        repredict()
+        return
     work = Path(args.work or tempfile.mkdtemp(prefix="qat-memory-"))
     load_before = os.getloadavg()  # a peak measured beside another heavy job is still a peak,
     rows = []                      # but its seconds are not a result

@@ -153,8 +153,13 @@ def run_report(model: str, recipe: str, overrides: list[str]) -> tuple[str, dict
     specs = build_specs(cfg)
     shape = run_shape(meta_model(model_config(str(path))), specs.quant)
     files = [f for f in weight_files(path) if f.is_file()]
-    streamed = can_stream(specs) and bool(files)
-    stages = stage_bytes(shape, specs, streamed, sum(f.stat().st_size for f in files))
+    config = model_config(str(path))
+    stored = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+                 or "float32").removeprefix("torch.")
+    files_bytes = sum(f.stat().st_size for f in files) if files \
+        else shape.params * {"float32": 4}.get(stored, 2)  # config alone: as its dtype says
+    streamed = can_stream(specs)
+    stages = stage_bytes(shape, specs, streamed, files_bytes)
     rows = [(r["stage"], f"{r['host_bytes'] / GIB:,.2f}", f"{r['device_bytes'] / GIB:,.2f}",
              f"{r['disk_bytes'] / GIB:,.2f}") for r in stages]
     how = "streamed: blocks read from the files one at a time, held as codes" if streamed \
