@@ -104,3 +104,26 @@ def test_shard_plan_and_sizes():
     for bad in ("lots", "0", "-1MB", "5 GBs"):
         with pytest.raises(ValueError, match="export.max_shard_size"):
             parse_size(bad)
+
+
+def test_iter_tensors_reads_what_safetensors_wrote_one_tensor_at_a_time(tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from qat.format.shards import iter_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
+               "c": torch.randint(-9, 9, (4, 2), generator=g, dtype=torch.int32),
+               "d": torch.tensor(2.5, dtype=torch.float64), "e": torch.tensor([True, False]),
+               "f": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    read = dict(iter_tensors(tmp_path / "x.safetensors"))
+    assert read.keys() == tensors.keys()
+    for key, value in tensors.items():
+        assert read[key].dtype == value.dtype and torch.equal(read[key], value), key
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        list(iter_tensors(tmp_path / "cut.safetensors"))

@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import nn
 
+from qat.io import release_memory
 from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import WeightSpec
@@ -66,6 +67,8 @@ def convert(model: nn.Module, dtype: torch.dtype = torch.bfloat16, backend: str 
             setattr(layer, TRANSPOSED, True)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        if inplace:
+            release_memory()  # the layer's codes and temporaries: no holes left behind
     cast_float_tensors(model, dtype)
     return model.eval()
 

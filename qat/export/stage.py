@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from qat.export.spec import ExportSpec
+from qat.io import release_memory
 
 
 def export(model: torch.nn.Module, tokenizer, out_dir: Path, spec: ExportSpec,
@@ -31,6 +32,7 @@ def export(model: torch.nn.Module, tokenizer, out_dir: Path, spec: ExportSpec,
 
     dtype = getattr(torch, spec.dtype)
     served = convert(model, dtype, inplace=inplace)  # as load_quantized(out_dir, dtype) serves it
+    release_memory()  # the codes' and the conversion's freed memory, back to the kernel
     export_model(served, tokenizer, out_dir, dtype=dtype, run=card,
                  max_shard_bytes=spec.max_shard_bytes)
     result: dict[str, Any] = {"export_dir": str(out_dir), "export_eval_backend": spec.eval_backend,

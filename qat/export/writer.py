@@ -18,7 +18,7 @@ from qat.export.compressed_tensors import stored_tensors
 from qat.export.convert import convert
 from qat.export.serving import serving_report
 from qat.format.schema import quantization_config
-from qat.format.shards import INDEX_FILE, plan_shards, shard_name, weight_files
+from qat.format.shards import INDEX_FILE, plan_shards, shard_name, weight_files, iter_tensors
 from qat.io import atomic_path
 from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
@@ -116,17 +116,14 @@ def write_weights(tensors: dict[str, torch.Tensor], directory: Path,
 def verify_export(directory: Path, expected: dict[str, torch.Tensor]) -> None:
     """Re-open what was written and compare every tensor, file by file, so a bad write never
     gets renamed."""
-    from safetensors import safe_open
-
     found: set[str] = set()
     for path in weight_files(directory):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if key not in expected:
-                    raise OSError(f"{path}: tensor {key!r} was not meant to be written")
-                if not torch.equal(f.get_tensor(key), expected[key].cpu()):
-                    raise OSError(f"{path}: tensor {key!r} differs after write")
-                found.add(key)
+        for key, tensor in iter_tensors(path):  # one tensor in memory at a time
+            if key not in expected:
+                raise OSError(f"{path}: tensor {key!r} was not meant to be written")
+            if tensor.dtype != expected[key].dtype or not torch.equal(tensor, expected[key].cpu()):
+                raise OSError(f"{path}: tensor {key!r} differs after write")
+            found.add(key)
     missing = sorted(set(expected) - found)
     if missing:
         raise OSError(f"{directory}: tensors missing after write: {missing[:5]}")

@@ -167,6 +167,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # 10. checkpoint, reports, export, metrics.json
     steps.stage("checkpoint")
     save_checkpoint(trainer, module, run_dir / "checkpoints" / "last.ckpt")
+    steps.drop_optimizer(trainer)
     if not trainer.is_global_zero:  # reports, export and metrics are rank zero's to write
         return metrics
     metrics.update(steps.write_reports(run_dir, specs, model, report, ptq_report, block_report,

@@ -205,6 +205,15 @@ def training_facts(cfg: DictConfig, specs: Specs, trainer, module, train_seconds
     return out
 
 
+def drop_optimizer(trainer) -> None:
+    """Once the last checkpoint is written, AdamW's moments (twice the trained tensors) and its
+    hold on the trained tensors are dead weight: freed before the export converts the model."""
+    for optimizer in trainer.optimizers:
+        optimizer.state.clear()
+        for group in optimizer.param_groups:
+            group["params"] = []
+
+
 def write_reports(run_dir: Path, specs: Specs, model, report, ptq_report, block_report,
                   shrunk) -> dict[str, Any]:
     """quant_report.json, ptq_report.json, blockwise_report.json, prune_report.json; returns
