@@ -181,7 +181,8 @@ def test_kd_run_logs_both_losses_and_keeps_the_teacher_out(tmp_path, monkeypatch
     state = ckpt["state_dict"]  # scales-only: each quantized weight held as its codes
     n_student = sum(v.numel() for k, v in state.items()
                     if "fake_quant" not in k and ".float_" not in k) \
-        + sum(v.numel() for k, v in state.items() if k.endswith("weight_fake_quant.codes"))
+        + sum(v.numel() * (2 if v.dtype == torch.uint8 else 1)  # 4-bit: two codes per byte
+              for k, v in state.items() if k.endswith("weight_fake_quant.codes"))
     assert n_student == sum(p.numel() for p in seen["teacher"].state_dict().values())
     with open(tmp_path / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
