@@ -33,13 +33,15 @@ from dataclasses import dataclass
 from qat.quant.spec import WeightSpec
 
 PROCESS_BYTES = 0.645 * 2**30  # python, torch, transformers, Lightning, the tokens: after loading
-LOAD_BYTES = 0.40 * 2**30  # loading's own transients (config, tokenizer, corpus, modeling code)
+LOAD_BYTES = 0.30 * 2**30  # a streamed load's own transients (config, tokenizer, modeling code)
+E2E_BYTES = 0.60 * 2**30  # the Trainer, its loops and data loaders
+EXPORT_BYTES = 0.35 * 2**30  # the export's writer, tokenizer and perplexity windows
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # transients, as multiples of what they scale with (fitted, see the module doc)
 READ_COPIES = 2.0  # a tensor read from the files: the mapped pages and the copy
 QUANTIZE_COPIES = 3.5  # float32 temporaries of one layer while its grid and codes are computed
 BLOCK_STAGE_COPIES = 2.0  # the block's forward temporaries, beside weights, gradients, moments
-E2E_SAVED_PER_TOKEN = (12, 4)  # floats saved per token per block: (x hidden, x intermediate)
+E2E_SAVED_PER_TOKEN = (24, 7)  # floats saved per token per block: (x hidden, x intermediate)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,9 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
         if specs.model.gradient_checkpointing else tokens * shape.blocks * per_token * d
     e2e_acts = saved + tokens * shape.vocab * 4 * (3 if distill else 2)  # + the logits
     grid = sum(held_layer_bytes(l) - l.out_features * l.in_features // 2 for l in shape.layers) \
-        * shape.blocks  # the grid's own bytes: its gradient and moments
+        * shape.blocks  # the grid's own bytes (scales, zero points, SQNR sums)
+    scales = sum(4 * l.out_features * l.in_features // (l.spec.group_size or l.in_features)
+                 for l in shape.layers) * shape.blocks  # what trains end to end (float32)
     teacher_block = shape.block_params * td
     read = shape.largest_tensor * 4 * READ_COPIES + LOAD_BYTES
     quantize = layer * 4 * QUANTIZE_COPIES
@@ -137,17 +141,20 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
     if streamed:
         stages += [("load", resident + read), ("ptq", resident + held + block + quantize),
                    ("block stage", resident + held + train_block + teacher_block + block_acts),
-                   ("end-to-end", resident + held + 3 * grid + teacher_block + e2e_acts),
-                   ("checkpoint", resident + held + 3 * grid), ("export", resident + held + quantize)]
+                   ("end-to-end", resident + held + 3 * scales + teacher_block + e2e_acts
+                    + E2E_BYTES),
+                   ("checkpoint", resident + held + grid // 2),
+                   ("export", resident + held + quantize + EXPORT_BYTES)]
     else:
         teacher = floats * td / d if distill else 0
         weights_train = specs.optim.trainable != "scales"
-        stages += [("load", floats + teacher + read)]
+        stages += [("load", floats + teacher)]
         if bw.enabled:
             stages += [("block stage", floats + teacher + floats + train_block + block_acts)]
         model_e2e = floats * (4 if weights_train else 1)  # weights, gradients, moments
-        stages += [("end-to-end", model_e2e + teacher + e2e_acts),
-                   ("checkpoint", model_e2e + teacher), ("export", floats + teacher + quantize)]
+        stages += [("end-to-end", model_e2e + teacher + e2e_acts + E2E_BYTES),
+                   ("checkpoint", floats * (3 if weights_train else 1) + teacher),
+                   ("export", floats + teacher + quantize)]
     store = shape.blocks * held_block if bw.enabled else 0
     checkpoint = held + 2 * grid if streamed else floats * (3 if specs.optim.trainable != "scales"
                                                             else 1)
