@@ -27,7 +27,6 @@ beside every measured stage.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from qat.quant.spec import WeightSpec
@@ -177,14 +176,3 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
         out.append({"stage": name, "host_bytes": int(PROCESS_BYTES + host),
                     "device_bytes": device, "disk_bytes": int(disk.get(name, model_files_bytes))})
     return out
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f}"
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else 0
-
-
-__all__ = ["RunShape", "run_shape", "stage_bytes", "held_layer_bytes", "math"]
