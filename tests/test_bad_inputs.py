@@ -118,6 +118,7 @@ CONFIG_CASES = {
     "unknown block-stage key": (["+blockwise.epoch=2"], r"blockwise\.epoch .*did you mean epochs"),
     "unknown data key": (["+data.blocksize=64"], r"data\.blocksize .*did you mean block_size"),
     "unknown top-level key": (["+optimm.lr=1"], r"optimm .*did you mean optim"),
+    "unknown stage device": (["model.device=tpu"], r"model\.device='tpu' is not allowed; one of auto"),
     "unknown export dtype": (["export.dtype=int8"], r"export\.dtype='int8'"),
     "unknown export backend": (["export.eval_backend=fast"], r"export\.eval_backend='fast'"),
     "resume with no checkpoint": (["ckpt_path=last"], r"ckpt_path=last: no checkpoint at .*last\.ckpt"),

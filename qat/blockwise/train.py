@@ -23,9 +23,10 @@ from torch import nn
 
 from qat.blockwise.spec import BlockwiseSpec
 from qat.distill.losses import ForwardKL
-from qat.models.blocks import capture_block_inputs, fake_quant_disabled, hidden_of
+from qat.models.blocks import capture_block_inputs, device_of, fake_quant_disabled, hidden_of
 from qat.io import release_memory
 from qat.models.onload import held
+from qat.models.placement import block_on, residents_on
 from qat.models.structure import decoder_blocks
 from qat.quant.modules import FakeQuantLinear
 
@@ -227,7 +228,8 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
                  spec: BlockwiseSpec, *, seed: int = 0, store=None,
                  on_block: Callable[[BlockResult], None] | None = None,
                  before_block: Callable[[int, nn.Module], None] | None = None,
-                 after_block: Callable[[int, nn.Module], None] | None = None) -> BlockwiseReport:
+                 after_block: Callable[[int, nn.Module], None] | None = None,
+                 device: torch.device | None = None) -> BlockwiseReport:
     """Block-wise QAT of a prepared (and optionally PTQ-initialised) model, in place.
 
     Args:
@@ -242,11 +244,11 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
         on_block: called with each block's result (e.g. a progress bar).
         before_block, after_block: called with (index, block) around a block's training (not for
             a resumed block): give it its float weights back, keep only its codes after.
+        device: where the blocks train (each moved there for its turn, back after) and the
+            cached inputs and targets live; default: where the model is.
     Returns:
         BlockwiseReport; afterwards every quantized Linear holds trained weights and a static grid.
     """
-    from tqdm.auto import tqdm
-
     n = ids.shape[0] // spec.batch_size * spec.batch_size
     if n == 0:
         raise ValueError(f"blockwise.samples: {ids.shape[0]} calibration sequence(s) are fewer "
@@ -259,6 +261,22 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
     if len(blocks) != len(float_blocks):
         raise ValueError(f"blockwise: the float model has {len(float_blocks)} decoder blocks, the "
                          f"student {len(blocks)}; the block stage needs the same architecture")
+    device = device if device is not None else device_of(model)
+    try:
+        with residents_on(model, device), residents_on(float_model, device):
+            report = _train_blocks(model, float_model, blocks, float_blocks, prefix, ids, spec,
+                                   seed, store, on_block, before_block, after_block, device)
+    finally:
+        model.train(was_training[0]), float_model.train(was_training[1])
+    return report
+
+
+def _train_blocks(model, float_model, blocks, float_blocks, prefix, ids, spec, seed, store,
+                  on_block, before_block, after_block, device) -> BlockwiseReport:
+    """train_blocks' loop, with the models' resident parts on `device`."""
+    from tqdm.auto import tqdm
+
+    n = ids.shape[0]
     dtype = DTYPES[spec.cache_dtype]
     report = BlockwiseReport(samples=n, tokens=ids.numel())
     start = time.perf_counter()
@@ -274,26 +292,29 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
     bar = tqdm(blocks, desc="blockwise", disable=not spec.progress)
     try:
         for index, block in enumerate(bar):
-            with fake_quant_disabled(float_model), held(float_blocks[index]):
+            with fake_quant_disabled(float_model), held(float_blocks[index]), \
+                    block_on(float_blocks[index], device):
                 target, _ = fp.run(float_blocks[index], fp_in)
             if index < len(done):  # trained by an earlier run: load it, go on from its output
                 store.load(index, block)
                 result = BlockResult(**done[index])
                 report.resumed_blocks += 1
-                q_out, _ = quantized.run(block, q_in)
+                with block_on(block, device):
+                    q_out, _ = quantized.run(block, q_in)
             else:
                 t0 = time.perf_counter()
-                if before_block is not None:
-                    before_block(index, block)
-                before = quantized.loss(block, q_in, target)
-                with fake_quant_disabled(float_model):  # the lens is the float model's
-                    steps = train_block(block, quantized, q_in, target,
-                                        fp_in if spec.inputs == "both" else None, spec,
-                                        torch.Generator().manual_seed(seed * 100_003 + index),
-                                        lens)
-                q_out, after = quantized.run(block, q_in, target)  # the next block's inputs
-                if after_block is not None:
-                    after_block(index, block)
+                with block_on(block, device):
+                    if before_block is not None:
+                        before_block(index, block)
+                    before = quantized.loss(block, q_in, target)
+                    with fake_quant_disabled(float_model):  # the lens is the float model's
+                        steps = train_block(block, quantized, q_in, target,
+                                            fp_in if spec.inputs == "both" else None, spec,
+                                            torch.Generator().manual_seed(seed * 100_003 + index),
+                                            lens)
+                    q_out, after = quantized.run(block, q_in, target)  # the next block's inputs
+                    if after_block is not None:
+                        after_block(index, block)
                 result = BlockResult(index, f"{prefix}.{index}", before, after,
                                      round(time.perf_counter() - t0, 2), steps)
                 if store is not None:
@@ -306,6 +327,5 @@ def train_blocks(model: nn.Module, float_model: nn.Module, ids: torch.Tensor,
             release_memory()  # the block's optimizer and temporaries, back to the kernel
     finally:
         bar.close()
-        model.train(was_training[0]), float_model.train(was_training[1])
     report.seconds = time.perf_counter() - start
     return report

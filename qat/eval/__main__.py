@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                              "float32 dequantization")
     parser.add_argument("--embedding-bits", type=int, choices=(8,), default=None,
                         help="export only: serve the embedding/head as int8 rows")
+    parser.add_argument("--device", default="auto",
+                        help="where the model computes: auto (the first CUDA device when one is "
+                             "visible, else cpu) | cpu | cuda | cuda:N; a model larger than the "
+                             "device's memory runs there one decoder block at a time")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no bar over the windows of each set")
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = evaluate(args.source, sets, window=args.window, batch_size=args.batch_size,
                        backend=args.backend, progress=args.progress,
-                       embedding_bits=args.embedding_bits)
+                       embedding_bits=args.embedding_bits, device=args.device)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from torch import nn
 
 from qat.data.protocol import EvalSet, held_out_ids
 from qat.eval.perplexity import PerplexityResult, perplexity
+from qat.models.placement import computing_on, stage_device
 
 KINDS = ("float", "run", "export")
 
@@ -75,16 +76,18 @@ def load_for_eval(source: str | Path, backend: str = "auto",
 
 def evaluate(source: str | Path, sets: list[EvalSet], window: int = 512, batch_size: int = 4,
              backend: str = "auto", progress: bool = False,
-             embedding_bits: int | None = None) -> dict[str, Any]:
-    """Perplexity of `source` on every set.
+             embedding_bits: int | None = None, device: str = "auto") -> dict[str, Any]:
+    """Perplexity of `source` on every set, computed on `device` (qat.models.placement: auto,
+    cpu, cuda, cuda:N; one block at a time when the model does not fit there).
 
     Returns:
         {"source", "kind", "window", "results": {set name: {"corpus", "ppl", "nll_sum",
         "n_tokens", "n_windows", "seconds"}}}: JSON-ready.
     """
+    where = stage_device(device, field="--device")  # checked before the model loads
     model, tokenizer, context, kind = load_for_eval(source, backend, embedding_bits)
     out: dict[str, Any] = {"source": str(source), "kind": kind, "window": window, "results": {}}
-    with context:
+    with context, computing_on(model, where):
         for eval_set in sets:
             ids = held_out_ids(tokenizer, eval_set)
             result: PerplexityResult = perplexity(model, ids, window=window,

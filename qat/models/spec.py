@@ -6,6 +6,15 @@ from dataclasses import dataclass
 
 BUILTIN_MODELS = ("smollm2-135m", "tiny")
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = "auto | cpu | cuda | cuda:N"
+
+
+def check_device_name(name, field: str = "model.device") -> None:
+    """ValueError naming `field` unless `name` is auto, cpu, cuda or cuda:N."""
+    ok = isinstance(name, str) and (name in ("auto", "cpu", "cuda") or (
+        name.startswith("cuda:") and name[5:].isdigit()))
+    if not ok:
+        raise ValueError(f"{field}={name!r} is not allowed; one of {DEVICES}")
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,7 @@ class ModelSpec:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False  # end-to-end: recompute each block in backward (memory)
+    device: str = "auto"  # where the stages compute; auto: the trainer's accelerator
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -45,6 +55,7 @@ class ModelSpec:
             raise ValueError(f"model.path must be null or a directory path, got {self.path!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check_device_name(self.device)
         attn = ("eager", "sdpa", "flash_attention_2", "flex_attention", None)
         if self.attn_implementation not in attn:
             raise ValueError(f"model.attn_implementation must be one of {attn}, "

@@ -68,11 +68,13 @@ def rtn_layers(module: nn.Module, report: PTQReport, prefix: str = "") -> None:
         report.layers[name] = {"bits": layer.weight_fake_quant.spec.bits}
 
 
-def _rtn(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport) -> None:
+def _rtn(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
+         device: torch.device | None) -> None:
     rtn_layers(model, report)
 
 
-def _gptq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport) -> None:
+def _gptq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
+          device: torch.device | None) -> None:
     def on_block(prefix: str, block: nn.Module, forward: Callable[[], None]) -> None:
         stats = collect_input_stats(block, forward, prefix=prefix, hessian=True)
         for name, module in quantized_linears(block, prefix).items():
@@ -83,10 +85,12 @@ def _gptq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport)
             report.layers[name] = {"bits": module.weight_fake_quant.spec.bits,
                                    "error": result.error, "damp": result.damp}
 
-    run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress)
+    run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress,
+               device=device)
 
 
-def _awq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport) -> None:
+def _awq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
+         device: torch.device | None) -> None:
     def on_block(prefix: str, block: nn.Module, forward: Callable[[], None]) -> None:
         stats = collect_input_stats(block, forward, prefix=prefix, hessian=True)
         layers = quantized_linears(block, prefix)
@@ -98,24 +102,27 @@ def _awq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport) 
             write_layer(layers[name], layers[name].weight, scale, zero)
             report.layers[name] = {"bits": specs[name].bits}
 
-    run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress)
+    run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress,
+               device=device)
 
 
-def _smoothquant(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport) -> None:
+def _smoothquant(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
+                 device: torch.device | None) -> None:
     def on_block(prefix: str, block: nn.Module, forward: Callable[[], None]) -> None:
         stats = collect_input_stats(block, forward, prefix=prefix, hessian=False)
         report.groups.update(smooth_block(block, prefix, stats, spec.smoothquant_alpha))
 
-    run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress)
+    run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress,
+               device=device)
 
 
-METHODS: dict[str, Callable[[nn.Module, torch.Tensor, PTQSpec, PTQReport], None]] = {
+METHODS: dict[str, Callable[[nn.Module, torch.Tensor, PTQSpec, PTQReport, Any], None]] = {
     "rtn": _rtn, "gptq": _gptq, "awq": _awq, "smoothquant": _smoothquant,
 }
 
 
 def quantize_model(model: nn.Module, method: str | PTQSpec, calibration_ids: torch.Tensor | None,
-                   **options: Any) -> PTQReport:
+                   *, device: torch.device | None = None, **options: Any) -> PTQReport:
     """Post-training-quantize a model already `prepare`d with FakeQuantLinear layers, in place.
 
     Args:
@@ -123,6 +130,7 @@ def quantize_model(model: nn.Module, method: str | PTQSpec, calibration_ids: tor
         method: "rtn" | "gptq" | "awq" | "smoothquant", or a full PTQSpec.
         calibration_ids: (N, T) token ids without padding; the first `calibration_samples` rows
             are used. May be None for rtn.
+        device: where each block calibrates (moved there for its turn); default: the model's.
         **options: PTQSpec fields overriding the spec (e.g. batch_size=4, act_order=True).
     Returns:
         PTQReport. Afterwards each quantized layer's fake-quantized forward is the PTQ result.
@@ -141,7 +149,7 @@ def quantize_model(model: nn.Module, method: str | PTQSpec, calibration_ids: tor
     was_training = model.training
     start = time.perf_counter()
     try:
-        METHODS[spec.method](model.eval(), calibration_ids, spec, report)
+        METHODS[spec.method](model.eval(), calibration_ids, spec, report, device)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start

@@ -13,13 +13,15 @@ import torch
 from torch import nn
 
 from qat.models.blocks import capture_block_inputs, device_of, fake_quant_disabled, hidden_of
+from qat.models.placement import block_on, to_device
 from qat.models.structure import decoder_blocks
 
 
 @torch.no_grad()
 def run_blocks(model: nn.Module, ids: torch.Tensor,
                on_block: Callable[[str, nn.Module, Callable[[], None]], None], *,
-               batch_size: int = 8, progress: bool = False) -> None:
+               batch_size: int = 8, progress: bool = False,
+               device: torch.device | None = None) -> None:
     """Calibrate the decoder block by block.
 
     Args:
@@ -30,23 +32,27 @@ def run_blocks(model: nn.Module, ids: torch.Tensor,
             collect statistics with hooks, then it updates the block's weights in place.
         batch_size: sequences per forward pass.
         progress: show a tqdm bar over blocks.
+        device: where each block computes (moved there for its turn, back after) with the
+            hidden states between blocks; default: where the model is.
     """
     from tqdm.auto import tqdm
 
     model.eval()
     prefix, blocks = decoder_blocks(model)
+    device = device if device is not None else device_of(model)
     captured = capture_block_inputs(model, blocks, ids, batch_size)
-    states = [c.hidden for c in captured]
+    states = [c.hidden.to(device) for c in captured]
     for index, block in enumerate(tqdm(blocks, desc="ptq", disable=not progress)):
-        calls = [c.calls[index] for c in captured]
+        calls = [to_device(c.calls[index], device) for c in captured]
 
         def forward(block=block, states=states, calls=calls) -> None:
             for hidden, (args, kwargs) in zip(states, calls):
                 block(hidden, *args, **kwargs)
 
-        on_block(f"{prefix}.{index}", block, forward)
-        states = [hidden_of(block(hidden, *args, **kwargs))
-                  for hidden, (args, kwargs) in zip(states, calls)]
+        with block_on(block, device):
+            on_block(f"{prefix}.{index}", block, forward)
+            states = [hidden_of(block(hidden, *args, **kwargs))
+                      for hidden, (args, kwargs) in zip(states, calls)]
 
 
 class InputStats:

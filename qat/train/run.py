@@ -27,6 +27,7 @@ from qat.lightning.data import TextDataModule
 from qat.lightning.module import QATModule
 from qat.lightning.trainer import build_trainer, fit, save_checkpoint, validate_ppl
 from qat.models.load import model_dir
+from qat.models.placement import computing_on
 from qat.models.structure import decoder_blocks
 from qat.prune.pruner import prune_structured
 from qat.prune.spec import STRUCTURED
@@ -46,6 +47,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # 1. check the input, load the model and the tokens, freeze the float model (teacher)
     try:
         specs = build_specs(cfg)
+        device = steps.stage_device(specs, cfg)
         callbacks = steps.user_callbacks(cfg)
         check_writable(run_dir, "the run directory (hydra.run.dir)")
         ckpt_path, resume_blocks = steps.resume_target(cfg, specs, run_dir)
@@ -68,8 +70,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         # 2. the float baseline, before pruning and PTQ change the weights
         if specs.eval.fp_ppl:
             steps.stage("float ppl")
-            metrics["fp_ppl"] = float_ppl(model, tokens.eval_ids, tokens.eval_blocks, specs.data,
-                                          cached=specs.eval.cache_fp_ppl)
+            with computing_on(model, device):
+                metrics["fp_ppl"] = float_ppl(model, tokens.eval_ids, tokens.eval_blocks,
+                                              specs.data, cached=specs.eval.cache_fp_ppl)
         # 3. pruning due at step 0 (structured: the model shrinks once, here)
         pruner = shrunk = None
         if specs.prune.enabled:
@@ -85,7 +88,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 pruner = start_pruning(model, specs.prune, calibration)
         # 4. each layer's final scheme (outlier protection, bit budget) and who can serve it
         steps.stage("plan")
-        report = steps.plan_precision(model, specs, tokens.train_blocks, run_dir) \
+        report = steps.plan_precision(model, specs, tokens.train_blocks, run_dir, device) \
             if specs.quant.weight is not None else None
         if report is not None:
             from qat.export.serving import check_serving
@@ -109,7 +112,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             store.clear()  # a new run: blocks of an earlier run in this directory do not count
         if loaded is not None:  # the blocks come from the files one at a time, held as codes
             steps.stage("ptq")
-            ptq_report = streamed.init_blocks(model, specs, store, resume_blocks)
+            ptq_report = streamed.init_blocks(model, specs, store, resume_blocks, device)
             if ptq_report is not None:
                 print(ptq_report)
         elif specs.quant.init is not None and ckpt_path is None:
@@ -120,7 +123,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 steps.stage("ptq")
                 ptq = replace(specs.ptq, method=specs.quant.init)
                 ptq_report = quantize_model(model, ptq, calibration_ids(
-                    tokens.train_blocks, ptq.calibration_samples, ptq.seq_len))
+                    tokens.train_blocks, ptq.calibration_samples, ptq.seq_len), device=device)
                 print(ptq_report)
         elif specs.quant.init is not None and is_rank_zero():
             # the checkpoint holds what calibration wrote (weights, grids, folded norm scales)
@@ -128,7 +131,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if store is not None and ckpt_path is None:
             steps.stage("block stage")
             stage_metrics, block_report = block_stage(
-                model, float_model, specs, tokens, store, cfg, ptq_report is not None,
+                model, float_model, specs, tokens, store, cfg, ptq_report is not None, device,
                 before_block=streamed.thaw(model) if loaded is not None else None,
                 after_block=streamed.hold if specs.optim.trainable == "scales" else None)
             float_model = None
@@ -175,7 +178,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if specs.export.enabled and report is not None:
         steps.stage("export")
         metrics.update(steps.export_run(model, tokenizer, tokens.eval_ids, run_dir, specs,
-                                        trainer, metrics))
+                                        trainer, metrics, device))
     write_json(run_dir / "metrics.json", metrics)
     steps.stage("done")
     print(summary(metrics, run_dir))
@@ -183,7 +186,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 
 def block_stage(model, float_model, specs, tokens, store: BlockStore, cfg: DictConfig,
-                calibrated: bool, before_block=None, after_block=None
+                calibrated: bool, device, before_block=None, after_block=None
                 ) -> tuple[dict[str, Any], Any]:
     """quant.init's result saved (resume does not calibrate again), its ppl, the block stage,
     the ppl after it. Returns (metrics, BlockwiseReport). before_block / after_block: as
@@ -192,8 +195,9 @@ def block_stage(model, float_model, specs, tokens, store: BlockStore, cfg: DictC
     if info is None:
         info = {}
         if specs.eval.stage_ppl:
-            info["ptq_ppl"] = quantized_ppl(model, tokens.eval_ids, specs.data, specs.export.dtype,
-                                            "ppl after init")
+            with computing_on(model, device):
+                info["ptq_ppl"] = quantized_ppl(model, tokens.eval_ids, specs.data,
+                                                specs.export.dtype, "ppl after init")
             print(f"ppl after quant.init={specs.quant.init or 'none (min/max grid)'}: "
                   f"{info['ptq_ppl']:.3f}")
         if is_rank_zero():
@@ -204,13 +208,14 @@ def block_stage(model, float_model, specs, tokens, store: BlockStore, cfg: DictC
     spec = specs.blockwise
     ids = calibration_ids(tokens.train_blocks, spec.samples, spec.seq_len, owner="blockwise")
     report = train_blocks(model, float_model, ids, spec, seed=cfg.seed, store=store,
-                          before_block=before_block, after_block=after_block)
+                          before_block=before_block, after_block=after_block, device=device)
     if is_rank_zero():
         print(report)
     out = dict(info)
     if specs.eval.stage_ppl and cfg.trainer.max_steps > 0:
-        out["block_ppl"] = quantized_ppl(model, tokens.eval_ids, specs.data, specs.export.dtype,
-                                         "ppl after blocks")
+        with computing_on(model, device):
+            out["block_ppl"] = quantized_ppl(model, tokens.eval_ids, specs.data,
+                                             specs.export.dtype, "ppl after blocks")
         print(f"ppl after the block stage: {out['block_ppl']:.3f}")
         if is_rank_zero():
             store.update_info({"block_ppl": out["block_ppl"]})

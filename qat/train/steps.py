@@ -16,7 +16,7 @@ from qat.blockwise import BlockStore
 from qat.data.tokens import calibration_ids
 from qat.io import is_rank_zero, release_memory, write_json
 from qat.lightning.checkpointing import check_resume_config, resolve_ckpt_path
-from qat.models import ModelSpec, load_model
+from qat.models import ModelSpec, load_model, placement
 from qat.models.structure import check_causal
 from qat.quant import PrepareReport, plan
 from qat.train.specs import ConfigError, Specs
@@ -124,6 +124,12 @@ def check_architecture(model, specs: Specs) -> None:
         check_structured(model, specs.prune.pattern)
 
 
+def stage_device(specs: Specs, cfg: DictConfig) -> torch.device:
+    """model.device resolved (auto: the trainer's accelerator); ValueError naming it when it
+    names a device this machine lacks."""
+    return placement.stage_device(specs.model.device, cfg.trainer.get("accelerator", "auto"))
+
+
 def float_reference(model, teacher, specs: Specs):
     """The float model the block stage targets: the teacher when it is this model's own float
     model in the same dtype, else the model's files onloaded block by block, else (no files:
@@ -147,10 +153,10 @@ def float_reference(model, teacher, specs: Specs):
     return freeze(copy.deepcopy(model))
 
 
-def plan_precision(model, specs: Specs, train_blocks: torch.Tensor, run_dir: Path
-                   ) -> PrepareReport:
+def plan_precision(model, specs: Specs, train_blocks: torch.Tensor, run_dir: Path,
+                   device: torch.device | None = None) -> PrepareReport:
     """The final scheme of every layer: outlier protection and the bit budget may change
-    specs.quant (replaced in `specs`)."""
+    specs.quant (replaced in `specs`); the calibration forwards run on `device`."""
     from dataclasses import replace
 
     report = plan(model, specs.quant)
@@ -159,8 +165,10 @@ def plan_precision(model, specs: Specs, train_blocks: torch.Tensor, run_dir: Pat
         from qat.ptq import protection_overrides
         from qat.ptq.outliers import find_outliers
 
-        found = find_outliers(model, calibration_ids(
-            train_blocks, min(ptq.calibration_samples, 32), ptq.seq_len), ptq.outlier_threshold)
+        with placement.computing_on(model, device or "cpu"):
+            found = find_outliers(model, calibration_ids(
+                train_blocks, min(ptq.calibration_samples, 32), ptq.seq_len),
+                ptq.outlier_threshold)
         if is_rank_zero():
             write_json(run_dir / "outliers.json", found)
         if found and ptq.outliers == "protect":
@@ -171,7 +179,8 @@ def plan_precision(model, specs: Specs, train_blocks: torch.Tensor, run_dir: Pat
         from qat.ptq.sensitivity import mixed_precision
 
         ids = calibration_ids(train_blocks, ptq.sensitivity_samples, ptq.seq_len)
-        specs.quant = mixed_precision(model, specs.quant, ids, report)
+        with placement.computing_on(model, device or "cpu"):
+            specs.quant = mixed_precision(model, specs.quant, ids, report)
         report = plan(model, specs.quant)
     return report
 
@@ -238,12 +247,17 @@ def write_reports(run_dir: Path, specs: Specs, model, report, ptq_report, block_
 
 
 def export_run(model, tokenizer, eval_ids: torch.Tensor, run_dir: Path, specs: Specs, trainer,
-               metrics: dict[str, Any]) -> dict[str, Any]:
+               metrics: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
     """The export stage on the trained model (FSDP: rebuilt from the gathered checkpoint), its
-    perplexity on the protocol, and the N:M check of what it stores."""
+    perplexity on the protocol (the reloaded export computing on `device`), and the N:M check of
+    what it stores."""
     from qat.eval.stage import protocol_ppl
     from qat.export.stage import export
     from qat.lightning.trainer import is_sharded
+
+    def measure(served) -> float:
+        with placement.computing_on(served, device or "cpu"):
+            return protocol_ppl(served, eval_ids, data, "export ppl")
 
     if is_sharded(trainer):
         from qat.models.checkpoint import model_from_checkpoint
@@ -256,7 +270,7 @@ def export_run(model, tokenizer, eval_ids: torch.Tensor, run_dir: Path, specs: S
             "eval": f"{data.path or data.name}, {data.eval_windows} x {data.eval_window}-token windows"}
     # the run's last use of its model: converted in place, no copy
     out = export(model, tokenizer, run_dir / "export", specs.export, card,
-                 measure=lambda served: protocol_ppl(served, eval_ids, data, "export ppl"),
+                 measure=measure,
                  inplace=True)
     if specs.prune.nm:
         out["export_nm_ok"] = check_export_nm(run_dir / "export", specs.prune)

@@ -23,6 +23,7 @@ from torch import nn
 from qat.blockwise import BlockStore
 from qat.io import release_memory
 from qat.models.onload import TensorFiles, onloaded_model, onloader_of
+from qat.models.placement import block_on, home_of
 from qat.models.spec import ModelSpec
 from qat.models.structure import check_causal, decoder_blocks
 from qat.ptq.apply import PTQReport, rtn_layers
@@ -80,8 +81,8 @@ def check_finite_files(files: TensorFiles, where: str) -> None:
                              f"value(s); the weights are damaged")
 
 
-def init_blocks(model: nn.Module, specs: Specs, store: BlockStore, resumed: bool
-                ) -> PTQReport | None:
+def init_blocks(model: nn.Module, specs: Specs, store: BlockStore, resumed: bool,
+                device: torch.device | None = None) -> PTQReport | None:
     """quant.init block by block: each block read from the files, its quantizers set from its
     weights, its grid (rtn, or the observer's min/max), its codes held; a resumed run takes the
     saved init instead. Returns the PTQReport (None without quant.init)."""
@@ -96,9 +97,10 @@ def init_blocks(model: nn.Module, specs: Specs, store: BlockStore, resumed: bool
         if saved:
             store.load_init_block(index, block)
             continue
-        if report is not None:
-            rtn_layers(block, report, f"{prefix}.{index}")
-        hold(index, block)
+        with block_on(block, device or torch.device("cpu")):
+            if report is not None:
+                rtn_layers(block, report, f"{prefix}.{index}")
+            hold(index, block)
     if report is not None:
         report.seconds = time.perf_counter() - start
     if saved:
@@ -135,6 +137,6 @@ def thaw(model: nn.Module):
         layers = {n: m for n, m in block.named_modules()
                   if isinstance(m, FakeQuantLinear) and m.holds_codes}
         weights = loader.read(block, [f"{n}.weight" for n in layers])
-        for name, layer in layers.items():
-            layer.thaw(weights[f"{name}.weight"])
+        for name, layer in layers.items():  # onto the block's device (the loader's may differ)
+            layer.thaw(weights[f"{name}.weight"].to(home_of(layer)))
     return before_block
