@@ -119,6 +119,26 @@ def shifted_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> t
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
+def topk_kl(student: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL from the teacher's top-k tokens: (N, V) student logits, (N, k) teacher
+    log-probabilities (at `temperature`) and token ids -> (N,) loss times T^2.
+
+    Both distributions are coarsened to the k tokens plus one class for the rest of the vocabulary
+    (the teacher's rest mass is 1 - sum of its k probabilities): the KL of those is exact KD when k
+    is the vocabulary, >= 0, and zero only when the student gives each of the k tokens the
+    teacher's probability."""
+    t = temperature
+    q = F.log_softmax(student.float() / t, dim=-1).gather(-1, teacher_ids)  # (N, k)
+    p_log = teacher_logp.float()
+    p = p_log.exp()
+    kl = (p * (p_log - q)).sum(-1)
+    rest = (1.0 - p.sum(-1)).clamp(min=0.0)
+    # log of the student's rest mass, 1 - sum exp(q), kept finite when the k tokens take it all
+    rest_q = torch.log(-torch.expm1(torch.logsumexp(q, -1).clamp(max=-1e-6)))
+    return (kl + torch.xlogy(rest, rest) - rest * rest_q) * (t * t)
+
+
 def chunked_token_loss(divergence: _Divergence, student_hidden: torch.Tensor,
                        teacher_hidden: torch.Tensor, student_head: Callable[[torch.Tensor], torch.Tensor],
                        teacher_head: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
@@ -130,24 +150,40 @@ def chunked_token_loss(divergence: _Divergence, student_hidden: torch.Tensor,
     with more than one chunk each chunk is recomputed in backward (activation checkpointing), so
     only one chunk's (chunk, V) logits exist at any moment. Teacher logits never need a gradient.
     """
-    s_flat = student_hidden.reshape(-1, student_hidden.shape[-1])
     t_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+
+    def kd_of(s_logits: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = teacher_head(t_flat[start:stop]).float()
+        return divergence.per_token(s_logits, t_logits)
+
+    return chunked_student_loss(student_hidden, student_head, targets, chunk_size, kd_of,
+                                ignore_index)
+
+
+def chunked_student_loss(student_hidden: torch.Tensor,
+                         student_head: Callable[[torch.Tensor], torch.Tensor],
+                         targets: torch.Tensor, chunk_size: int | None,
+                         kd_of: Callable[[torch.Tensor, int, int], torch.Tensor],
+                         ignore_index: int = IGNORE_INDEX,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`chunked_token_loss` with the teacher's side given as `kd_of(student_logits, start, stop)`:
+    the per-token divergence of flattened tokens [start, stop) (a live teacher, or a cache)."""
+    s_flat = student_hidden.reshape(-1, student_hidden.shape[-1])
     tgt = targets.reshape(-1)
     n = s_flat.shape[0]
     size = n if not chunk_size else min(chunk_size, n)
 
-    def one_chunk(s_h, t_h, y):
+    def one_chunk(s_h, y, start):
         s_logits = student_head(s_h).float()
-        with torch.no_grad():
-            t_logits = teacher_head(t_h).float()
         keep = (y != ignore_index).float()
-        kd = (divergence.per_token(s_logits, t_logits) * keep).sum()
+        kd = (kd_of(s_logits, start, start + s_h.shape[0]) * keep).sum()
         ce = F.cross_entropy(s_logits, y, ignore_index=ignore_index, reduction="sum")
         return kd, ce
 
     kd_sum = ce_sum = s_flat.new_zeros((), dtype=torch.float32)
     for start in range(0, n, size):
-        part = (s_flat[start:start + size], t_flat[start:start + size], tgt[start:start + size])
+        part = (s_flat[start:start + size], tgt[start:start + size], start)
         if size < n and torch.is_grad_enabled():
             kd, ce = checkpoint(one_chunk, *part, use_reentrant=False)
         else:

@@ -52,6 +52,9 @@ class DistillSpec:
     # null: every student block k maps to teacher block round(k * L_teacher / L_student)
     hidden_layers: tuple[tuple[int, int], ...] | None = None
     chunk_size: int | None = 1024  # tokens per vocabulary-sized loss chunk; null: all at once
+    # > 0: the teacher's top-k log-probs over the training blocks, computed once before the
+    # end-to-end stage (qat.distill.cache); its steps then never run the teacher
+    cache_top_k: int = 0
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
 
     def __post_init__(self) -> None:
@@ -76,6 +79,17 @@ class DistillSpec:
                                             or self.chunk_size < 1):
             raise ValueError(f"distill.chunk_size={self.chunk_size!r} must be a positive integer "
                              "or null")
+        if not isinstance(self.cache_top_k, int) or isinstance(self.cache_top_k, bool) \
+                or self.cache_top_k < 0:
+            raise ValueError(f"distill.cache_top_k={self.cache_top_k!r} must be an integer >= 0 "
+                             "(0: no cache, the teacher runs every step)")
+        if self.cache_top_k and self.loss != "forward_kl":
+            raise ValueError(f"distill.cache_top_k={self.cache_top_k} needs distill.loss="
+                             f"forward_kl, got {self.loss!r}: the cache holds the teacher's top-k "
+                             "tokens, which only the forward KL can use")
+        if self.cache_top_k and self.hidden_weight > 0:
+            raise ValueError(f"distill.cache_top_k={self.cache_top_k} caches logits, not hidden "
+                             f"states: set distill.hidden_weight=0 (got {self.hidden_weight})")
         if self.hidden_layers is not None:
             pairs = tuple(tuple(p) for p in self.hidden_layers)
             if any(len(p) != 2 or not all(isinstance(i, int) and i >= 0 for i in p) for p in pairs):

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qat.distill.losses import (DIVERGENCES, IGNORE_INDEX, HiddenStateLoss, chunked_token_loss,
-                                shifted_targets)
+from qat.distill.cache import TeacherCache, head_of
+from qat.distill.losses import (DIVERGENCES, IGNORE_INDEX, HiddenStateLoss, chunked_student_loss,
+                                chunked_token_loss, shifted_targets, topk_kl)
 from qat.distill.spec import DistillSpec, TeacherSpec
 
 
@@ -96,28 +97,26 @@ def hidden_pairs(spec: DistillSpec, student_layers: int, teacher_layers: int
                  for k in range(1, student_layers + 1))
 
 
-def _head(model: nn.Module):
-    lm_head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        return lambda h: torch.tanh(lm_head(h) / cap) * cap
-    return lm_head
-
-
 def _num_layers(model: nn.Module) -> int:
     return int(model.config.num_hidden_layers)
 
 
 class Distiller:
-    """Computes the distillation losses of a student against the frozen teacher.
+    """Computes the distillation losses of a student against the frozen teacher, or against
+    its cached top-k log-probabilities (`cache`: then no teacher is kept or run).
 
-    Call it with the student and a batch; returns a dict of scalar tensors: `loss` (what to
-    backpropagate), `kd_loss`, `ce_loss` and, with a hidden-state weight, `hidden_loss`.
+    Call it with the student and a batch (and, with a cache, the batch's rows in the training
+    blocks); returns a dict of scalar tensors: `loss` (what to backpropagate), `kd_loss`,
+    `ce_loss` and, with a hidden-state weight, `hidden_loss`.
     """
 
-    def __init__(self, spec: DistillSpec, teacher: nn.Module) -> None:
+    def __init__(self, spec: DistillSpec, teacher: nn.Module | None,
+                 cache: TeacherCache | None = None) -> None:
+        if (teacher is None) == (cache is None):
+            raise ValueError("Distiller: give a teacher or a teacher cache, not both or neither")
         self.spec = spec
-        self.teacher = freeze(teacher)
+        self.cache = cache
+        self.teacher = freeze(teacher) if teacher is not None else None
         self.divergence = DIVERGENCES[spec.loss](spec.temperature, **(
             {"beta": spec.jsd_beta} if spec.loss == "jsd" else {}))
         self.hidden = HiddenStateLoss(spec.hidden_loss) if spec.hidden_weight > 0 else None
@@ -125,14 +124,18 @@ class Distiller:
     def to(self, device: torch.device | str) -> "Distiller":
         from qat.models.onload import move
 
-        move(self.teacher, device)
+        if self.teacher is not None:
+            move(self.teacher, device)
         return self
 
     def __call__(self, student: nn.Module, input_ids: torch.Tensor,
-                 labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 labels: torch.Tensor | None = None, rows: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
         spec = self.spec
         labels = input_ids if labels is None else labels
         targets = shifted_targets(labels, IGNORE_INDEX)  # (B, T)
+        if self.cache is not None:
+            return self._cached(student, input_ids, targets, rows)
         want_hidden = self.hidden is not None
         s_out = student.get_decoder()(input_ids=input_ids, output_hidden_states=want_hidden,
                                       use_cache=False)
@@ -141,8 +144,8 @@ class Distiller:
             t_out = self.teacher.get_decoder()(input_ids=input_ids,
                                                output_hidden_states=want_hidden, use_cache=False)
         kd_sum, ce_sum, count = chunked_token_loss(
-            self.divergence, s_out.last_hidden_state, t_out.last_hidden_state, _head(student),
-            _head(self.teacher), targets, spec.chunk_size)
+            self.divergence, s_out.last_hidden_state, t_out.last_hidden_state, head_of(student),
+            head_of(self.teacher), targets, spec.chunk_size)
         denom = count.clamp(min=1).float()
         out = {"kd_loss": kd_sum / denom, "ce_loss": ce_sum / denom}
         loss = spec.kd_weight * out["kd_loss"] + spec.ce_weight * out["ce_loss"]
@@ -153,4 +156,24 @@ class Distiller:
                                              targets != IGNORE_INDEX)
             loss = loss + spec.hidden_weight * out["hidden_loss"]
         out["loss"] = loss
+        return out
+
+    def _cached(self, student: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor,
+                rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The losses against the cached teacher of training blocks `rows`."""
+        spec = self.spec
+        if rows is None:
+            raise ValueError("Distiller: with a teacher cache each batch needs its rows")
+        logp, ids = self.cache.rows(rows, input_ids.device)
+        if logp.shape[:2] != input_ids.shape:
+            raise ValueError(f"Distiller: cached rows are {tuple(logp.shape[:2])}, the batch "
+                             f"{tuple(input_ids.shape)}")
+        logp, ids = logp.reshape(-1, logp.shape[-1]), ids.reshape(-1, ids.shape[-1])
+        hidden = student.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        kd_sum, ce_sum, count = chunked_student_loss(
+            hidden, head_of(student), targets, spec.chunk_size,
+            lambda s_logits, a, b: topk_kl(s_logits, logp[a:b], ids[a:b], spec.temperature))
+        denom = count.clamp(min=1).float()
+        out = {"kd_loss": kd_sum / denom, "ce_loss": ce_sum / denom}
+        out["loss"] = spec.kd_weight * out["kd_loss"] + spec.ce_weight * out["ce_loss"]
         return out

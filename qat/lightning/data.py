@@ -21,7 +21,7 @@ class _Blocks(Dataset):
         return self.blocks.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[i]}
+        return {"input_ids": self.blocks[i], "row": i}  # row: where a teacher cache keeps it
 
 
 class TextDataModule(L.LightningDataModule):

@@ -96,7 +96,7 @@ class QATModule(L.LightningModule):
         if self.distiller is None:
             loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
         else:
-            parts = self.distiller(self.model, ids)
+            parts = self.distiller(self.model, ids, rows=batch.get("row"))
             loss = parts.pop("loss")
             for key, value in parts.items():
                 self.log(f"train/{key}", value.detach(), on_step=True, batch_size=ids.shape[0])

@@ -48,6 +48,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     try:
         specs = build_specs(cfg)
         device = steps.stage_device(specs, cfg)
+        steps.check_teacher_cache(specs, cfg)
         callbacks = steps.user_callbacks(cfg)
         check_writable(run_dir, "the run directory (hydra.run.dir)")
         ckpt_path, resume_blocks = steps.resume_target(cfg, specs, run_dir)
@@ -142,12 +143,18 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if shrunk:  # the checkpoint rebuilds the smaller model from these config changes
         run_config["model_shrink"] = shrunk["config"]
 
-    # 8. end to end (Lightning): the student, its teacher, the Trainer
+    # 8. end to end (Lightning): the student, its teacher (or its cached top-k), the Trainer
+    distiller = None
+    if teacher is not None and specs.distill.cache_top_k:
+        steps.stage("teacher cache")
+        cache = steps.teacher_cache(teacher, specs, tokens.train_blocks, run_dir, device)
+        distiller, teacher = Distiller(specs.distill, None, cache), None
+    elif teacher is not None:
+        distiller = Distiller(specs.distill, teacher)
     steps.stage("end-to-end")
     if specs.model.gradient_checkpointing:
         steps.checkpoint_activations(model)
-    module = QATModule(model, specs.optim, specs.quant.start_step, run_config,
-                       Distiller(specs.distill, teacher) if teacher is not None else None,
+    module = QATModule(model, specs.optim, specs.quant.start_step, run_config, distiller,
                        skip_nonfinite=specs.guard.skip_nonfinite)
     data = TextDataModule.from_tokens(specs.data, tokens)
     trainer = build_trainer(cfg, specs.checkpoint, run_dir,

@@ -130,6 +130,35 @@ def stage_device(specs: Specs, cfg: DictConfig) -> torch.device:
     return placement.stage_device(specs.model.device, cfg.trainer.get("accelerator", "auto"))
 
 
+def check_teacher_cache(specs: Specs, cfg: DictConfig) -> None:
+    """distill.cache_top_k is built by one process for one process: refused under DDP/FSDP."""
+    trainer = cfg.trainer
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if specs.distill.enabled and specs.distill.cache_top_k and (
+            (isinstance(devices, int) and devices > 1) or (isinstance(nodes, int) and nodes > 1)):
+        raise ValueError(f"distill.cache_top_k={specs.distill.cache_top_k} works in one process "
+                         f"for now (trainer.devices={devices}, trainer.num_nodes={nodes}); set "
+                         "distill.cache_top_k=0 to run the teacher on every rank")
+
+
+def teacher_cache(teacher, specs: Specs, train_blocks: torch.Tensor, run_dir: Path, device):
+    """The teacher's top-k over the training blocks (qat.distill.cache), made on `device` once
+    per run directory; a resumed run reuses it."""
+    from qat.distill.cache import build_cache
+    from qat.eval.stage import fingerprint
+
+    spec = specs.distill
+    with placement.computing_on(teacher, device):
+        cache = build_cache(teacher, train_blocks, spec.cache_top_k, spec.temperature,
+                            run_dir / "teacher_cache", teacher_id=fingerprint(teacher, train_blocks[:1]),
+                            batch_size=specs.data.batch_size, chunk_size=spec.chunk_size or 1024,
+                            progress=is_rank_zero())
+    if is_rank_zero():
+        print(f"teacher cache: top-{spec.cache_top_k} of {tuple(train_blocks.shape)} training "
+              f"tokens, {cache.bytes / 2**20:.1f} MiB in {cache.directory}")
+    return cache
+
+
 def float_reference(model, teacher, specs: Specs):
     """The float model the block stage targets: the teacher when it is this model's own float
     model in the same dtype, else the model's files onloaded block by block, else (no files:
