@@ -11,6 +11,7 @@ from conftest import compose_train
 from qat.distill import DistillSpec, Distiller, ForwardKL, freeze
 from qat.distill.cache import TeacherCache, build_cache, topk_logprobs
 from qat.distill.losses import topk_kl
+from qat.lightning.data import GlobalBatchSampler
 from qat.train import ConfigError, train
 
 
@@ -81,6 +82,25 @@ def test_the_cache_is_made_once_and_holds_the_teachers_top_k(tiny_llama, tmp_pat
                                                           .read_text())["k"] == 2
     assert not (tmp_path / "c.tmp").exists()
     assert TeacherCache(tmp_path / "c").values.shape == (3, 8, 2)
+
+
+def test_only_the_rows_the_run_reads_are_cached(tiny_llama, tmp_path):
+    sampler = GlobalBatchSampler(10, 3, seed=5)
+    first_epoch = [b for b in sampler]
+    sampler.set_epoch(1)
+    second_epoch = [b for b in sampler]
+    want = sorted({r for b in first_epoch + second_epoch[:1] for r in b})
+    assert sampler.visited(len(first_epoch) + 1) == want and sampler.epoch == 1
+    assert sampler.visited(100) == list(range(10))
+    blocks = torch.randint(0, 300, (10, 8), generator=torch.Generator().manual_seed(2))
+    rows = sampler.visited(2)
+    cache = build_cache(tiny_llama, blocks, 3, 1.0, tmp_path / "c", teacher_id="a", rows=rows)
+    assert cache.values.shape == (len(rows), 8, 3) and cache.kept.tolist() == rows
+    values, _ = topk_logprobs(tiny_llama, blocks[rows[::-1]], 3, 1.0)
+    torch.testing.assert_close(cache.rows(torch.tensor(rows[::-1]))[0], values)
+    missing = sorted(set(range(10)) - set(rows))[0]
+    with pytest.raises(ValueError, match=rf"training block\(s\) \[{missing}\] are not in"):
+        cache.rows(torch.tensor([rows[0], missing]))
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -22,7 +22,7 @@ from torch import nn
 
 from qat.io import write_json
 
-VALUES, IDS, META = "logp.npy", "ids.npy", "meta.json"
+VALUES, IDS, ROWS, META = "logp.npy", "ids.npy", "rows.npy", "meta.json"
 
 
 def head_of(model: nn.Module):
@@ -50,21 +50,24 @@ def topk_logprobs(model: nn.Module, ids: torch.Tensor, k: int, temperature: floa
     return torch.cat(values).reshape(shape), torch.cat(indices).reshape(shape)
 
 
-def cache_key(blocks: torch.Tensor, k: int, temperature: float, teacher: str) -> dict:
-    digest = hashlib.sha256(blocks.cpu().contiguous().numpy().tobytes()).hexdigest()[:32]
-    return {"blocks": digest, "shape": list(blocks.shape), "k": k, "temperature": temperature,
-            "teacher": teacher}
+def cache_key(blocks: torch.Tensor, rows: np.ndarray, k: int, temperature: float,
+              teacher: str) -> dict:
+    digest = hashlib.sha256(blocks.cpu().contiguous().numpy().tobytes())
+    digest.update(rows.tobytes())
+    return {"blocks": digest.hexdigest()[:32], "shape": [len(rows), blocks.shape[1]], "k": k,
+            "temperature": temperature, "teacher": teacher}
 
 
 class TeacherCache:
     """A finished cache directory, memory mapped: `rows(r)` gives the cached (B, T, k) values
-    (float32) and ids (int64) of training blocks `r`."""
+    (float32) and ids (int64) of training blocks `r` (which must be among those cached)."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.meta = json.loads((self.directory / META).read_text())
         self.values = np.load(self.directory / VALUES, mmap_mode="r")
         self.ids = np.load(self.directory / IDS, mmap_mode="r")
+        self.kept = np.load(self.directory / ROWS)  # sorted training-block rows held
         n, t = self.meta["shape"]
         if self.values.shape != (n, t, self.meta["k"]) or self.ids.shape != self.values.shape:
             raise ValueError(f"{self.directory}: the cache's arrays {self.values.shape} / "
@@ -76,23 +79,35 @@ class TeacherCache:
 
     def rows(self, rows: torch.Tensor, device: torch.device | str = "cpu"
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        r = np.sort(rows.cpu().numpy())  # sorted reads from the map, then the batch's order
-        order = np.searchsorted(r, rows.cpu().numpy())
-        values = torch.from_numpy(np.ascontiguousarray(self.values[r][order]))
-        ids = torch.from_numpy(np.ascontiguousarray(self.ids[r][order]))
+        wanted = rows.cpu().numpy().astype(np.int64)
+        at = np.searchsorted(self.kept, wanted).clip(max=len(self.kept) - 1)
+        if not np.array_equal(self.kept[at], wanted):
+            missing = sorted(set(wanted.tolist()) - set(self.kept.tolist()))
+            raise ValueError(f"{self.directory}: training block(s) {missing[:8]} are not in the "
+                             f"teacher cache (it holds the {len(self.kept)} the run was "
+                             "expected to read)")
+        order = np.argsort(at, kind="stable")  # ascending reads from the map, then batch order
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        values = torch.from_numpy(np.ascontiguousarray(self.values[at[order]][back]))
+        ids = torch.from_numpy(np.ascontiguousarray(self.ids[at[order]][back]))
         return (values.to(device=device, dtype=torch.float32),
                 ids.to(device=device, dtype=torch.int64))
 
 
 def build_cache(teacher: nn.Module, blocks: torch.Tensor, k: int, temperature: float,
-                directory: str | Path, *, teacher_id: str, batch_size: int = 4,
-                chunk_size: int = 1024, progress: bool = False) -> TeacherCache:
-    """The cache of `teacher` over the (N, T) training `blocks`, written under a temporary name
-    and renamed when complete; an existing one with the same key is reused."""
+                directory: str | Path, *, teacher_id: str, rows: list[int] | None = None,
+                batch_size: int = 4, chunk_size: int = 1024, progress: bool = False
+                ) -> TeacherCache:
+    """The cache of `teacher` over the (N, T) training `blocks` (only `rows` of them: those the
+    run will read), written under a temporary name and renamed when complete; an existing one
+    with the same key is reused."""
     from tqdm.auto import tqdm
 
     directory = Path(directory)
-    key = cache_key(blocks, k, temperature, teacher_id)
+    kept = np.unique(np.asarray(rows if rows is not None else range(blocks.shape[0]),
+                                dtype=np.int64))
+    key = cache_key(blocks, kept, k, temperature, teacher_id)
     if (directory / META).is_file():
         try:
             if json.loads((directory / META).read_text()) == key:
@@ -105,13 +120,14 @@ def build_cache(teacher: nn.Module, blocks: torch.Tensor, k: int, temperature: f
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    n, t = blocks.shape
+    n, t = len(kept), blocks.shape[1]
+    np.save(tmp / ROWS, kept)
     values = np.lib.format.open_memmap(tmp / VALUES, mode="w+", dtype=np.float32, shape=(n, t, k))
     ids = np.lib.format.open_memmap(tmp / IDS, mode="w+", dtype=np.int32, shape=(n, t, k))
     device = teacher.get_input_embeddings().weight.device
     teacher.eval()
     for start in tqdm(range(0, n, batch_size), desc="teacher cache", disable=not progress):
-        batch = blocks[start:start + batch_size].to(device)
+        batch = blocks[torch.from_numpy(kept[start:start + batch_size])].to(device)
         v, i = topk_logprobs(teacher, batch, k, temperature, chunk_size)
         values[start:start + batch.shape[0]] = v.cpu().numpy()
         ids[start:start + batch.shape[0]] = i.to(torch.int32).cpu().numpy()

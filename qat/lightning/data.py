@@ -152,6 +152,23 @@ class GlobalBatchSampler(Sampler[list[int]]):
             torch.randperm(self.n, generator=generator)
         return order.tolist()
 
+    def visited(self, batches: int) -> list[int]:
+        """The rows the first `batches` batches hand this rank (over as many epochs as that
+        takes), sorted: what a run of that many batches will read."""
+        rows: set[int] = set()
+        epoch = 0
+        while batches > 0 and len(rows) < self.n and len(self):
+            saved = self.epoch, self.skip
+            self.epoch, self.skip = epoch, None
+            for batch in self:
+                rows.update(batch)
+                batches -= 1
+                if batches == 0:
+                    break
+            self.epoch, self.skip = saved
+            epoch += 1
+        return sorted(rows)
+
     def __iter__(self):
         start = 0
         if self.skip is not None and self.skip[0] == self.epoch:

@@ -147,7 +147,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     distiller = None
     if teacher is not None and specs.distill.cache_top_k:
         steps.stage("teacher cache")
-        cache = steps.teacher_cache(teacher, specs, tokens.train_blocks, run_dir, device)
+        cache = steps.teacher_cache(teacher, specs, cfg, tokens.train_blocks, run_dir, device)
         distiller, teacher = Distiller(specs.distill, None, cache), None
     elif teacher is not None:
         distiller = Distiller(specs.distill, teacher)

@@ -141,21 +141,27 @@ def check_teacher_cache(specs: Specs, cfg: DictConfig) -> None:
                          "distill.cache_top_k=0 to run the teacher on every rank")
 
 
-def teacher_cache(teacher, specs: Specs, train_blocks: torch.Tensor, run_dir: Path, device):
-    """The teacher's top-k over the training blocks (qat.distill.cache), made on `device` once
-    per run directory; a resumed run reuses it."""
+def teacher_cache(teacher, specs: Specs, cfg: DictConfig, train_blocks: torch.Tensor,
+                  run_dir: Path, device):
+    """The teacher's top-k over the training blocks the end-to-end stage will read
+    (qat.distill.cache), made on `device` once per run directory; a resumed run reuses it."""
     from qat.distill.cache import build_cache
     from qat.eval.stage import fingerprint
+    from qat.lightning.data import GlobalBatchSampler
 
     spec = specs.distill
+    steps = cfg.trainer.max_steps * cfg.trainer.get("accumulate_grad_batches", 1)
+    rows = GlobalBatchSampler(train_blocks.shape[0], specs.data.batch_size, specs.data.seed) \
+        .visited(steps) if steps > 0 else None
     with placement.computing_on(teacher, device):
         cache = build_cache(teacher, train_blocks, spec.cache_top_k, spec.temperature,
-                            run_dir / "teacher_cache", teacher_id=fingerprint(teacher, train_blocks[:1]),
+                            run_dir / "teacher_cache", rows=rows,
+                            teacher_id=fingerprint(teacher, train_blocks[:1]),
                             batch_size=specs.data.batch_size, chunk_size=spec.chunk_size or 1024,
                             progress=is_rank_zero())
     if is_rank_zero():
-        print(f"teacher cache: top-{spec.cache_top_k} of {tuple(train_blocks.shape)} training "
-              f"tokens, {cache.bytes / 2**20:.1f} MiB in {cache.directory}")
+        print(f"teacher cache: top-{spec.cache_top_k} of the {len(cache.kept)} training blocks "
+              f"the run reads, {cache.bytes / 2**20:.1f} MiB in {cache.directory}")
     return cache
 
 
