@@ -152,3 +152,20 @@ def test_a_tiny_run_on_cuda_ends_on_the_host(tmp_path):
     on_gpu = train(compose_train(args + ["model.device=cuda"]), run_dir=tmp_path / "gpu")
     for key in ("fp_ppl", "block_ppl", "ppl", "export_ppl"):
         assert on_gpu[key] == pytest.approx(on_host[key], rel=0.05), key
+
+
+def test_dtype_auto_is_bfloat16_only_on_a_cuda_gpu_with_it():
+    auto = ModelSpec(name="tiny")
+    assert auto.dtype == "auto" and auto.torch_dtype == torch.float32  # unresolved: the host's
+    assert auto.for_device("cuda", True).dtype == "bfloat16"
+    assert auto.for_device("cuda", False).dtype == "float32"
+    assert auto.for_device("cpu", True).dtype == "float32"
+    assert ModelSpec(name="tiny", dtype="float16").for_device("cuda", True).dtype == "float16"
+    if not torch.cuda.is_available():  # this machine's run: the host, float32
+        from qat.train import steps
+        from qat.train.specs import build_specs
+
+        cfg = compose_train(["model=tiny", "data=tiny"])
+        specs = build_specs(cfg)
+        assert steps.stage_device(specs, cfg) == torch.device("cpu")
+        assert specs.model.dtype == "float32"

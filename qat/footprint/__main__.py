@@ -138,6 +138,7 @@ def run_report(model: str, recipe: str, overrides: list[str]) -> tuple[str, dict
     from qat.footprint.run import run_shape, stage_bytes
     from qat.format.shards import weight_files
     from qat.train.specs import build_specs
+    from qat.train.steps import stage_device
     from qat.train.streamed import can_stream
 
     path = Path(model).expanduser()
@@ -151,6 +152,7 @@ def run_report(model: str, recipe: str, overrides: list[str]) -> tuple[str, dict
     except HydraException as err:
         raise ValueError(f"--recipe {recipe} {' '.join(overrides)}: {err}") from err
     specs = build_specs(cfg)
+    stage_device(specs, cfg)  # model.dtype=auto as this machine's run would make it
     shape = run_shape(meta_model(model_config(str(path))), specs.quant)
     files = [f for f in weight_files(path) if f.is_file()]
     config = model_config(str(path))

@@ -92,7 +92,7 @@ def _from_pretrained(source: str, spec: ModelSpec) -> tuple[PreTrainedModel, Pre
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
-    model, info = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, spec.dtype),
+    model, info = AutoModelForCausalLM.from_pretrained(source, dtype=spec.torch_dtype,
                                                        output_loading_info=True, **kwargs)
     check_loading_info(info, spec.where)
     return model.eval(), tokenizer

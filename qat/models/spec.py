@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 BUILTIN_MODELS = ("smollm2-135m", "tiny")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = "auto | cpu | cuda | cuda:N"
 
 
@@ -28,7 +28,7 @@ class ModelSpec:
 
     name: str = "smollm2-135m"
     path: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 where the stages compute on a CUDA GPU with bf16, else float32
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False  # end-to-end: recompute each block in backward (memory)
@@ -41,6 +41,21 @@ class ModelSpec:
     vocab_size: int = 512
     max_position_embeddings: int = 1024
     seed: int = 0
+
+    @property
+    def torch_dtype(self):
+        """The dtype to load in (`auto` unresolved: float32, the host's)."""
+        import torch
+
+        return torch.float32 if self.dtype == "auto" else getattr(torch, self.dtype)
+
+    def for_device(self, device_type: str, bf16_supported: bool) -> "ModelSpec":
+        """`dtype=auto` made concrete for the device the stages compute on: bfloat16 on a CUDA
+        GPU that supports it, else float32."""
+        if self.dtype != "auto":
+            return self
+        return replace(self, dtype="bfloat16" if device_type == "cuda" and bf16_supported
+                       else "float32")
 
     @property
     def where(self) -> str:

@@ -82,4 +82,4 @@ def tiny_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> LlamaForC
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = LlamaForCausalLM(config)
-    return model.to(getattr(torch, spec.dtype)).eval()
+    return model.to(spec.torch_dtype).eval()

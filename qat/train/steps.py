@@ -125,9 +125,12 @@ def check_architecture(model, specs: Specs) -> None:
 
 
 def stage_device(specs: Specs, cfg: DictConfig) -> torch.device:
-    """model.device resolved (auto: the trainer's accelerator); ValueError naming it when it
-    names a device this machine lacks."""
-    return placement.stage_device(specs.model.device, cfg.trainer.get("accelerator", "auto"))
+    """model.device resolved (auto: the trainer's accelerator; ValueError naming it when it
+    names a device this machine lacks), and model.dtype=auto with it (replaced in `specs`)."""
+    device = placement.stage_device(specs.model.device, cfg.trainer.get("accelerator", "auto"))
+    specs.model = specs.model.for_device(
+        device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return device
 
 
 def check_teacher_cache(specs: Specs, cfg: DictConfig) -> None:

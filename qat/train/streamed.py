@@ -59,7 +59,7 @@ def load_student(spec: ModelSpec, directory: Path):
 
     if not (directory / "config.json").is_file():
         return None
-    model = onloaded_model(directory, getattr(torch, spec.dtype), frozen=False,
+    model = onloaded_model(directory, spec.torch_dtype, frozen=False,
                            trust_remote_code=spec.trust_remote_code,
                            attn_implementation=spec.attn_implementation)
     if model is None:
