@@ -87,6 +87,26 @@ def test_a_streamed_block_store_holds_codes_and_resumes(source, tmp_path):
     assert again["ppl"] == first["ppl"]
 
 
+def test_a_streamed_run_resumes_from_its_checkpoint_streamed(source, tmp_path, monkeypatch):
+    """ckpt_path: the resumed run streams too (no whole float model) and ends where the run that
+    was never stopped ends, bit for bit."""
+    args = ["recipe=w4g64_kd", "trainer.max_steps=4", "checkpoint.every_n_steps=2"]
+    straight = _run(source, tmp_path / "straight", args)
+    loaded = []
+    original = streamed.load_student
+    monkeypatch.setattr(streamed, "load_student",
+                        lambda *a: loaded.append(a) or original(*a))
+    step2 = tmp_path / "straight" / "checkpoints" / "epoch=0-step=2.ckpt"
+    resumed = _run(source, tmp_path / "resumed", args + [f"ckpt_path='{step2}'"])
+    assert loaded and resumed["steps"] == 4 and resumed["resumed_from"] == str(step2)
+    for key in ("ppl", "last_loss", "export_ppl"):
+        assert resumed[key] == straight[key], key
+    a, b = _tensors(tmp_path / "straight"), _tensors(tmp_path / "resumed")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_runs_that_need_the_whole_model_load_it(source, tmp_path):
     from qat.train.specs import build_specs
 
@@ -94,7 +114,7 @@ def test_runs_that_need_the_whole_model_load_it(source, tmp_path):
                                (["recipe=w4g64_kd", "quant.init=gptq"], False),
                                (["recipe=w4g64_kd", "optim.trainable=weights"], False)):
         cfg = compose_train([f"model.path={source}", "data=tiny", *overrides])
-        assert (streamed.streamed_dir(build_specs(cfg), False) is not None) == streams, overrides
+        assert (streamed.streamed_dir(build_specs(cfg)) is not None) == streams, overrides
 
 
 def test_one_float_block_at_a_time(source, tmp_path, monkeypatch):

@@ -43,11 +43,13 @@ def can_stream(specs: Specs) -> bool:
         and not specs.quant.start_step
 
 
-def streamed_dir(specs: Specs, resuming_lightning: bool) -> Path | None:
-    """The model directory a streamed run reads its blocks from, or None: load it whole."""
+def streamed_dir(specs: Specs) -> Path | None:
+    """The model directory a streamed run reads its blocks from, or None: load it whole. A run
+    resumed from a Lightning checkpoint streams too: its blocks are held as codes, as the
+    checkpoint holds them, before the checkpoint's state replaces theirs."""
     from qat.models.load import model_dir
 
-    if resuming_lightning or not can_stream(specs):
+    if not can_stream(specs):
         return None
     return model_dir(specs.model)
 
