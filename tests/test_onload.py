@@ -110,3 +110,23 @@ def test_a_run_gives_what_it_gave_with_a_copied_float_model(tmp_path, monkeypatc
         assert onloaded.get(key) == copied.get(key), key
     for key in ("mean_loss_before", "mean_loss_after"):
         assert onloaded["blockwise"][key] == copied["blockwise"][key], key
+
+
+def test_blocks_read_without_gradients_reuse_one_set_of_tensors(tmp_path):
+    """Block after block is copied into the tensors of the block dropped before it: reading a
+    model allocates one block, so the C heap neither grows nor fragments."""
+    reference = _saved(tmp_path)
+    model = onloaded_model(tmp_path, torch.float32)
+    seen = []
+    for block in decoder_blocks(model)[1]:
+        block.mlp.register_forward_hook(
+            lambda m, *_: seen.append(m.up_proj.weight.untyped_storage().data_ptr()))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        first = model(ids).logits
+        second = model(ids).logits
+        assert torch.equal(first, second) and torch.equal(first, reference(ids).logits)
+    assert len(seen) == 6 and len(set(seen)) == 1
+    seen.clear()
+    model(ids)  # with gradients enabled a read is never reused: a graph may hold it
+    assert len(seen) == 3

@@ -23,7 +23,6 @@ from safetensors import safe_open
 from torch import nn
 
 from qat.format.shards import WEIGHTS_FILE, weight_map
-from qat.io import release_memory
 from qat.models.structure import decoder_blocks
 
 
@@ -48,19 +47,27 @@ class TensorFiles:
                 out.update({n: tuple(f.get_slice(n).get_shape()) for n in names})
         return out
 
-    def read(self, names: list[str], dtype: torch.dtype, device: torch.device | str
-             ) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], dtype: torch.dtype, device: torch.device | str,
+             into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The named tensors, in `dtype` on `device` (floating ones cast, others as stored).
 
         Always copies: a tensor safetensors hands out may view the file's memory map, and one
-        such tensor kept (a norm) would keep every page of the file read so far resident."""
+        such tensor kept (a norm) would keep every page of the file read so far resident. `into`:
+        tensors to copy into (by name) where shape, dtype and device match, instead of new ones."""
+        device = torch.device(device)
+        into = into or {}
         out = {}
         for file, group in self._by_file(names).items():
             with safe_open(str(file), framework="pt") as f:
                 for name in group:
                     t = f.get_tensor(name)
-                    out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else None,
-                                     copy=True)
+                    want = dtype if t.is_floating_point() else t.dtype
+                    buffer = into.get(name)
+                    if buffer is not None and buffer.shape == t.shape \
+                            and buffer.dtype == want and buffer.device == device:
+                        out[name] = buffer.copy_(t)
+                    else:
+                        out[name] = t.to(device=device, dtype=want, copy=True)
         return out
 
     def _by_file(self, names: list[str]) -> dict[Path, list[str]]:
@@ -80,6 +87,9 @@ def _set(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
+MAX_SPARE = 1  # spare blocks' tensors kept for reuse: blocks are held one at a time
+
+
 class Onloader:
     """Reads a block's tensors into it before it runs and drops them after (see module doc)."""
 
@@ -87,34 +97,47 @@ class Onloader:
                  dtype: torch.dtype, device: torch.device) -> None:
         self.files, self.names, self.dtype, self.device = files, names, dtype, device
         self._held: dict[int, int] = {}  # id(block) -> nesting depth
+        # the tensors of dropped blocks, by local name, for the next block read to copy into:
+        # reading block after block then allocates nothing, so the C heap neither grows nor
+        # fragments (returning it to the kernel per block cost a quarter of a forward pass)
+        self._spare: list[dict[str, torch.Tensor]] = []
 
-    def load(self, block: nn.Module) -> None:
+    def load(self, block: nn.Module, reuse: bool = False) -> None:
         names = self.names[id(block)]  # local name -> name in the files
-        tensors = self.files.read(list(names.values()), self.dtype, self.device)
+        spare = self._spare.pop() if reuse and self._spare else {}
+        tensors = self.files.read(list(names.values()), self.dtype, self.device,
+                                  into={stored: spare[local] for local, stored in names.items()
+                                        if local in spare})
         for local, stored in names.items():
             _set(block, local, tensors[stored])
 
-    def drop(self, block: nn.Module) -> None:
+    def drop(self, block: nn.Module, keep: bool = False) -> None:
+        """The block's tensors back to the meta device (`keep`: kept as the next read's spare)."""
+        spare = {}
         for local in self.names[id(block)]:
             tensor = block.get_parameter(local) if _is_param(block, local) \
                 else block.get_buffer(local)
+            spare[local] = tensor.detach()
             _set(block, local, nn.Parameter(torch.empty_like(tensor, device="meta"),
                                             requires_grad=False)
                  if _is_param(block, local) else torch.empty_like(tensor, device="meta"))
+        if keep and len(self._spare) < MAX_SPARE:
+            self._spare.append(spare)
 
     @contextmanager
     def held(self, block: nn.Module) -> Iterator[nn.Module]:
         key = id(block)
+        # without gradients nothing outlives the block's use of its tensors: they can be reused
+        reuse = not torch.is_grad_enabled()
         if not self._held.get(key):
-            self.load(block)
+            self.load(block, reuse)
         self._held[key] = self._held.get(key, 0) + 1
         try:
             yield block
         finally:
             self._held[key] -= 1
             if not self._held[key]:
-                self.drop(block)
-                release_memory()
+                self.drop(block, keep=reuse)
 
     def adopt(self, block: nn.Module) -> None:
         """Read the block's tensors into it for good (trainable, as a loaded model's are): from
