@@ -130,3 +130,19 @@ def test_blocks_read_without_gradients_reuse_one_set_of_tensors(tmp_path):
     seen.clear()
     model(ids)  # with gradients enabled a read is never reused: a graph may hold it
     assert len(seen) == 3
+
+
+def test_perplexity_of_an_onloaded_model_reads_each_block_once(tmp_path, monkeypatch):
+    from qat.eval.perplexity import perplexity
+
+    reference = _saved(tmp_path)
+    model = onloaded_model(tmp_path, torch.float32)
+    ids = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(4))
+    loads = []
+    loader = onload.onloader_of(model)
+    original = loader.load
+    monkeypatch.setattr(loader, "load", lambda block, *a: loads.append(block) or original(block, *a))
+    got = perplexity(model, ids, window=16, max_windows=None, batch_size=3)
+    want = perplexity(reference, ids, window=16, max_windows=None, batch_size=3)
+    assert got.ppl == want.ppl and got.nll_sum == want.nll_sum and got.n_windows == 12
+    assert len(loads) == 3  # 4 batches, 3 blocks: each block read once

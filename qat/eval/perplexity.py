@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from qat.data.protocol import eval_windows
+from qat.models.blocks import forward_block_by_block
+from qat.models.onload import reads_blocks
 
 # rows of logits turned into losses at once: (CHUNK, V) float32 at V=49152 is 48 MiB, so the
 # log-softmax of a window never materialises a second (B, T, V) float32 copy of the logits
@@ -45,7 +47,11 @@ def window_nll(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.T
     Returns:
         (nll_sum, n_predicted): a float32 scalar tensor and B * (T - 1).
     """
-    logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+    return logits_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+
+
+def logits_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`window_nll` of the model's (B, T, V) logits for `input_ids`."""
     logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V), a view
     targets = input_ids[:, 1:].reshape(-1).to(logits.device)  # (B*(T-1),)
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
@@ -92,14 +98,24 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512,
     model.eval()
     nll, count, start = 0.0, 0, time.perf_counter()
     bar = _bar(windows.shape[0], progress)
+
+    def add(batch_nll: torch.Tensor, n: int, rows: int) -> None:
+        nonlocal nll, count
+        nll += float(batch_nll)  # accumulate across batches in float64
+        count += n
+        if bar is not None:
+            bar.update(rows)
+            bar.set_postfix_str(f"ppl {math.exp(nll / count):.4f}", refresh=False)
+
     try:
-        for b in range(0, windows.shape[0], batch_size):
-            batch_nll, n = window_nll(model, windows[b : b + batch_size].to(device))
-            nll += float(batch_nll)  # accumulate across batches in float64
-            count += n
-            if bar is not None:
-                bar.update(min(batch_size, windows.shape[0] - b))
-                bar.set_postfix_str(f"ppl {math.exp(nll / count):.4f}", refresh=False)
+        if reads_blocks(model):  # each block read from the files once, not once per batch
+            forward_block_by_block(model, windows.to(device), batch_size,
+                                   lambda batch, logits: add(*logits_nll(logits, batch),
+                                                             batch.shape[0]))
+        else:
+            for b in range(0, windows.shape[0], batch_size):
+                batch = windows[b : b + batch_size].to(device)
+                add(*window_nll(model, batch), batch.shape[0])
     finally:
         model.train(was_training)
         if bar is not None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+from qat.models.structure import decoder_blocks
 
 
 class Switchable(nn.Module):
@@ -95,3 +97,43 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
             else:
                 block.forward = forward
     return captured
+
+
+@torch.no_grad()
+def forward_block_by_block(model: nn.Module, ids: torch.Tensor, batch_size: int,
+                           each: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+    """`each(batch, model(input_ids=batch).logits)` for every mini-batch of `ids`, computed one
+    decoder block at a time over all mini-batches: an onloaded model reads each block once, not
+    once per batch. The numbers are the model's own (each block gets the arguments the model
+    gives it; the final norm and head run as in its forward), at the cost of every batch's
+    hidden states held at once."""
+    from qat.models.onload import held
+
+    _, blocks = decoder_blocks(model)
+    captured = capture_block_inputs(model, blocks, ids, batch_size)
+    states = [c.hidden for c in captured]
+    wrapped = False  # whether a block returns (hidden, ...) rather than hidden
+    for index, block in enumerate(blocks):
+        with held(block):
+            outs = [block(h, *c.calls[index][0], **c.calls[index][1])
+                    for h, c in zip(states, captured)]
+        wrapped = isinstance(outs[0], (tuple, list))
+        states = [hidden_of(out) for out in outs]
+    own = [block.__dict__.get("forward") for block in blocks]
+
+    def replay(hidden: torch.Tensor):
+        return (hidden,) if wrapped else hidden
+
+    try:
+        for batch, final in zip(ids.split(batch_size), states):
+            for index, block in enumerate(blocks):  # the blocks replayed: the last gives `final`
+                block.forward = (lambda *a, final=final, **k: replay(final)) \
+                    if index == len(blocks) - 1 \
+                    else (lambda *a, **k: replay(a[0] if a else k["hidden_states"]))
+            each(batch, model(input_ids=batch.to(device_of(model)), use_cache=False).logits)
+    finally:
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward

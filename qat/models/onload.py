@@ -267,5 +267,11 @@ def _head_name(model: nn.Module, tied: bool) -> set[str]:
     return {n for n, m in model.named_modules() if m is head for n in (f"{n}.weight",)}
 
 
+def reads_blocks(model: nn.Module) -> bool:
+    """Whether some decoder block of `model` is still read from its files when it runs."""
+    return is_onloaded(model) and any("_onloader" in block.__dict__
+                                      for block in decoder_blocks(model)[1])
+
+
 def is_onloaded(model: nn.Module) -> bool:
     return "_onloader" in model.__dict__
