@@ -23,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qat.format.shards import WEIGHTS_FILE, weight_map
+from qat.io import release_memory
 from qat.models.structure import decoder_blocks
 
 
@@ -99,8 +100,10 @@ class Onloader:
         self._held: dict[int, int] = {}  # id(block) -> nesting depth
         # the tensors of dropped blocks, by local name, for the next block read to copy into:
         # reading block after block then allocates nothing, so the C heap neither grows nor
-        # fragments (returning it to the kernel per block cost a quarter of a forward pass)
+        # fragments; it is returned to the kernel once per pass over the blocks (per block, that
+        # cost a quarter of a forward pass)
         self._spare: list[dict[str, torch.Tensor]] = []
+        self._last = next(reversed(names), None)  # id of the last block: a pass over the model ends
 
     def load(self, block: nn.Module, reuse: bool = False) -> None:
         names = self.names[id(block)]  # local name -> name in the files
@@ -137,7 +140,10 @@ class Onloader:
         finally:
             self._held[key] -= 1
             if not self._held[key]:
-                self.drop(block, keep=reuse)
+                self.drop(block, keep=reuse and key != self._last)
+                if key == self._last:  # a pass ends: its spare tensors and freed heap returned
+                    self._spare.clear()
+                    release_memory()
 
     def adopt(self, block: nn.Module) -> None:
         """Read the block's tensors into it for good (trainable, as a loaded model's are): from
