@@ -81,22 +81,31 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Ten
             return hidden  # only block 0's input is kept: what later blocks get does not matter
         return forward
 
-    own = [block.__dict__.get("forward") for block in blocks]  # instance-level forwards, if any
-    for index, block in enumerate(blocks):
-        block.forward = recorder(index)
-    try:
+    with forwards_replaced(blocks, recorder):
         for batch in ids.split(batch_size):
             try:
                 model(input_ids=batch.to(device_of(model)), use_cache=False)
             except _Stop:
                 pass
+    return captured
+
+
+@contextmanager
+def forwards_replaced(blocks: nn.ModuleList, forward_of: Callable[[int], Callable]
+                      ) -> Iterator[None]:
+    """Each block's forward is `forward_of(index)` in the body; its own one (the class's, or an
+    onloaded block's instance-level one) again after."""
+    own = [block.__dict__.get("forward") for block in blocks]
+    for index, block in enumerate(blocks):
+        block.forward = forward_of(index)
+    try:
+        yield
     finally:
         for block, forward in zip(blocks, own):
             if forward is None:
-                del block.forward  # the class's forward again
+                del block.forward
             else:
                 block.forward = forward
-    return captured
 
 
 @torch.no_grad()
@@ -119,21 +128,15 @@ def forward_block_by_block(model: nn.Module, ids: torch.Tensor, batch_size: int,
                     for h, c in zip(states, captured)]
         wrapped = isinstance(outs[0], (tuple, list))
         states = [hidden_of(out) for out in outs]
-    own = [block.__dict__.get("forward") for block in blocks]
+    final = None
 
-    def replay(hidden: torch.Tensor):
-        return (hidden,) if wrapped else hidden
+    def replayed(index: int):  # the blocks pass their input on; the last gives `final`
+        def forward(*args, **kwargs):
+            hidden = final if index == len(blocks) - 1 else \
+                (args[0] if args else kwargs["hidden_states"])
+            return (hidden,) if wrapped else hidden
+        return forward
 
-    try:
+    with forwards_replaced(blocks, replayed):
         for batch, final in zip(ids.split(batch_size), states):
-            for index, block in enumerate(blocks):  # the blocks replayed: the last gives `final`
-                block.forward = (lambda *a, final=final, **k: replay(final)) \
-                    if index == len(blocks) - 1 \
-                    else (lambda *a, **k: replay(a[0] if a else k["hidden_states"]))
             each(batch, model(input_ids=batch.to(device_of(model)), use_cache=False).logits)
-    finally:
-        for block, forward in zip(blocks, own):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward

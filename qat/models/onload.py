@@ -181,24 +181,11 @@ def held(block: nn.Module):
 def move(model: nn.Module, device: torch.device | str) -> nn.Module:
     """model.to(device), for an onloaded model too: its resident tensors move, its blocks are read
     onto `device` from then on."""
-    loader = model.__dict__.get("_onloader")
-    if loader is None:
+    if model.__dict__.get("_onloader") is None:
         return model.to(device)
-    device = torch.device(device)
-    prefix, blocks = decoder_blocks(model)
-    inside = {id(m) for b in blocks for m in b.modules()}
-    with torch.no_grad():
-        for module in model.modules():
-            if id(module) in inside:
-                continue
-            for key, p in list(module._parameters.items()):
-                if p is not None and p.device != device:
-                    module._parameters[key] = nn.Parameter(p.to(device), requires_grad=False)
-            for key, b in list(module._buffers.items()):
-                if b is not None:
-                    module._buffers[key] = b.to(device)
-    _tie(model)
-    loader.device = device
+    from qat.models.placement import move_residents
+
+    move_residents(model, torch.device(device))
     return model
 
 

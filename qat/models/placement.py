@@ -99,11 +99,26 @@ def fits(model: nn.Module, device: torch.device) -> bool:
     return model_bytes(model) <= FIT_FRACTION * free
 
 
+def move_residents(model: nn.Module, device: torch.device) -> None:
+    """The parts of `model` outside its decoder blocks (embeddings, final norm, head, rotary
+    tables) to `device` in place (tied tensors stay tied), and an onloaded model's blocks read
+    onto it from then on; the blocks themselves stay where they are."""
+    from qat.models.onload import onloader_of
+
+    _, blocks = decoder_blocks(model)
+    inside = {id(m) for b in blocks for m in b.modules()}
+    for module in model.modules():
+        if id(module) not in inside:
+            _move(module, device, recurse=False)
+    loader = onloader_of(model)
+    if loader is not None:
+        loader.device = device
+
+
 @contextmanager
 def residents_on(model: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
-    """The parts of `model` outside its decoder blocks (embeddings, final norm, head, rotary
-    tables) on `device` for the body, and an onloaded model's blocks read onto it; the blocks
-    themselves are the caller's to move (`block_on`)."""
+    """`move_residents` for the body, and back after; the blocks are the caller's to move
+    (`block_on`)."""
     from qat.models.onload import onloader_of
 
     device = torch.device(device)
@@ -112,19 +127,12 @@ def residents_on(model: nn.Module, device: torch.device | str) -> Iterator[nn.Mo
         yield model
         return
     loader = onloader_of(model)
-    _, blocks = decoder_blocks(model)
-    inside = {id(m) for b in blocks for m in b.modules()}
-    outside = [m for m in model.modules() if id(m) not in inside]
-    for module in outside:
-        _move(module, device, recurse=False)
-    loader_home = loader.device if loader is not None else None
-    if loader is not None:
-        loader.device = device
+    loader_home = loader.device if loader is not None else home
+    move_residents(model, device)
     try:
         yield model
     finally:
-        for module in outside:
-            _move(module, home, recurse=False)
+        move_residents(model, home)
         if loader is not None:
             loader.device = loader_home
 
