@@ -81,6 +81,33 @@ def test_convert_in_memory_is_the_export_read_back(peaked_llama, tmp_path, name)
         assert torch.equal(served(ids).logits, reread(ids).logits)
 
 
+def test_convert_in_place_frees_each_layer_as_it_goes(tiny_llama, monkeypatch):
+    """In place, a replaced layer (its codes, its float weight) is garbage before the next one is
+    converted: the served model is built beside one fake-quantized layer, never beside all of them
+    (at 14B that was a second model's worth of memory in the export stage)."""
+    import gc
+    import importlib
+    import weakref
+
+    from qat.quant.modules import FakeQuantLinear
+
+    module = importlib.import_module("qat.export.convert")
+    prepare(tiny_llama, QuantConfig(weight=SPECS["w4g64"]))
+    old = [weakref.ref(m) for m in tiny_llama.modules() if isinstance(m, FakeQuantLinear)]
+    alive = []
+
+    def count_alive() -> None:
+        gc.collect()
+        alive.append(sum(r() is not None for r in old))
+
+    monkeypatch.setattr(module, "release_memory", count_alive)
+    module.convert(tiny_llama, torch.bfloat16, inplace=True)
+    assert len(alive) == len(old) == 14
+    # after the i-th layer: the others not yet converted, and at most the one just replaced
+    assert all(n <= len(old) - i for i, n in enumerate(alive, start=1)), alive
+    assert all(r() is None for r in old)
+
+
 def test_convert_refuses_a_model_without_fake_quantization(tiny_llama):
     from qat.export import convert
 

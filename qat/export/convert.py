@@ -58,15 +58,18 @@ def convert(model: nn.Module, dtype: torch.dtype = torch.bfloat16, backend: str 
         raise ValueError("convert: the model has no fake-quantized Linear; run qat.quant.prepare "
                          "first")
     model = model if inplace else copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, FakeQuantLinear):
-            continue
+    # names, not modules: a list of the modules would keep every replaced layer's codes alive
+    # until the loop ends (a second model's worth of memory)
+    names = [name for name, module in model.named_modules() if isinstance(module, FakeQuantLinear)]
+    for name in names:
+        module = model.get_submodule(name)
         layer = _quantized_linear(module, dtype, backend)
         layer.source_class = source_class(module)
         if stored_transposed(module):
             setattr(layer, TRANSPOSED, True)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        del module, layer
         if inplace:
             release_memory()  # the layer's codes and temporaries: no holes left behind
     cast_float_tensors(model, dtype)

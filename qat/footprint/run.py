@@ -22,8 +22,10 @@ Disk: the model's files, the block store (held blocks), the checkpoint (held mod
 the grid) and the export (qat.eval.footprint), cumulated stage by stage.
 
 The constants below the arithmetic (PROCESS_BYTES, the transient multipliers) were fitted on
-bench/memory.py's measurements (BENCHMARKS.md, Memory); bench/memory.py prints the prediction
-beside every measured stage.
+bench/memory.py's measurements (hidden 2048) and on the 13B layout's blocks (hidden 5120, the
+model of bench/larger_than_memory.py): one fit for both widths, since blocks and layers grow with
+width faster than activations do. bench/memory.py prints the prediction beside every measured
+stage.
 """
 from __future__ import annotations
 
@@ -32,14 +34,14 @@ from dataclasses import dataclass
 from qat.quant.spec import WeightSpec
 
 PROCESS_BYTES = 0.645 * 2**30  # python, torch, transformers, Lightning, the tokens: after loading
-LOAD_BYTES = 0.30 * 2**30  # a streamed load's own transients (config, tokenizer, modeling code)
 E2E_BYTES = 0.60 * 2**30  # the Trainer, its loops and data loaders
 EXPORT_BYTES = 0.35 * 2**30  # the export's writer, tokenizer and perplexity windows
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # transients, as multiples of what they scale with (fitted, see the module doc)
 READ_COPIES = 2.0  # a tensor read from the files: the mapped pages and the copy
-QUANTIZE_COPIES = 3.5  # float32 temporaries of one layer while its grid and codes are computed
-BLOCK_STAGE_COPIES = 2.0  # the block's forward temporaries, beside weights, gradients, moments
+QUANTIZE_COPIES = 2.0  # float32 temporaries of one layer while its grid and codes are computed
+BLOCK_STAGE_COPIES = 4.4  # the trained block: weights, gradients, 2 moments, temporaries
+BLOCK_STAGE_BYTES = 0.39 * 2**30  # the block stage's own constant (autograd, optimizer, threads)
 E2E_SAVED_PER_TOKEN = (24, 7)  # floats saved per token per block: (x hidden, x intermediate)
 
 
@@ -123,7 +125,7 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
     block_acts = (3 * bw.samples * bw.seq_len * shape.hidden * cache
                   + bw.batch_size * bw.seq_len * (12 * shape.hidden + 4 * shape.intermediate) * 4
                   ) if bw.enabled else 0
-    train_block = block * (4 + BLOCK_STAGE_COPIES)  # weights, gradients, 2 moments, temporaries
+    train_block = block * BLOCK_STAGE_COPIES + BLOCK_STAGE_BYTES + block_acts
     tokens = specs.data.batch_size * specs.data.block_size
     per_token = E2E_SAVED_PER_TOKEN[0] * shape.hidden + E2E_SAVED_PER_TOKEN[1] * shape.intermediate
     saved = tokens * (shape.blocks * shape.hidden + per_token) * d \
@@ -134,12 +136,16 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
     scales = sum(4 * l.out_features * l.in_features // (l.spec.group_size or l.in_features)
                  for l in shape.layers) * shape.blocks  # what trains end to end (float32)
     teacher_block = shape.block_params * td
-    read = shape.largest_tensor * 4 * READ_COPIES + LOAD_BYTES
+    stored = model_files_bytes / max(shape.params, 1)  # bytes per parameter in the files
+    # the load checks every tensor in float32 and runs one forward (the causal check): one block
+    # at a time in the model dtype, beside its file's mapped pages
+    read = max(shape.largest_tensor * (4 + stored) * READ_COPIES,
+               shape.block_params * (d + stored))
     quantize = layer * 4 * QUANTIZE_COPIES
     stages = []
     if streamed:
         stages += [("load", resident + read), ("ptq", resident + held + block + quantize),
-                   ("block stage", resident + held + train_block + teacher_block + block_acts),
+                   ("block stage", resident + held + train_block),
                    ("end-to-end", resident + held + 3 * scales + teacher_block + e2e_acts
                     + E2E_BYTES),
                    ("checkpoint", resident + held + grid // 2),
@@ -149,7 +155,7 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
         weights_train = specs.optim.trainable != "scales"
         stages += [("load", floats + teacher)]
         if bw.enabled:
-            stages += [("block stage", floats + teacher + floats + train_block + block_acts)]
+            stages += [("block stage", floats + teacher + floats + train_block)]
         model_e2e = floats * (4 if weights_train else 1)  # weights, gradients, moments
         stages += [("end-to-end", model_e2e + teacher + e2e_acts + E2E_BYTES),
                    ("checkpoint", floats * (3 if weights_train else 1) + teacher),
