@@ -1,5 +1,6 @@
 """The onloaded float model (qat.models.onload): the same numbers as the model loaded whole, with
 at most one decoder block's tensors in memory at any time."""
+import pytest
 import torch
 from conftest import compose_train
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -146,3 +147,33 @@ def test_perplexity_of_an_onloaded_model_reads_each_block_once(tmp_path, monkeyp
     want = perplexity(reference, ids, window=16, max_windows=None, batch_size=3)
     assert got.ppl == want.ppl and got.nll_sum == want.nll_sum and got.n_windows == 12
     assert len(loads) == 3  # 4 batches, 3 blocks: each block read once
+
+
+def test_tensor_files_read_what_safetensors_wrote_into_the_buffers_given(tmp_path):
+    """Plain reads (no memory map) give safetensors' own tensors, cast as asked; a buffer of the
+    stored dtype is filled in place, one of another dtype gets the cast copy; integers keep their
+    dtype; a dtype plain reads do not know (fp8) still reads, through safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(5, generator=g).bfloat16(),
+               "i": torch.randint(-9, 9, (3,), generator=g, dtype=torch.int64),
+               "f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    files = onload.TensorFiles(tmp_path)
+    assert files.shapes() == {k: tuple(v.shape) for k, v in tensors.items()}
+    expected = load_file(str(tmp_path / "model.safetensors"))
+    into = {"w": torch.empty(6, 4), "b": torch.empty(5)}
+    pointers = {k: v.data_ptr() for k, v in into.items()}
+    read = files.read(list(tensors), torch.float32, "cpu", into=into)
+    for key, value in expected.items():
+        want = value.float() if value.is_floating_point() else value
+        assert read[key].dtype == want.dtype and torch.equal(read[key], want), key
+    assert {k: read[k].data_ptr() for k in into} == pointers  # filled where they were
+    assert read["i"].dtype == torch.int64
+    assert files.read(["b"], None, "cpu")["b"].dtype == torch.bfloat16  # None: as stored
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:-60])
+    with pytest.raises(ValueError, match="truncated|unreadable"):
+        onload.TensorFiles(tmp_path).read(["f8", "i", "w", "b"], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="truncated"):
+        onload.TensorFiles(tmp_path).read(["i", "w", "b"], torch.float32, "cpu")

@@ -137,10 +137,10 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
                  for l in shape.layers) * shape.blocks  # what trains end to end (float32)
     teacher_block = shape.block_params * td
     stored = model_files_bytes / max(shape.params, 1)  # bytes per parameter in the files
-    # the load checks every tensor in float32 and runs one forward (the causal check): one block
-    # at a time in the model dtype, beside its file's mapped pages
-    read = max(shape.largest_tensor * (4 + stored) * READ_COPIES,
-               shape.block_params * (d + stored))
+    # the load checks every tensor as stored and runs one forward (the causal check): one block
+    # at a time in the model dtype, each tensor read as stored before its cast
+    read = max(shape.largest_tensor * stored * READ_COPIES,
+               shape.block_params * d + shape.largest_tensor * stored)
     quantize = layer * 4 * QUANTIZE_COPIES
     stages = []
     if streamed:

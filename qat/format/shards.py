@@ -5,6 +5,7 @@ tensor to its file), which transformers, compressed-tensors and vLLM all read.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -73,21 +74,49 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
            "BOOL": "bool"}
 
 
-def iter_tensors(path: Path):
-    """(name, tensor) for each tensor of a safetensors file, in file order, each read into memory
-    of its own with plain reads: a memory map's touched pages count as the process's memory for as
-    long as the file is mapped, so checking a 5 GB shard that way costs 5 GB."""
-    import torch
-
+def read_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """(where the data starts, {tensor name: its dtype, shape and data offsets}) of a safetensors
+    file."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as err:
+            raise ValueError(f"{path}: not a safetensors file ({err})") from err
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def stored_dtype(info: dict):
+    """The torch dtype of a header entry, or None for one plain reads do not handle (fp8 ...)."""
+    import torch
+
+    name = _DTYPES.get(info["dtype"])
+    return getattr(torch, name) if name else None
+
+
+def read_into(f, start: int, info: dict, out, where: str):
+    """Read one tensor's bytes from the open file `f` (data starting at `start`) straight into
+    `out`: a contiguous CPU tensor of its stored dtype and shape. Plain reads, no memory map: a
+    map's touched pages count as the process's memory for as long as the file is mapped, and
+    faulting them in costs more than reading."""
+    import torch
+
+    begin, end = info["data_offsets"]
+    raw = out.reshape(-1).view(torch.uint8)
+    if end - begin and os.preadv(f.fileno(), [memoryview(raw.numpy())], start + begin) != end - begin:
+        raise ValueError(f"{where}: tensor is truncated")
+    return out
+
+
+def iter_tensors(path: Path):
+    """(name, tensor) for each tensor of a safetensors file, in file order, each read into memory
+    of its own with plain reads (`read_into`): checking a 5 GB shard through a memory map would
+    cost 5 GB."""
+    import torch
+
+    start, header = read_header(path)
+    with open(path, "rb") as f:
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            start, end = info["data_offsets"]
             tensor = torch.empty(info["shape"], dtype=getattr(torch, _DTYPES[info["dtype"]]))
-            raw = tensor.reshape(-1).view(torch.uint8)
-            f.seek(8 + size + start)
-            if end - start and f.readinto(memoryview(raw.numpy())) != end - start:
-                raise ValueError(f"{path}: tensor {name!r} is truncated")
-            yield name, tensor
+            yield name, read_into(f, start, info, tensor, f"{path}: {name!r}")

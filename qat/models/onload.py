@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qat.format.shards import WEIGHTS_FILE, weight_map
+from qat.format.shards import WEIGHTS_FILE, read_header, read_into, stored_dtype, weight_map
 from qat.io import release_memory
 from qat.models.structure import decoder_blocks
 
@@ -33,42 +33,76 @@ class TensorFiles:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         mapping = weight_map(self.directory)
+        self._headers: dict[Path, tuple[int, dict]] = {}
         if not mapping:
             single = self.directory / WEIGHTS_FILE
             if not single.is_file():
                 raise FileNotFoundError(f"{self.directory}: no {WEIGHTS_FILE} and no index")
-            with safe_open(str(single), framework="pt") as f:
-                mapping = {name: WEIGHTS_FILE for name in f.keys()}
+            mapping = {name: WEIGHTS_FILE for name in self._header(single)[1]}
         self.file_of = {name: self.directory / file for name, file in mapping.items()}
+
+    def _header(self, file: Path) -> tuple[int, dict]:
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        return self._headers[file]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         out = {}
         for file, names in self._by_file(list(self.file_of)).items():
-            with safe_open(str(file), framework="pt") as f:
-                out.update({n: tuple(f.get_slice(n).get_shape()) for n in names})
+            header = self._header(file)[1]
+            for name in names:
+                if name not in header:
+                    raise ValueError(f"{file}: tensor {name!r}, listed in the index, is missing")
+                out[name] = tuple(header[name]["shape"])
         return out
 
-    def read(self, names: list[str], dtype: torch.dtype, device: torch.device | str,
+    def read(self, names: list[str], dtype: torch.dtype | None, device: torch.device | str,
              into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The named tensors, in `dtype` on `device` (floating ones cast, others as stored).
+        """The named tensors, in `dtype` on `device` (floating ones cast, others as stored; None:
+        all as stored).
 
-        Always copies: a tensor safetensors hands out may view the file's memory map, and one
-        such tensor kept (a norm) would keep every page of the file read so far resident. `into`:
-        tensors to copy into (by name) where shape, dtype and device match, instead of new ones."""
+        Plain reads into memory of the run's own (`qat.format.shards.read_into`), never views of
+        a memory map: a mapped page read counts as the process's memory while the file is mapped,
+        and faulting pages in cost 4x the read. `into`: tensors to fill (by name) where shape,
+        dtype and device match, instead of new ones; one already in the stored dtype on the host
+        is read into directly, with no copy at all."""
         device = torch.device(device)
         into = into or {}
         out = {}
         for file, group in self._by_file(names).items():
-            with safe_open(str(file), framework="pt") as f:
+            start, header = self._header(file)
+            with open(file, "rb", buffering=0) as f:
                 for name in group:
-                    t = f.get_tensor(name)
-                    want = dtype if t.is_floating_point() else t.dtype
+                    if name not in header:
+                        raise ValueError(f"{file}: tensor {name!r}, listed in the index, is "
+                                         "missing")
+                    info = header[name]
+                    stored = stored_dtype(info)
+                    if stored is None:  # a dtype plain reads do not know: safetensors reads it
+                        try:
+                            with safe_open(str(file), framework="pt") as mapped:
+                                t = mapped.get_tensor(name).clone()
+                        except Exception as err:  # noqa: BLE001 - safetensors' own error types
+                            raise ValueError(f"{file}: tensor {name!r} is unreadable ({err})") \
+                                from err
+                    else:
+                        want = dtype or stored if stored.is_floating_point else stored
+                        buffer = into.get(name)
+                        fits = buffer is not None and tuple(buffer.shape) == tuple(info["shape"]) \
+                            and buffer.dtype == want and buffer.device == device
+                        if fits and want == stored and device.type == "cpu" \
+                                and buffer.is_contiguous():
+                            out[name] = read_into(f, start, info, buffer, f"{file}: {name!r}")
+                            continue
+                        t = read_into(f, start, info, torch.empty(info["shape"], dtype=stored),
+                                      f"{file}: {name!r}")
+                    want = dtype or t.dtype if t.is_floating_point() else t.dtype
                     buffer = into.get(name)
                     if buffer is not None and buffer.shape == t.shape \
                             and buffer.dtype == want and buffer.device == device:
                         out[name] = buffer.copy_(t)
                     else:
-                        out[name] = t.to(device=device, dtype=want, copy=True)
+                        out[name] = t.to(device=device, dtype=want)
         return out
 
     def _by_file(self, names: list[str]) -> dict[Path, list[str]]:
