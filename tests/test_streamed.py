@@ -39,7 +39,9 @@ def _tensors(run_dir):
 
 
 @pytest.mark.parametrize("overrides", [["recipe=w4g64_kd"], ["recipe=w4g64_kd", "quant.init=null"],
-                                       ["recipe=w4g64_kd", "model.dtype=bfloat16"]])
+                                       ["recipe=w4g64_kd", "model.dtype=bfloat16"],
+                                       ["recipe=w4g64_kd", "quant.init=gptq"],
+                                       ["recipe=w3g64_kd"]])  # awq
 def test_a_streamed_run_equals_the_whole_model_run(source, tmp_path, monkeypatch, overrides):
     seen = {}
     original = streamed.init_blocks
@@ -87,6 +89,31 @@ def test_a_streamed_block_store_holds_codes_and_resumes(source, tmp_path):
     assert again["ppl"] == first["ppl"]
 
 
+def test_a_streamed_calibrated_init_is_saved_a_block_at_a_time_and_resumes(source, tmp_path,
+                                                                         monkeypatch):
+    """gptq streamed: each calibrated block is saved (its float weights are where the block stage
+    starts); a run killed in its block stage resumes at the next block without calibrating
+    again, and ends where the uninterrupted run ends."""
+    run_dir = tmp_path / "run"
+    args = ["recipe=w4g64_kd", "quant.init=gptq"]
+    first = _run(source, run_dir, args)
+    store = run_dir / "checkpoints" / "blockwise"
+    assert sorted(p.name for p in store.glob("init_*")) == [f"init_{i:03d}.safetensors"
+                                                           for i in range(3)]
+    assert not (store / "init.safetensors").exists()
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
+    for index in (1, 2):  # killed while training block 1
+        (store / f"block_{index:03d}.safetensors").unlink()
+
+    def calibrate(*_):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(streamed, "_calibrate_blocks", calibrate)
+    again = _run(source, run_dir, args + ["ckpt_path=last"])
+    for key in ("ptq_ppl", "block_ppl", "ppl", "export_ppl"):
+        assert again[key] == first[key], key
+
+
 def test_a_streamed_run_resumes_from_its_checkpoint_streamed(source, tmp_path, monkeypatch):
     """ckpt_path: the resumed run streams too (no whole float model) and ends where the run that
     was never stopped ends, bit for bit."""
@@ -111,7 +138,10 @@ def test_runs_that_need_the_whole_model_load_it(source, tmp_path):
     from qat.train.specs import build_specs
 
     for overrides, streams in ((["recipe=w4g64_kd"], True), (["recipe=w4g64"], False),
-                               (["recipe=w4g64_kd", "quant.init=gptq"], False),
+                               (["recipe=w4g64_kd", "quant.init=gptq"], True),
+                               (["recipe=w3g64_kd"], True),  # awq
+                               (["recipe=w4g64_kd", "quant.init=gptq", "ptq.outliers=protect"],
+                                False),
                                (["recipe=w4g64_kd", "optim.trainable=weights"], False)):
         cfg = compose_train([f"model.path={source}", "data=tiny", *overrides])
         assert (streamed.streamed_dir(build_specs(cfg)) is not None) == streams, overrides

@@ -1,6 +1,7 @@
 """BlockStore: the block stage's progress on disk, so a killed run resumes at the next block.
 
     <dir>/init.safetensors       the decoder blocks after quant.init (PTQ), before any training
+    <dir>/init_007.safetensors   block 7 after quant.init, in a streamed run (one block at a time)
     <dir>/block_007.safetensors  block 7 after its training (weights, norms, frozen grid)
     <dir>/progress.json          the config they were made with and each trained block's result
 
@@ -106,7 +107,38 @@ class BlockStore:
 
     # quant.init's result: resuming must not calibrate again
     def has_init(self) -> bool:
-        return (self.directory / INIT).is_file() and self.exists()
+        """Whether quant.init's result is saved: the blocks (one file, or a streamed run's one
+        per block) and, written after them, the measurements (`save_init`)."""
+        return self.exists() and ((self.directory / INIT).is_file() or (
+            self.init_block_path(0).is_file() and self.init_info() is not None))
+
+    def init_block_path(self, index: int) -> Path:
+        return self.directory / f"init_{index:03d}.safetensors"
+
+    def save_init_block(self, index: int, block: nn.Module) -> None:
+        """One block after quant.init (a streamed run calibrates, and saves, a block at a
+        time)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _save(block.state_dict(), self.init_block_path(index))
+
+    def init_tensors(self, index: int, names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors of block `index` after quant.init, by their names in the block."""
+        from qat.format.shards import iter_tensors
+
+        path = self.init_block_path(index)
+        if path.is_file():
+            wanted = set(names)
+            found = {k: v for k, v in iter_tensors(path) if k in wanted}
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(self.directory / INIT), framework="pt") as f:
+                found = {n: f.get_tensor(f"{index}.{n}").clone() for n in names
+                         if f"{index}.{n}" in f.keys()}
+        if set(found) != set(names):
+            raise ValueError(f"blockwise: {self.directory} holds no quant.init result for block "
+                             f"{index} ({sorted(set(names) - set(found))[:3]})")
+        return found
 
     def save_init(self, blocks: nn.Module | None, info: dict[str, Any]) -> None:
         """The PTQ-initialised blocks (None: no quant.init) and what the run measured of them."""
@@ -126,6 +158,9 @@ class BlockStore:
         """One block of the saved quant.init result (the rest stays on disk)."""
         from safetensors import safe_open
 
+        if self.init_block_path(index).is_file():
+            _load(block, self.init_block_path(index))
+            return
         start = f"{index}."
         with safe_open(str(self.directory / INIT), framework="pt") as f:
             state = {k[len(start):]: f.get_tensor(k) for k in f.keys() if k.startswith(start)}

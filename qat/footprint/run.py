@@ -10,6 +10,9 @@ The prediction adds up what each stage holds, as the pipeline is written (qat.tr
     float model    every parameter in the model dtype (a run that loads the model whole)
     block          one decoder block in float: read from the files, trained (weights, gradients,
                    AdamW's two moments), or the float model's block that gives the targets
+    calibration    gptq / awq, one block at a time: the Hessians of its inputs, the calibration
+                   samples' hidden states, one layer's solve (streamed: each calibrated block is
+                   saved to disk, where the block stage starts)
     activations    the block stage's three (samples, seq_len, hidden) tensors and a mini-batch's
                    saved activations; end to end, a batch's saved activations per block and the
                    logits (student, teacher, their float32 loss chunks)
@@ -50,6 +53,10 @@ class QuantizedLayer:
     out_features: int
     in_features: int
     spec: WeightSpec
+    name: str = ""  # its name in the block (q_proj ...): which layers share one input
+
+
+SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # one Hessian each
 
 
 @dataclass(frozen=True)
@@ -82,8 +89,9 @@ def run_shape(model, quant) -> RunShape:
     prefix, blocks = decoder_blocks(model)
     report = plan(model, quant)
     first = f"{prefix}.0."
-    layers = tuple(QuantizedLayer(l.out_features, l.in_features, l.spec) for l in report.layers
-                   if l.name.startswith(first) and l.spec is not None)
+    layers = tuple(QuantizedLayer(l.out_features, l.in_features, l.spec,
+                                  l.name[len(first):].rpartition(".")[2])
+                   for l in report.layers if l.name.startswith(first) and l.spec is not None)
     block_params = sum(p.numel() for p in blocks[0].parameters())
     total = sum(p.numel() for p in model.parameters())
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
@@ -105,6 +113,21 @@ def held_layer_bytes(layer: QuantizedLayer) -> int:
     codes = n // 2 if spec.bits <= 4 and group % 2 == 0 else n
     per_group = 4 + 4 + 4 + (0 if spec.symmetric else 4)  # scale, zero point, sum w*q, sum w
     return codes + groups * per_group + 8
+
+
+def calibration_bytes(shape: RunShape, specs) -> int:
+    """gptq / awq on one block: the Hessian of each distinct input (q/k/v share one, gate/up
+    one), the hidden states of the calibration samples in and out, and one layer's inverse
+    Hessian and float copies while it is solved (float32)."""
+    groups: dict[str, int] = {}
+    for layer in shape.layers:
+        key = next((min(g) for g in SHARED_INPUTS if layer.name in g), layer.name or str(id(layer)))
+        groups[key] = layer.in_features
+    hessians = sum(4 * n * n for n in groups.values())
+    states = 2 * specs.ptq.calibration_samples * specs.ptq.seq_len * shape.hidden * 4
+    solve = max((4 * (3 * l.in_features ** 2 + 2 * l.out_features * l.in_features)
+                 for l in shape.layers), default=0)
+    return hessians + states + solve
 
 
 def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
@@ -144,7 +167,10 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
     quantize = layer * 4 * QUANTIZE_COPIES
     stages = []
     if streamed:
-        stages += [("load", resident + read), ("ptq", resident + held + block + quantize),
+        calibrated = specs.quant.init in ("gptq", "awq")
+        ptq = resident + held + block + (calibration_bytes(shape, specs) if calibrated
+                                         else quantize)
+        stages += [("load", resident + read), ("ptq", ptq),
                    ("block stage", resident + held + train_block),
                    ("end-to-end", resident + held + 3 * scales + teacher_block + e2e_acts
                     + E2E_BYTES),
@@ -163,8 +189,11 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
     store = shape.blocks * held_block if bw.enabled else 0
     checkpoint = held + 2 * grid if streamed else floats * (3 if specs.optim.trainable != "scales"
                                                             else 1)
-    disk = {"load": model_files_bytes, "ptq": model_files_bytes, "block stage":
-            model_files_bytes + store, "end-to-end": model_files_bytes + store,
+    # a streamed gptq / awq saves each calibrated block: the block stage starts from it
+    init = shape.blocks * block if streamed and specs.quant.init in ("gptq", "awq") else 0
+    store += init
+    disk = {"load": model_files_bytes, "ptq": model_files_bytes + init,
+            "block stage": model_files_bytes + store, "end-to-end": model_files_bytes + store,
             "checkpoint": model_files_bytes + store + checkpoint}
     from qat.eval.footprint import LinearShape, ModelShapes, model_bytes
 

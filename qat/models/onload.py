@@ -212,6 +212,21 @@ def held(block: nn.Module):
     return loader.held(block) if loader is not None else nullcontext(block)
 
 
+def plain_copy(block: nn.Module) -> nn.Module:
+    """A deep copy of a decoder block as an ordinary module, its tensors in memory (an onloaded
+    block's read from the files for the copy; the block itself stays in them)."""
+    import copy
+
+    loader = block.__dict__.get("_onloader")
+    if loader is None:
+        return copy.deepcopy(block)
+    with loader.held(block):
+        twin = copy.deepcopy(block, {id(loader): loader})  # the loader itself is not copied
+    for key in ("forward", "_onloader"):
+        twin.__dict__.pop(key, None)
+    return twin
+
+
 def move(model: nn.Module, device: torch.device | str) -> nn.Module:
     """model.to(device), for an onloaded model too: its resident tensors move, its blocks are read
     onto `device` from then on."""

@@ -69,12 +69,14 @@ def rtn_layers(module: nn.Module, report: PTQReport, prefix: str = "") -> None:
 
 
 def _rtn(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
-         device: torch.device | None) -> None:
+         device: torch.device | None, hooks: dict[str, Any]) -> None:
+    if hooks:
+        raise ValueError("ptq.method='rtn' needs no pass over the blocks: use rtn_layers per block")
     rtn_layers(model, report)
 
 
 def _gptq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
-          device: torch.device | None) -> None:
+          device: torch.device | None, hooks: dict[str, Any]) -> None:
     def on_block(prefix: str, block: nn.Module, forward: Callable[[], None]) -> None:
         stats = collect_input_stats(block, forward, prefix=prefix, hessian=True)
         for name, module in quantized_linears(block, prefix).items():
@@ -86,11 +88,11 @@ def _gptq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
                                    "error": result.error, "damp": result.damp}
 
     run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress,
-               device=device)
+               device=device, **hooks)
 
 
 def _awq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
-         device: torch.device | None) -> None:
+         device: torch.device | None, hooks: dict[str, Any]) -> None:
     def on_block(prefix: str, block: nn.Module, forward: Callable[[], None]) -> None:
         stats = collect_input_stats(block, forward, prefix=prefix, hessian=True)
         layers = quantized_linears(block, prefix)
@@ -103,26 +105,29 @@ def _awq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
             report.layers[name] = {"bits": specs[name].bits}
 
     run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress,
-               device=device)
+               device=device, **hooks)
 
 
 def _smoothquant(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
-                 device: torch.device | None) -> None:
+                 device: torch.device | None, hooks: dict[str, Any]) -> None:
     def on_block(prefix: str, block: nn.Module, forward: Callable[[], None]) -> None:
         stats = collect_input_stats(block, forward, prefix=prefix, hessian=False)
         report.groups.update(smooth_block(block, prefix, stats, spec.smoothquant_alpha))
 
     run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress,
-               device=device)
+               device=device, **hooks)
 
 
-METHODS: dict[str, Callable[[nn.Module, torch.Tensor, PTQSpec, PTQReport, Any], None]] = {
+METHODS: dict[str, Callable[[nn.Module, torch.Tensor, PTQSpec, PTQReport, Any, dict], None]] = {
     "rtn": _rtn, "gptq": _gptq, "awq": _awq, "smoothquant": _smoothquant,
 }
 
 
 def quantize_model(model: nn.Module, method: str | PTQSpec, calibration_ids: torch.Tensor | None,
-                   *, device: torch.device | None = None, **options: Any) -> PTQReport:
+                   *, device: torch.device | None = None,
+                   before_block: Callable[[int, nn.Module], None] | None = None,
+                   after_block: Callable[[int, nn.Module], None] | None = None,
+                   **options: Any) -> PTQReport:
     """Post-training-quantize a model already `prepare`d with FakeQuantLinear layers, in place.
 
     Args:
@@ -131,12 +136,16 @@ def quantize_model(model: nn.Module, method: str | PTQSpec, calibration_ids: tor
         calibration_ids: (N, T) token ids without padding; the first `calibration_samples` rows
             are used. May be None for rtn.
         device: where each block calibrates (moved there for its turn); default: the model's.
+        before_block / after_block: as `run_blocks` takes them (a streamed run's float weights
+            read in, its result kept and its codes held after); not for rtn.
         **options: PTQSpec fields overriding the spec (e.g. batch_size=4, act_order=True).
     Returns:
         PTQReport. Afterwards each quantized layer's fake-quantized forward is the PTQ result.
     """
     spec = replace(method, **options) if isinstance(method, PTQSpec) \
         else PTQSpec(method=method, **options)
+    hooks = {k: v for k, v in (("before_block", before_block), ("after_block", after_block))
+             if v is not None}
     if not quantized_linears(model):
         raise ValueError("ptq: the model has no FakeQuantLinear; run qat.quant.prepare first")
     report = PTQReport(spec.method)
@@ -149,7 +158,7 @@ def quantize_model(model: nn.Module, method: str | PTQSpec, calibration_ids: tor
     was_training = model.training
     start = time.perf_counter()
     try:
-        METHODS[spec.method](model.eval(), calibration_ids, spec, report, device)
+        METHODS[spec.method](model.eval(), calibration_ids, spec, report, device, hooks)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - start

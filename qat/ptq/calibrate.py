@@ -21,7 +21,9 @@ from qat.models.structure import decoder_blocks
 def run_blocks(model: nn.Module, ids: torch.Tensor,
                on_block: Callable[[str, nn.Module, Callable[[], None]], None], *,
                batch_size: int = 8, progress: bool = False,
-               device: torch.device | None = None) -> None:
+               device: torch.device | None = None,
+               before_block: Callable[[int, nn.Module], None] | None = None,
+               after_block: Callable[[int, nn.Module], None] | None = None) -> None:
     """Calibrate the decoder block by block.
 
     Args:
@@ -34,6 +36,9 @@ def run_blocks(model: nn.Module, ids: torch.Tensor,
         progress: show a tqdm bar over blocks.
         device: where each block computes (moved there for its turn, back after) with the
             hidden states between blocks; default: where the model is.
+        before_block / after_block: called as f(index, block) before the block is moved in (a
+            streamed run reads its float weights there) and after its next inputs are computed
+            and it is moved back (a streamed run keeps its result and holds its codes).
     """
     from tqdm.auto import tqdm
 
@@ -49,10 +54,14 @@ def run_blocks(model: nn.Module, ids: torch.Tensor,
             for hidden, (args, kwargs) in zip(states, calls):
                 block(hidden, *args, **kwargs)
 
+        if before_block is not None:
+            before_block(index, block)
         with block_on(block, device):
             on_block(f"{prefix}.{index}", block, forward)
             states = [hidden_of(block(hidden, *args, **kwargs))
                       for hidden, (args, kwargs) in zip(states, calls)]
+        if after_block is not None:
+            after_block(index, block)
 
 
 class InputStats:

@@ -87,15 +87,14 @@ def check_foldable(model: nn.Module, method: str) -> None:
     groups and must compute what it computed before, on a few tokens (Gemma's norms scale by
     1 + weight and its post-attention norm sits after the attention: the names fit, the fold
     would not)."""
-    import copy
-
     from qat.models.blocks import capture_block_inputs, fake_quant_disabled
     from qat.models.blocks import hidden_of as _hidden
+    from qat.models.onload import plain_copy
     from qat.models.structure import decoder_blocks
 
     kind = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r})"
     prefix, blocks = decoder_blocks(model)
-    block = copy.deepcopy(blocks[0]).float()  # float32: the check sees the fold, not rounding
+    block = plain_copy(blocks[0]).float()  # float32: the check sees the fold, not rounding
     try:
         groups = llama_scale_groups(block, f"{prefix}.0")
     except ValueError as err:

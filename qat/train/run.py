@@ -113,7 +113,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             store.clear()  # a new run: blocks of an earlier run in this directory do not count
         if loaded is not None:  # the blocks come from the files one at a time, held as codes
             steps.stage("ptq")
-            ptq_report = streamed.init_blocks(model, specs, store, resume_blocks, device)
+            ptq_report = streamed.init_blocks(
+                model, specs, store, resume_blocks, device, calibration_ids(
+                    tokens.train_blocks, specs.ptq.calibration_samples, specs.ptq.seq_len)
+                if specs.quant.init in streamed.CALIBRATED else None)
             if ptq_report is not None:
                 print(ptq_report)
         elif specs.quant.init is not None and ckpt_path is None:
@@ -131,9 +134,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             print(f"quant.init={specs.quant.init}: skipped, resuming from {ckpt_path}")
         if store is not None and ckpt_path is None:
             steps.stage("block stage")
+            # a streamed run saved its calibrated blocks one by one; whole, they are saved here
             stage_metrics, block_report = block_stage(
-                model, float_model, specs, tokens, store, cfg, ptq_report is not None, device,
-                before_block=streamed.thaw(model) if loaded is not None else None,
+                model, float_model, specs, tokens, store, cfg,
+                ptq_report is not None and loaded is None, device,
+                before_block=streamed.thaw(model, store if specs.quant.init in streamed.CALIBRATED
+                                           else None) if loaded is not None else None,
                 after_block=streamed.hold if specs.optim.trainable == "scales" else None)
             float_model = None
         elif store is not None and store.exists():  # resumed after the block stage

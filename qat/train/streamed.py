@@ -3,8 +3,12 @@ safetensors files until quant.init reaches them, and each is held as its integer
 on; the block stage reads one block's float weights back to train it, and holds codes again.
 
     load        skeleton: embeddings, final norm, head in memory; blocks in the files
-    quant.init  per block: read, quantizers on, rtn grid (or the min/max grid), codes held
-    block stage per block: float weights read back, trained, codes held (BlockStore: codes)
+    quant.init  per block: read, quantizers on, rtn grid (or the min/max grid), codes held;
+                gptq / awq: calibrated on the previous blocks' quantized outputs, as a whole
+                model is, and the calibrated block saved (BlockStore init_NNN) before its codes
+                are held
+    block stage per block: float weights read back (from the files, or the calibrated block),
+                trained, codes held (BlockStore: codes)
     end to end  the codes and their trainable scales (optim.trainable=scales)
 
 Taken when the run can (`streamed_dir`): the model has safetensors files in its own names, a
@@ -31,7 +35,8 @@ from qat.quant.fake_quant import FakeQuantWeight
 from qat.quant.modules import FakeQuantLinear
 from qat.train.specs import Specs
 
-INITS = (None, "rtn")  # quant.init methods that need no pass over the whole model
+INITS = (None, "rtn", "gptq", "awq")  # quant.init methods that work a block at a time
+CALIBRATED = ("gptq", "awq")  # those that change the float weights (the block stage starts there)
 
 
 def can_stream(specs: Specs) -> bool:
@@ -85,20 +90,25 @@ def check_finite_files(files: TensorFiles, where: str) -> None:
 
 
 def init_blocks(model: nn.Module, specs: Specs, store: BlockStore, resumed: bool,
-                device: torch.device | None = None) -> PTQReport | None:
+                device: torch.device | None = None,
+                calibration: torch.Tensor | None = None) -> PTQReport | None:
     """quant.init block by block: each block read from the files, its quantizers set from its
-    weights, its grid (rtn, or the observer's min/max), its codes held; a resumed run takes the
-    saved init instead. Returns the PTQReport (None without quant.init)."""
+    weights, its grid (rtn, or the observer's min/max; gptq / awq on `calibration`, the token
+    ids), its codes held; a resumed run takes the saved init instead. Returns the PTQReport (None
+    without quant.init, or resumed)."""
     loader = onloader_of(model)
     prefix, blocks = decoder_blocks(model)
     report = PTQReport(specs.quant.init) if specs.quant.init is not None else None
     saved = resumed and store.has_init()
+    if specs.quant.init in CALIBRATED and not saved:
+        return _calibrate_blocks(model, specs, store, device, calibration)
     start = time.perf_counter()
     for index, block in enumerate(blocks):
         loader.adopt(block)
         _fresh_quantizers(block)
         if saved:
             store.load_init_block(index, block)
+            hold(index, block)
             continue
         with block_on(block, device or torch.device("cpu")):
             if report is not None:
@@ -110,6 +120,30 @@ def init_blocks(model: nn.Module, specs: Specs, store: BlockStore, resumed: bool
         print(f"quant.init={specs.quant.init}: loaded from {store.directory} (resumed)")
         return None
     return report
+
+
+def _calibrate_blocks(model: nn.Module, specs: Specs, store: BlockStore,
+                      device: torch.device | None, calibration: torch.Tensor | None) -> PTQReport:
+    """gptq / awq as `quantize_model` runs them on a whole model, with each block read from the
+    files just before its turn, and saved (float weights, folded norms, grid) then held as codes
+    just after: the numbers of a whole-model run, one float block in memory."""
+    from dataclasses import replace
+
+    from qat.ptq import quantize_model
+
+    loader = onloader_of(model)
+
+    def before_block(index: int, block: nn.Module) -> None:
+        loader.adopt(block)
+        _fresh_quantizers(block)
+
+    def after_block(index: int, block: nn.Module) -> None:
+        store.save_init_block(index, block)
+        hold(index, block)
+
+    ptq = replace(specs.ptq, method=specs.quant.init)
+    return quantize_model(model, ptq, calibration, device=device, before_block=before_block,
+                          after_block=after_block)
 
 
 def _fresh_quantizers(block: nn.Module) -> None:
@@ -132,14 +166,17 @@ def hold(index: int, block: nn.Module) -> None:
     release_memory()
 
 
-def thaw(model: nn.Module):
-    """before_block for the block stage: the block's float weights read back from the files."""
+def thaw(model: nn.Module, store: BlockStore | None = None):
+    """before_block for the block stage: the block's float weights read back from the files, or
+    (`store`: quant.init changed them) from the calibrated block the store saved."""
     loader = onloader_of(model)
 
     def before_block(index: int, block: nn.Module) -> None:
         layers = {n: m for n, m in block.named_modules()
                   if isinstance(m, FakeQuantLinear) and m.holds_codes}
-        weights = loader.read(block, [f"{n}.weight" for n in layers])
+        names = [f"{n}.weight" for n in layers]
+        weights = store.init_tensors(index, names) if store is not None \
+            else loader.read(block, names)
         for name, layer in layers.items():  # onto the block's device (the loader's may differ)
             layer.thaw(weights[f"{name}.weight"].to(home_of(layer)))
     return before_block
