@@ -73,6 +73,25 @@ def test_a_streamed_run_equals_the_whole_model_run(source, tmp_path, monkeypatch
         "blocks"][0]["loss_after"]
 
 
+@pytest.mark.parametrize("recipe", ["gptq_w4g64", "awq_w4g64"])
+def test_a_streamed_ptq_only_run_equals_the_whole_model_run(source, tmp_path, monkeypatch, recipe):
+    """PTQ alone (trainer.max_steps=0): calibrated a block at a time, held as codes, nothing
+    saved for a block stage; the perplexities and the export of the run that loads it whole."""
+    args = [f"model.path={source}", *[o for o in RUN if not o.startswith(("blockwise", "trainer"))],
+            f"recipe={recipe}", "trainer.max_steps=0"]
+    called = []
+    original = streamed.init_blocks
+    monkeypatch.setattr(streamed, "init_blocks", lambda *a: called.append(1) or original(*a))
+    a = train(compose_train(args), run_dir=tmp_path / "streamed")
+    assert called and not (tmp_path / "streamed" / "checkpoints" / "blockwise").exists()
+    monkeypatch.setattr(streamed, "streamed_dir", lambda *a: None)
+    b = train(compose_train(args), run_dir=tmp_path / "whole")
+    for key in ("fp_ppl", "ppl", "export_ppl"):
+        assert a[key] == b[key], key
+    for path in (tmp_path / "streamed" / "export").glob("*.safetensors"):
+        assert path.read_bytes() == (tmp_path / "whole" / "export" / path.name).read_bytes()
+
+
 def test_a_streamed_block_store_holds_codes_and_resumes(source, tmp_path):
     run_dir = tmp_path / "run"
     first = _run(source, run_dir, ["recipe=w4g64_kd"])
@@ -140,11 +159,14 @@ def test_runs_that_need_the_whole_model_load_it(source, tmp_path):
     for overrides, streams in ((["recipe=w4g64_kd"], True), (["recipe=w4g64"], False),
                                (["recipe=w4g64_kd", "quant.init=gptq"], True),
                                (["recipe=w3g64_kd"], True),  # awq
+                               (["recipe=gptq_w4g64", "trainer.max_steps=0"], True),  # ptq only
+                               (["recipe=gptq_w4g64"], False),  # weights train end to end
                                (["recipe=w4g64_kd", "quant.init=gptq", "ptq.outliers=protect"],
                                 False),
                                (["recipe=w4g64_kd", "optim.trainable=weights"], False)):
         cfg = compose_train([f"model.path={source}", "data=tiny", *overrides])
-        assert (streamed.streamed_dir(build_specs(cfg)) is not None) == streams, overrides
+        assert (streamed.streamed_dir(build_specs(cfg), cfg.trainer.max_steps) is not None) \
+            == streams, overrides
 
 
 def test_one_float_block_at_a_time(source, tmp_path, monkeypatch):

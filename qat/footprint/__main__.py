@@ -160,8 +160,8 @@ def run_report(model: str, recipe: str, overrides: list[str]) -> tuple[str, dict
                  or "float32").removeprefix("torch.")
     files_bytes = sum(f.stat().st_size for f in files) if files \
         else shape.params * {"float32": 4}.get(stored, 2)  # config alone: as its dtype says
-    streamed = can_stream(specs)
-    stages = stage_bytes(shape, specs, streamed, files_bytes)
+    streamed = can_stream(specs, cfg.trainer.max_steps)
+    stages = stage_bytes(shape, specs, streamed, files_bytes, cfg.trainer.max_steps != 0)
     rows = [(r["stage"], f"{r['host_bytes'] / GIB:,.2f}", f"{r['device_bytes'] / GIB:,.2f}",
              f"{r['disk_bytes'] / GIB:,.2f}") for r in stages]
     how = "streamed: blocks read from the files one at a time, held as codes" if streamed \

@@ -130,9 +130,10 @@ def calibration_bytes(shape: RunShape, specs) -> int:
     return hessians + states + solve
 
 
-def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
-                ) -> list[dict]:
-    """[{stage, host_bytes, device_bytes, disk_bytes}] in the order the run passes them."""
+def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int,
+                trains: bool = True) -> list[dict]:
+    """[{stage, host_bytes, device_bytes, disk_bytes}] in the order the run passes them
+    (`trains`: an end-to-end stage runs, trainer.max_steps > 0)."""
     d = DTYPE_BYTES[specs.model.dtype]
     distill = specs.distill.enabled
     td = DTYPE_BYTES[specs.distill.teacher.dtype] if distill else 0
@@ -170,11 +171,13 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
         calibrated = specs.quant.init in ("gptq", "awq")
         ptq = resident + held + block + (calibration_bytes(shape, specs) if calibrated
                                          else quantize)
-        stages += [("load", resident + read), ("ptq", ptq),
-                   ("block stage", resident + held + train_block),
-                   ("end-to-end", resident + held + 3 * scales + teacher_block + e2e_acts
-                    + E2E_BYTES),
-                   ("checkpoint", resident + held + grid // 2),
+        stages += [("load", resident + read), ("ptq", ptq)]
+        if bw.enabled:
+            stages += [("block stage", resident + held + train_block)]
+        if trains:
+            stages += [("end-to-end", resident + held + 3 * scales + teacher_block + e2e_acts
+                        + E2E_BYTES)]
+        stages += [("checkpoint", resident + held + grid // 2),
                    ("export", resident + held + quantize + EXPORT_BYTES)]
     else:
         teacher = floats * td / d if distill else 0
@@ -190,7 +193,8 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int
     checkpoint = held + 2 * grid if streamed else floats * (3 if specs.optim.trainable != "scales"
                                                             else 1)
     # a streamed gptq / awq saves each calibrated block: the block stage starts from it
-    init = shape.blocks * block if streamed and specs.quant.init in ("gptq", "awq") else 0
+    init = shape.blocks * block if streamed and bw.enabled and specs.quant.init in ("gptq", "awq") \
+        else 0
     store += init
     disk = {"load": model_files_bytes, "ptq": model_files_bytes + init,
             "block stage": model_files_bytes + store, "end-to-end": model_files_bytes + store,

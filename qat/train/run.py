@@ -53,7 +53,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         check_writable(run_dir, "the run directory (hydra.run.dir)")
         ckpt_path, resume_blocks = steps.resume_target(cfg, specs, run_dir)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        directory = streamed.streamed_dir(specs)
+        directory = streamed.streamed_dir(specs, cfg.trainer.max_steps)
         loaded = streamed.load_student(specs.model, directory) if directory is not None else None
         model, tokenizer = loaded if loaded is not None else steps.load_checked(specs.model)
         plan(model, specs.quant) if specs.quant.weight is not None else None  # patterns, groups

@@ -39,22 +39,26 @@ INITS = (None, "rtn", "gptq", "awq")  # quant.init methods that work a block at 
 CALIBRATED = ("gptq", "awq")  # those that change the float weights (the block stage starts there)
 
 
-def can_stream(specs: Specs) -> bool:
-    """Whether the recipe lets the run keep the float model on disk (see the module doc)."""
-    return specs.quant.weight is not None and specs.blockwise.enabled \
-        and specs.optim.trainable == "scales" and specs.quant.init in INITS \
+def can_stream(specs: Specs, max_steps: int | None = None) -> bool:
+    """Whether the recipe lets the run keep the float model on disk (see the module doc): a
+    block stage that the end-to-end stage follows with scales alone, or PTQ alone (`max_steps`
+    0: the trainer's, no block stage), where no float weight trains again."""
+    trains_codes = specs.blockwise.enabled and specs.optim.trainable == "scales"
+    ptq_only = max_steps == 0 and not specs.blockwise.enabled and specs.quant.init is not None
+    return specs.quant.weight is not None and (trains_codes or ptq_only) \
+        and specs.quant.init in INITS \
         and not specs.prune.enabled and specs.ptq.outliers == "off" \
         and specs.quant.budget_bits is None and not specs.data.generated_samples \
         and not specs.quant.start_step
 
 
-def streamed_dir(specs: Specs) -> Path | None:
+def streamed_dir(specs: Specs, max_steps: int | None = None) -> Path | None:
     """The model directory a streamed run reads its blocks from, or None: load it whole. A run
     resumed from a Lightning checkpoint streams too: its blocks are held as codes, as the
     checkpoint holds them, before the checkpoint's state replaces theirs."""
     from qat.models.load import model_dir
 
-    if not can_stream(specs):
+    if not can_stream(specs, max_steps):
         return None
     return model_dir(specs.model)
 
@@ -89,7 +93,7 @@ def check_finite_files(files: TensorFiles, where: str) -> None:
                              f"value(s); the weights are damaged")
 
 
-def init_blocks(model: nn.Module, specs: Specs, store: BlockStore, resumed: bool,
+def init_blocks(model: nn.Module, specs: Specs, store: BlockStore | None, resumed: bool,
                 device: torch.device | None = None,
                 calibration: torch.Tensor | None = None) -> PTQReport | None:
     """quant.init block by block: each block read from the files, its quantizers set from its
@@ -99,7 +103,7 @@ def init_blocks(model: nn.Module, specs: Specs, store: BlockStore, resumed: bool
     loader = onloader_of(model)
     prefix, blocks = decoder_blocks(model)
     report = PTQReport(specs.quant.init) if specs.quant.init is not None else None
-    saved = resumed and store.has_init()
+    saved = resumed and store is not None and store.has_init()
     if specs.quant.init in CALIBRATED and not saved:
         return _calibrate_blocks(model, specs, store, device, calibration)
     start = time.perf_counter()
@@ -122,7 +126,7 @@ def init_blocks(model: nn.Module, specs: Specs, store: BlockStore, resumed: bool
     return report
 
 
-def _calibrate_blocks(model: nn.Module, specs: Specs, store: BlockStore,
+def _calibrate_blocks(model: nn.Module, specs: Specs, store: BlockStore | None,
                       device: torch.device | None, calibration: torch.Tensor | None) -> PTQReport:
     """gptq / awq as `quantize_model` runs them on a whole model, with each block read from the
     files just before its turn, and saved (float weights, folded norms, grid) then held as codes
@@ -138,7 +142,8 @@ def _calibrate_blocks(model: nn.Module, specs: Specs, store: BlockStore,
         _fresh_quantizers(block)
 
     def after_block(index: int, block: nn.Module) -> None:
-        store.save_init_block(index, block)
+        if store is not None:  # a block stage follows: it starts from the calibrated block
+            store.save_init_block(index, block)
         hold(index, block)
 
     ptq = replace(specs.ptq, method=specs.quant.init)
