@@ -42,6 +42,7 @@ EXPORT_BYTES = 0.35 * 2**30  # the export's writer, tokenizer and perplexity win
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # transients, as multiples of what they scale with (fitted, see the module doc)
 READ_COPIES = 2.0  # a tensor read from the files: the mapped pages and the copy
+GPTQ_HESSIAN_COPIES = 6  # one layer's (in, in) float32 copies while GPTQ solves it (measured)
 QUANTIZE_COPIES = 2.0  # float32 temporaries of one layer while its grid and codes are computed
 BLOCK_STAGE_COPIES = 4.4  # the trained block: weights, gradients, 2 moments, temporaries
 BLOCK_STAGE_BYTES = 0.39 * 2**30  # the block stage's own constant (autograd, optimizer, threads)
@@ -117,16 +118,21 @@ def held_layer_bytes(layer: QuantizedLayer) -> int:
 
 def calibration_bytes(shape: RunShape, specs) -> int:
     """gptq / awq on one block: the Hessian of each distinct input (q/k/v share one, gate/up
-    one), the hidden states of the calibration samples in and out, and one layer's inverse
-    Hessian and float copies while it is solved (float32)."""
+    one), the hidden states of the calibration samples in and out, and one layer's solve
+    (gptq: the Hessian's copies and the weight's, float32; measured on the 13B layout's block,
+    7.85 GiB for the stage; awq: arithmetic, not measured)."""
     groups: dict[str, int] = {}
     for layer in shape.layers:
         key = next((min(g) for g in SHARED_INPUTS if layer.name in g), layer.name or str(id(layer)))
         groups[key] = layer.in_features
     hessians = sum(4 * n * n for n in groups.values())
     states = 2 * specs.ptq.calibration_samples * specs.ptq.seq_len * shape.hidden * 4
-    solve = max((4 * (3 * l.in_features ** 2 + 2 * l.out_features * l.in_features)
-                 for l in shape.layers), default=0)
+    if specs.quant.init == "gptq":  # H as 2 X^T X / n, its damped copy, Cholesky, inverse, U
+        solve = max((4 * (GPTQ_HESSIAN_COPIES * l.in_features ** 2
+                          + 3 * l.out_features * l.in_features) for l in shape.layers), default=0)
+    else:  # awq: the clipping search's float copies of one layer
+        solve = max((4 * QUANTIZE_COPIES * l.out_features * l.in_features
+                     for l in shape.layers), default=0)
     return hessians + states + solve
 
 
