@@ -122,22 +122,15 @@ class BlockStore:
         _save(block.state_dict(), self.init_block_path(index))
 
     def init_tensors(self, index: int, names: list[str]) -> dict[str, torch.Tensor]:
-        """Tensors of block `index` after quant.init, by their names in the block."""
+        """Tensors of block `index` after a streamed quant.init, by their names in the block."""
         from qat.format.shards import iter_tensors
 
+        wanted = set(names)
         path = self.init_block_path(index)
-        if path.is_file():
-            wanted = set(names)
-            found = {k: v for k, v in iter_tensors(path) if k in wanted}
-        else:
-            from safetensors import safe_open
-
-            with safe_open(str(self.directory / INIT), framework="pt") as f:
-                found = {n: f.get_tensor(f"{index}.{n}").clone() for n in names
-                         if f"{index}.{n}" in f.keys()}
-        if set(found) != set(names):
+        found = {k: v for k, v in iter_tensors(path) if k in wanted} if path.is_file() else {}
+        if set(found) != wanted:
             raise ValueError(f"blockwise: {self.directory} holds no quant.init result for block "
-                             f"{index} ({sorted(set(names) - set(found))[:3]})")
+                             f"{index} ({sorted(wanted - set(found))[:3]})")
         return found
 
     def save_init(self, blocks: nn.Module | None, info: dict[str, Any]) -> None:

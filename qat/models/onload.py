@@ -46,15 +46,14 @@ class TensorFiles:
             self._headers[file] = read_header(file)
         return self._headers[file]
 
+    def _info(self, file: Path, name: str) -> dict:
+        header = self._header(file)[1]
+        if name not in header:
+            raise ValueError(f"{file}: tensor {name!r}, listed in the index, is missing")
+        return header[name]
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        out = {}
-        for file, names in self._by_file(list(self.file_of)).items():
-            header = self._header(file)[1]
-            for name in names:
-                if name not in header:
-                    raise ValueError(f"{file}: tensor {name!r}, listed in the index, is missing")
-                out[name] = tuple(header[name]["shape"])
-        return out
+        return {name: tuple(self._info(file, name)["shape"]) for name, file in self.file_of.items()}
 
     def read(self, names: list[str], dtype: torch.dtype | None, device: torch.device | str,
              into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -70,39 +69,27 @@ class TensorFiles:
         into = into or {}
         out = {}
         for file, group in self._by_file(names).items():
-            start, header = self._header(file)
+            start = self._header(file)[0]
             with open(file, "rb", buffering=0) as f:
                 for name in group:
-                    if name not in header:
-                        raise ValueError(f"{file}: tensor {name!r}, listed in the index, is "
-                                         "missing")
-                    info = header[name]
-                    stored = stored_dtype(info)
-                    if stored is None:  # a dtype plain reads do not know: safetensors reads it
-                        try:
-                            with safe_open(str(file), framework="pt") as mapped:
-                                t = mapped.get_tensor(name).clone()
-                        except Exception as err:  # noqa: BLE001 - safetensors' own error types
-                            raise ValueError(f"{file}: tensor {name!r} is unreadable ({err})") \
-                                from err
-                    else:
-                        want = dtype or stored if stored.is_floating_point else stored
-                        buffer = into.get(name)
-                        fits = buffer is not None and tuple(buffer.shape) == tuple(info["shape"]) \
-                            and buffer.dtype == want and buffer.device == device
-                        if fits and want == stored and device.type == "cpu" \
-                                and buffer.is_contiguous():
-                            out[name] = read_into(f, start, info, buffer, f"{file}: {name!r}")
-                            continue
+                    info = self._info(file, name)
+                    stored = stored_dtype(info)  # None: a dtype plain reads do not know (fp8)
+                    t = None if stored is not None else _read_mapped(file, name)
+                    kind = stored if stored is not None else t.dtype
+                    want = (dtype or kind) if kind.is_floating_point else kind
+                    buffer = into.get(name)
+                    if buffer is not None and (tuple(buffer.shape) != tuple(info["shape"])
+                                               or buffer.dtype != want or buffer.device != device):
+                        buffer = None
+                    if t is None and buffer is not None and want == stored \
+                            and device.type == "cpu" and buffer.is_contiguous():
+                        out[name] = read_into(f, start, info, buffer, f"{file}: {name!r}")
+                        continue
+                    if t is None:
                         t = read_into(f, start, info, torch.empty(info["shape"], dtype=stored),
                                       f"{file}: {name!r}")
-                    want = dtype or t.dtype if t.is_floating_point() else t.dtype
-                    buffer = into.get(name)
-                    if buffer is not None and buffer.shape == t.shape \
-                            and buffer.dtype == want and buffer.device == device:
-                        out[name] = buffer.copy_(t)
-                    else:
-                        out[name] = t.to(device=device, dtype=want)
+                    out[name] = buffer.copy_(t) if buffer is not None \
+                        else t.to(device=device, dtype=want)
         return out
 
     def _by_file(self, names: list[str]) -> dict[Path, list[str]]:
@@ -110,6 +97,15 @@ class TensorFiles:
         for name in names:
             out.setdefault(self.file_of[name], []).append(name)
         return out
+
+
+def _read_mapped(file: Path, name: str) -> torch.Tensor:
+    """One tensor through safetensors (dtypes plain reads do not know), copied off the map."""
+    try:
+        with safe_open(str(file), framework="pt") as mapped:
+            return mapped.get_tensor(name).clone()
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types
+        raise ValueError(f"{file}: tensor {name!r} is unreadable ({err})") from err
 
 
 def _set(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
