@@ -126,6 +126,8 @@ def _library() -> ctypes.CDLL | None:
     lib.qat_max_threads.restype = ctypes.c_int
     lib.fq_minmax.argtypes = [p, p, p, i, i]
     lib.fq_minmax.restype = None
+    lib.fq_codes.argtypes = [p, ctypes.c_int, p, p, p, i, i, ctypes.c_float, ctypes.c_int]
+    lib.fq_codes.restype = None
     f = ctypes.c_float
     for name in ("fq_forward", "fq_mask_grad"):
         getattr(lib, name).argtypes = [p, p, p, p, i, i, f, f]
@@ -238,6 +240,48 @@ def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
                           None if zero_point is None else zero_point.data_ptr(),
                           w.numel() // w.shape[-1], w.shape[-1], float(qmin), float(qmax))
     return out
+
+
+def codes_supported(codes: torch.Tensor, scale: torch.Tensor,
+                    zero_point: torch.Tensor | None) -> bool:
+    """Contiguous CPU codes (int8, or uint8 two per byte) grouped as (..., size) with one float32
+    scale (and zero point) per group, shaped (..., 1)."""
+    if not (codes.is_cpu and codes.dtype in (torch.int8, torch.uint8) and codes.is_contiguous()
+            and codes.dim() >= 2):
+        return False
+    for t in (scale, zero_point):
+        if t is not None and not (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+                                  and t.shape == (*codes.shape[:-1], 1)):
+            return False
+    return available()
+
+
+def _codes_call(codes: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None,
+                zero_point: torch.Tensor | None, code_min: int, mode: int) -> torch.Tensor:
+    packed = codes.dtype == torch.uint8
+    size = codes.shape[-1] * (2 if packed else 1)
+    if not (out.dtype == torch.float32 and out.is_contiguous() and out.is_cpu
+            and out.numel() == codes.numel() // codes.shape[-1] * size):
+        raise ValueError(f"frozen codes {tuple(codes.shape)} ({codes.dtype}) need a contiguous "
+                         f"float32 CPU out of {codes.numel() // codes.shape[-1] * size} elements")
+    _library().fq_codes(codes.data_ptr(), int(packed), out.data_ptr(),
+                        None if scale is None else scale.data_ptr(),
+                        None if zero_point is None else zero_point.data_ptr(),
+                        codes.numel() // codes.shape[-1], size, float(code_min), mode)
+    return out
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                     code_min: int, out: torch.Tensor) -> torch.Tensor:
+    """out = (q - zp) * scale from frozen codes (`codes_supported`), one pass; uint8 codes are
+    two per byte, stored as q - code_min (ste.pack_codes). Bit-identical to the torch ops."""
+    return _codes_call(codes, out, scale, zero_point, code_min, 0)
+
+
+def mul_codes_(grad: torch.Tensor, codes: torch.Tensor, zero_point: torch.Tensor | None,
+               code_min: int) -> torch.Tensor:
+    """grad *= (q - zp) in place: dL/dw_hat times the codes, what dL/dscale sums per group."""
+    return _codes_call(codes, grad, None, zero_point, code_min, 1)
 
 
 def minmax_supported(w: torch.Tensor) -> bool:

@@ -164,3 +164,35 @@ def test_native_minmax_equals_amin_amax(size):
     assert torch.equal(minmax(w)[1].nan_to_num(), expected[1].nan_to_num())  # grid uses it
     assert not native.minmax_supported(w.to(torch.bfloat16))
     assert not native.minmax_supported(w.transpose(0, 1))
+
+
+# ---- frozen codes (optim.trainable=scales) ----------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("size", [64, 18, 7])
+def test_native_codes_are_the_torch_dequantization_bit_for_bit(bits, symmetric, size):
+    """One pass over packed (two per byte) or int8 codes gives ste's torch ops exactly: the
+    dequantized weight and dL/dw_hat * (q - zp), the product dL/dscale sums per group."""
+    from qat.format.grid import qrange
+    from qat.quant.ste import _dequantize_codes, code_values, pack_codes
+
+    qmin, qmax = qrange(bits)
+    g = torch.Generator().manual_seed(bits * 100 + size)
+    q = torch.randint(qmin, qmax + 1, (9, 4, size), generator=g)
+    packs = bits <= 4 and size % 2 == 0
+    codes = pack_codes(q, qmin) if packs else q.to(torch.int8)
+    assert codes.dtype == (torch.uint8 if packs else torch.int8)
+    scale = torch.rand(9, 4, 1, generator=g) * 0.1 + 1e-3
+    zp = None if symmetric else torch.randint(qmin, qmax + 1, (9, 4, 1), generator=g).float()
+    assert native.codes_supported(codes, scale, zp)
+    out = torch.full((9, 4, size), float("nan"))
+    assert torch.equal(native.dequantize_codes(codes, scale, zp, qmin, out),
+                       _dequantize_codes(codes, scale, zp, qmin))
+    grad = torch.randn(9, 4, size, generator=g)
+    values = code_values(codes, qmin) if zp is None else code_values(codes, qmin) - zp
+    assert torch.equal(native.mul_codes_(grad.clone(), codes, zp, qmin), grad * values)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        native.dequantize_codes(codes, scale, zp, qmin, torch.empty(9, 4, size + 2))
+    assert not native.codes_supported(codes, scale.double(), zp)
+    assert not native.codes_supported(codes.transpose(0, 1), scale, zp)

@@ -111,3 +111,57 @@ void fq_minmax(const float *w, float *lo, float *hi, int64_t groups, int64_t siz
         hi[g] = nan ? NAN : mx;
     }
 }
+
+/* Frozen integer codes (optim.trainable=scales) in one pass, per group of `size` codes with one
+ * scale s and zero point z (z absent: symmetric), q the code's value:
+ *   mode 0: out = (q - z) * s        the dequantized weight
+ *   mode 1: out = out * (q - z)      in place: dL/dw_hat times the code, before dL/ds's group sum
+ * codes: int8 values (packed = 0), or two per byte (packed = 1), low nibble first, each stored as
+ * q - code_min. Torch's ops in torch's order (q as float, then - z, then * s), so bit-identical
+ * to ste._dequantize_codes; packed groups have an even size. */
+static inline void codes16(const uint8_t *src, __m256 offset, __m256 *a, __m256 *b) {
+    const __m128i nib = _mm_set1_epi8(0x0f);
+    __m128i bytes = _mm_loadl_epi64((const __m128i *)src);
+    __m128i lo = _mm_and_si128(bytes, nib), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+    __m128i both = _mm_unpacklo_epi8(lo, hi);  /* code 2i, code 2i+1, ... */
+    *a = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(both)), offset);
+    *b = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(both, 8))), offset);
+}
+
+static inline __m256 apply8(__m256 q, __m256 s, __m256 z, int has_zp, int mode, float *dst) {
+    if (has_zp) q = _mm256_sub_ps(q, z);
+    return mode == 0 ? _mm256_mul_ps(q, s) : _mm256_mul_ps(_mm256_loadu_ps(dst), q);
+}
+
+void fq_codes(const uint8_t *codes, int packed, float *out, const float *scale, const float *zp,
+              int64_t groups, int64_t size, float code_min, int mode) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const __m256 s = _mm256_set1_ps(scale ? scale[g] : 1.f), z = _mm256_set1_ps(zp ? zp[g] : 0.f);
+        const __m256 offset = _mm256_set1_ps(code_min);
+        float *dst = out + g * size;
+        int64_t k = 0;
+        if (packed) {
+            const uint8_t *src = codes + g * (size / 2);
+            for (; k + 16 <= size; k += 16) {
+                __m256 a, b;
+                codes16(src + k / 2, offset, &a, &b);
+                _mm256_storeu_ps(dst + k, apply8(a, s, z, zp != 0, mode, dst + k));
+                _mm256_storeu_ps(dst + k + 8, apply8(b, s, z, zp != 0, mode, dst + k + 8));
+            }
+        } else {
+            const int8_t *src = (const int8_t *)codes + g * size;
+            for (; k + 8 <= size; k += 8) {
+                __m128i c = _mm_loadl_epi64((const __m128i *)(src + k));
+                __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+                _mm256_storeu_ps(dst + k, apply8(q, s, z, zp != 0, mode, dst + k));
+            }
+        }
+        for (; k < size; k++) {
+            float q = packed ? (float)((codes[g * (size / 2) + k / 2] >> (4 * (k & 1))) & 15) + code_min
+                             : (float)((const int8_t *)codes)[g * size + k];
+            if (zp) q -= zp[g];
+            dst[k] = mode == 0 ? q * scale[g] : dst[k] * q;
+        }
+    }
+}

@@ -10,6 +10,8 @@ costs little extra memory over float training.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -159,10 +161,9 @@ class _FrozenCodesLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, codes, scale, zero_point, bias, shape, dtype, code_min):
-        w_hat = _dequantize_codes(codes, scale, zero_point, code_min).reshape(shape).to(dtype)
         ctx.save_for_backward(x, codes, scale, zero_point)
         ctx.shape, ctx.dtype, ctx.code_min = shape, dtype, code_min
-        return F.linear(x, w_hat, bias)
+        return F.linear(x, _frozen_weight(codes, scale, zero_point, code_min, shape, dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -172,19 +173,62 @@ class _FrozenCodesLinear(torch.autograd.Function):
         g2 = grad_y.reshape(-1, out_features)
         grad_x = grad_s = grad_z = grad_b = None
         if want_x:
-            w_hat = _dequantize_codes(codes, scale, zero_point, ctx.code_min)
-            grad_x = (g2 @ w_hat.reshape(ctx.shape).to(ctx.dtype)).view(x.shape)
+            w_hat = _frozen_weight(codes, scale, zero_point, ctx.code_min, ctx.shape, ctx.dtype)
+            grad_x = (g2 @ w_hat).view(x.shape)
         if want_s or want_z:
-            q = code_values(codes, ctx.code_min)
-            grad_w = (g2.t() @ x.reshape(-1, in_features)).float().view(q.shape)
-            if want_s:
-                q = q if zero_point is None else q - zero_point
-                grad_s = _sum_to(grad_w * q, scale.shape)
+            x2 = x.reshape(-1, in_features)
+            if g2.dtype == x2.dtype == torch.float32 and native.codes_supported(
+                    codes, scale, zero_point):  # into the scratch buffer: no (out, in) allocation
+                grad_w = torch.mm(g2.t(), x2, out=_scratch(1, out_features * in_features,
+                                                          ctx.shape))
+            else:
+                grad_w = (g2.t() @ x2).float()
+            grad_w = grad_w.view(*codes.shape[:-1], -1)  # grouped, as the codes
             if want_z:
                 grad_z = _sum_to(-(grad_w * scale), zero_point.shape)
+            if want_s:  # grad_w * (q - zp), summed per group
+                if native.codes_supported(codes, scale, zero_point) and grad_w.is_contiguous():
+                    grad_s = _sum_to(native.mul_codes_(grad_w, codes, zero_point, ctx.code_min),
+                                     scale.shape)
+                else:
+                    q = code_values(codes, ctx.code_min)
+                    q = q if zero_point is None else q - zero_point
+                    grad_s = _sum_to(grad_w * q, scale.shape)
         if want_b:
             grad_b = g2.sum(0)
         return grad_x, None, grad_s, grad_z, grad_b, None, None, None
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: int, numel: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 CPU buffer of this thread, reused by every frozen-codes Linear for its (out, in)
+    temporaries (slot 0 the weight, 1 its gradient): one allocation for the run instead of
+    several per layer and step, which glibc would otherwise keep as heap holes between the
+    activations autograd saves (~1 GiB at 16 layers of hidden 2048)."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(slot)
+    if buffer is None or buffer.numel() < numel:
+        buffers[slot] = buffer = torch.empty(numel)
+    return buffer[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (a stage that trains or evaluates frozen codes ended)."""
+    _SCRATCH.__dict__.pop("buffers", None)
+
+
+def _frozen_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                   code_min: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """(codes - zp) * scale as the (out, in) weight in `dtype`: on a CPU in one native pass into
+    the scratch buffer (valid until the next frozen-codes Linear runs)."""
+    if native.codes_supported(codes, scale, zero_point):
+        w_hat = native.dequantize_codes(codes, scale, zero_point, code_min,
+                                        _scratch(0, shape[0] * shape[1], shape))
+    else:
+        w_hat = _dequantize_codes(codes, scale, zero_point, code_min).reshape(shape)
+    return w_hat.to(dtype)
 
 
 def pack_codes(codes: torch.Tensor, code_min: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from qat.lightning.checkpointing import check_resume_config, resolve_ckpt_path
 from qat.models import ModelSpec, load_model, placement
 from qat.models.structure import check_causal
 from qat.quant import PrepareReport, plan
+from qat.quant.ste import release_scratch
 from qat.train.specs import ConfigError, Specs
 
 
@@ -33,6 +34,7 @@ log = logging.getLogger("qat.train")
 def stage(name: str) -> None:
     """Mark where the run is (a debug record of logger "qat.train"): bench/memory.py takes each
     stage's peak memory at these marks; `hydra.verbose=qat.train` prints them."""
+    release_scratch()  # the frozen-codes Linears' buffers, sized for the last stage's layers
     release_memory()  # what the last stage freed goes back to the kernel
     log.debug("stage: %s", name)
 
