@@ -2,6 +2,7 @@
 
     python bench/memory.py                                  # 2, 4, 8 layers x w4g64_kd, w4g64
     python bench/memory.py --layers 2 4 8 16 --recipes w4g64_kd w4g64_kd:model.gradient_checkpointing=true
+    python bench/memory.py --add --layers 2 8 --recipes w3g64_kd  # beside the recorded rows
 
 Synthetic Llamas of one family (hidden 2048, MLP 5632, vocab 512: random weights from transformers'
 own config class, saved as float32 safetensors with the tiny tokenizer), each run through the
@@ -239,6 +240,8 @@ def main(argv: list[str]) -> None:
         "w4g64_kd", "w4g64_kd:model.gradient_checkpointing=true", "w4g64"],
         help="recipe names, each optionally with :key=value overrides")
     parser.add_argument("--work", default=None, help="where models and runs go (default: a temp dir)")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the recorded rows of other (recipe, layers) pairs beside these")
     parser.add_argument("--predict-only", action="store_true",
                         help="recompute qat-footprint's predictions for the recorded rows")
     args = parser.parse_args(argv)
@@ -256,7 +259,12 @@ def main(argv: list[str]) -> None:
             shutil.rmtree(work, ignore_errors=True)
     earlier = json.loads((RESULTS / "memory.json").read_text()) \
         if (RESULTS / "memory.json").is_file() else {}
-    result = {"command": command(), "machine": machine(),
+    commands = command()
+    if args.add and earlier:  # measured pairs replace their earlier rows, the others stay
+        new = {(r["recipe"], r["layers"]) for r in rows}
+        rows = [r for r in earlier["rows"] if (r["recipe"], r["layers"]) not in new] + rows
+        commands = f"{earlier['command']}` and `{commands}"
+    result = {"command": commands, "machine": machine(),
               "load_average_before": load_before, "rows": rows, "fit": fit(rows),
               "larger_than_memory": earlier.get("larger_than_memory")}  # bench/larger_than_memory.py
     write_json(RESULTS / "memory.json", result)

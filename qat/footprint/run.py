@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from qat.quant.spec import WeightSpec
 
 PROCESS_BYTES = 0.645 * 2**30  # python, torch, transformers, Lightning, the tokens: after loading
-E2E_BYTES = 0.60 * 2**30  # the Trainer, its loops and data loaders
+E2E_BYTES = 0.05 * 2**30  # the Trainer, its loops and data loaders (measured: little)
 EXPORT_BYTES = 0.35 * 2**30  # the export's writer, tokenizer and perplexity windows
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # transients, as multiples of what they scale with (fitted, see the module doc)
@@ -46,7 +46,8 @@ GPTQ_HESSIAN_COPIES = 6  # one layer's (in, in) float32 copies while GPTQ solves
 QUANTIZE_COPIES = 2.0  # float32 temporaries of one layer while its grid and codes are computed
 BLOCK_STAGE_COPIES = 4.4  # the trained block: weights, gradients, 2 moments, temporaries
 BLOCK_STAGE_BYTES = 0.39 * 2**30  # the block stage's own constant (autograd, optimizer, threads)
-E2E_SAVED_PER_TOKEN = (24, 7)  # floats saved per token per block: (x hidden, x intermediate)
+E2E_SAVED_PER_TOKEN = (25, 5)  # floats kept per token per block: (x hidden, x intermediate)
+E2E_CHECKPOINTED_PER_TOKEN = 14  # the same with gradient checkpointing (x hidden)
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,12 @@ def stage_bytes(shape: RunShape, specs, streamed: bool, model_files_bytes: int,
     train_block = block * BLOCK_STAGE_COPIES + BLOCK_STAGE_BYTES + block_acts
     tokens = specs.data.batch_size * specs.data.block_size
     per_token = E2E_SAVED_PER_TOKEN[0] * shape.hidden + E2E_SAVED_PER_TOKEN[1] * shape.intermediate
-    saved = tokens * (shape.blocks * shape.hidden + per_token) * d \
+    # checkpointed: each block keeps a few hidden-sized tensors, one block at a time is recomputed
+    saved = tokens * (shape.blocks * E2E_CHECKPOINTED_PER_TOKEN * shape.hidden + per_token) * d \
         if specs.model.gradient_checkpointing else tokens * shape.blocks * per_token * d
     e2e_acts = saved + tokens * shape.vocab * 4 * (3 if distill else 2)  # + the logits
+    if specs.optim.trainable == "scales":  # frozen codes: the dequantized weight and its gradient
+        e2e_acts += 2 * 4 * layer  # (out, in) float32 scratch buffers (qat.quant.ste)
     grid = sum(held_layer_bytes(l) - l.out_features * l.in_features // 2 for l in shape.layers) \
         * shape.blocks  # the grid's own bytes (scales, zero points, SQNR sums)
     scales = sum(4 * l.out_features * l.in_features // (l.spec.group_size or l.in_features)
