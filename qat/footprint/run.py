@@ -44,6 +44,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 READ_COPIES = 2.0  # a tensor read from the files: the mapped pages and the copy
 GPTQ_HESSIAN_COPIES = 6  # one layer's (in, in) float32 copies while GPTQ solves it (measured)
 QUANTIZE_COPIES = 2.0  # float32 temporaries of one layer while its grid and codes are computed
+AWQ_COPIES = 10.0  # one layer's float32 copies in AWQ's scale and clip search (fitted, 2 rows)
 BLOCK_STAGE_COPIES = 4.4  # the trained block: weights, gradients, 2 moments, temporaries
 BLOCK_STAGE_BYTES = 0.39 * 2**30  # the block stage's own constant (autograd, optimizer, threads)
 E2E_SAVED_PER_TOKEN = (25, 5)  # floats kept per token per block: (x hidden, x intermediate)
@@ -121,7 +122,8 @@ def calibration_bytes(shape: RunShape, specs) -> int:
     """gptq / awq on one block: the Hessian of each distinct input (q/k/v share one, gate/up
     one), the hidden states of the calibration samples in and out, and one layer's solve
     (gptq: the Hessian's copies and the weight's, float32; measured on the 13B layout's block,
-    7.85 GiB for the stage; awq: arithmetic, not measured)."""
+    7.85 GiB for the stage; awq: the search's copies of one layer, fitted on bench/memory.py's
+    2- and 4-layer w3g64_kd rows)."""
     groups: dict[str, int] = {}
     for layer in shape.layers:
         key = next((min(g) for g in SHARED_INPUTS if layer.name in g), layer.name or str(id(layer)))
@@ -131,8 +133,8 @@ def calibration_bytes(shape: RunShape, specs) -> int:
     if specs.quant.init == "gptq":  # H as 2 X^T X / n, its damped copy, Cholesky, inverse, U
         solve = max((4 * (GPTQ_HESSIAN_COPIES * l.in_features ** 2
                           + 3 * l.out_features * l.in_features) for l in shape.layers), default=0)
-    else:  # awq: the clipping search's float copies of one layer
-        solve = max((4 * QUANTIZE_COPIES * l.out_features * l.in_features
+    else:  # awq: the scale and clipping searches' float copies of one layer
+        solve = max((4 * AWQ_COPIES * l.out_features * l.in_features
                      for l in shape.layers), default=0)
     return hessians + states + solve
 
