@@ -163,7 +163,9 @@ class _FrozenCodesLinear(torch.autograd.Function):
     def forward(ctx, x, codes, scale, zero_point, bias, shape, dtype, code_min):
         ctx.save_for_backward(x, codes, scale, zero_point)
         ctx.shape, ctx.dtype, ctx.code_min = shape, dtype, code_min
-        return F.linear(x, _frozen_weight(codes, scale, zero_point, code_min, shape, dtype), bias)
+        ctx.fused = native.codes_supported(codes, scale, zero_point)  # decided once per layer call
+        return F.linear(x, _frozen_weight(codes, scale, zero_point, code_min, shape, dtype,
+                                          ctx.fused), bias)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -173,12 +175,12 @@ class _FrozenCodesLinear(torch.autograd.Function):
         g2 = grad_y.reshape(-1, out_features)
         grad_x = grad_s = grad_z = grad_b = None
         if want_x:
-            w_hat = _frozen_weight(codes, scale, zero_point, ctx.code_min, ctx.shape, ctx.dtype)
+            w_hat = _frozen_weight(codes, scale, zero_point, ctx.code_min, ctx.shape, ctx.dtype,
+                                   ctx.fused)
             grad_x = (g2 @ w_hat).view(x.shape)
         if want_s or want_z:
             x2 = x.reshape(-1, in_features)
-            if g2.dtype == x2.dtype == torch.float32 and native.codes_supported(
-                    codes, scale, zero_point):  # into the scratch buffer: no (out, in) allocation
+            if ctx.fused and g2.dtype == x2.dtype == torch.float32:  # into the scratch buffer
                 grad_w = torch.mm(g2.t(), x2, out=_scratch(1, out_features * in_features,
                                                           ctx.shape))
             else:
@@ -187,7 +189,7 @@ class _FrozenCodesLinear(torch.autograd.Function):
             if want_z:
                 grad_z = _sum_to(-(grad_w * scale), zero_point.shape)
             if want_s:  # grad_w * (q - zp), summed per group
-                if native.codes_supported(codes, scale, zero_point) and grad_w.is_contiguous():
+                if ctx.fused:
                     grad_s = _sum_to(native.mul_codes_(grad_w, codes, zero_point, ctx.code_min),
                                      scale.shape)
                 else:
@@ -220,10 +222,11 @@ def release_scratch() -> None:
 
 
 def _frozen_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                   code_min: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """(codes - zp) * scale as the (out, in) weight in `dtype`: on a CPU in one native pass into
-    the scratch buffer (valid until the next frozen-codes Linear runs)."""
-    if native.codes_supported(codes, scale, zero_point):
+                   code_min: int, shape: tuple[int, int], dtype: torch.dtype, fused: bool
+                   ) -> torch.Tensor:
+    """(codes - zp) * scale as the (out, in) weight in `dtype`; `fused` (native.codes_supported):
+    one native pass into the scratch buffer (valid until the next frozen-codes Linear runs)."""
+    if fused:
         w_hat = native.dequantize_codes(codes, scale, zero_point, code_min,
                                         _scratch(0, shape[0] * shape[1], shape))
     else:
