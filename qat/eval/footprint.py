@@ -162,8 +162,12 @@ def meta_model(config):
 
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # describe the float architecture; we count the packing
+    from qat.models.experts import unfuse
+
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    unfuse(model)  # MoE experts as the Linears a run quantizes
+    return model
 
 
 def model_config(source: str):

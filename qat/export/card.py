@@ -87,8 +87,15 @@ def model_card(layers, tensors: dict[str, torch.Tensor], report: dict[str, dict[
               "## Serving report", "", "| target | servable | why not | needs |",
               "|---|---|---|---|"]
     for target, entry in report.items():
+        if "servable" not in entry:  # float_tensors: not a target
+            continue
         why = "; ".join(f"{reason} ({len(names)} layers)" for reason, names
                         in entry["reasons"].items()) or "-"
         lines.append(f"| {target} | {'yes' if entry['servable'] else 'no'} | {why} | "
                      f"{entry.get('requires', '')} |")
+    limits = [(t, limit) for t, e in report.items() for limit in e.get("limits", ())]
+    lines += [""] + [f"- {target}: {limit}" for target, limit in limits] if limits else []
+    if "float_tensors" in report:
+        kept = report["float_tensors"]
+        lines += ["", f"Matrices left in float: {kept['count']} ({kept['elements']:,} weights)."]
     return "\n".join(lines) + "\n"

@@ -17,13 +17,14 @@ from qat.format.pack import pack_zero_points
 from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import WeightSpec
+from qat.models.experts import checkpoint_name
 from qat.models.structure import stored_transposed
 
 
 def stored_tensors(served: nn.Module, dtype: torch.dtype = torch.bfloat16
                    ) -> tuple[dict[str, torch.Tensor], dict[str, WeightSpec], list[str]]:
     """The tensors to store of a converted model (`qat.export.convert`), the scheme of each
-    quantized Linear, and the Linears kept in float."""
+    quantized Linear, and the Linears kept in float, named as the model's checkpoints name them."""
     tensors: dict[str, torch.Tensor] = {}
     specs: dict[str, WeightSpec] = {}
     quantized = {n: m for n, m in served.named_modules() if isinstance(m, QuantizedLinear)}
@@ -56,7 +57,12 @@ def stored_tensors(served: nn.Module, dtype: torch.dtype = torch.bfloat16
         tensors[key] = value.detach().to(dtype) if value.is_floating_point() else value
     ignore = [n for n, m in served.named_modules() if isinstance(m, nn.Linear)
               and not stored_transposed(m)]
-    return {k: v.contiguous() for k, v in tensors.items()}, specs, ignore
+    # MoE experts and routers under the names the family's checkpoints give them
+    config = served.config
+    return ({checkpoint_name(config, k): v.contiguous() for k, v in tensors.items()},
+            {checkpoint_name(config, f"{n}.weight").removesuffix(".weight"): s
+             for n, s in specs.items()},
+            [checkpoint_name(config, f"{n}.weight").removesuffix(".weight") for n in ignore])
 
 
 @contextmanager

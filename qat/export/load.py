@@ -20,6 +20,7 @@ from qat.format.schema import read_config, scheme_from_args
 from qat.format.shards import INDEX_FILE, WEIGHTS_FILE, weight_files, weight_map
 from qat.kernels import QuantizedLinear
 from qat.quant.spec import WeightSpec
+from qat.models.experts import checkpoint_name, unfuse
 from qat.models.structure import features, is_projection, source_class
 
 
@@ -37,13 +38,19 @@ def layer_specs(model: nn.Module, qconfig: dict[str, Any], where: str) -> dict[s
     ignore = qconfig.get("ignore", [])
     specs = {}
     for name, module in model.named_modules():
-        if not is_projection(module) or any(_matches(name, module, t) for t in ignore):
+        stored = _stored(model, name)  # the name in the files (a MoE family's expert names)
+        if not is_projection(module) or any(_matches(stored, module, t) for t in ignore):
             continue
         for targets, spec in groups:
-            if any(_matches(name, module, t) for t in targets):
+            if any(_matches(stored, module, t) for t in targets):
                 specs[name] = spec
                 break
     return specs
+
+
+def _stored(model: nn.Module, name: str) -> str:
+    """A module's name in the export's files, from its name in the built model."""
+    return checkpoint_name(model.config, f"{name}.weight").removesuffix(".weight")
 
 
 class _Weights:
@@ -153,26 +160,29 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
         del config.quantization_config  # we build the quantized layers ourselves
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse(model)  # MoE experts as the per-expert Linears the export stores
     specs = layer_specs(model, config_dict["quantization_config"], str(directory / "config.json"))
     f = _Weights(directory)
     keys = set(f.keys())
     for name, spec in specs.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = _quantized_linear(f, name, getattr(parent, child), spec, path, keys, backend)
+        layer = _quantized_linear(f, _stored(model, name), getattr(parent, child), spec, path,
+                                  keys, backend)
         setattr(parent, child, layer)
     state = {}
     for key, param in list(model.state_dict(keep_vars=True).items()):
         owner = key.rpartition(".")[0]
         if owner in specs:
             continue
-        if key not in keys:
+        stored = checkpoint_name(config, key)
+        if stored not in keys:
             if key.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False):
                 continue
             if param.device.type == "meta" and not key.endswith(("inv_freq", "original_inv_freq")):
                 raise ValueError(f"{path}: tensor {key!r} is missing")
             continue
-        value = _tensor(f, key, path)
+        value = _tensor(f, stored, path)
         if tuple(value.shape) != tuple(param.shape):
             raise ValueError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}; config.json "
                              f"gives {tuple(param.shape)}")

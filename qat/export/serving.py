@@ -10,6 +10,13 @@ code and what we measured with it (shared/formats/compressed-tensors.md):
   only) on its Marlin kernels (group -1/32/64/128, in % 128, out % 64).
 - `vllm-cpu`: vLLM's CPUWNA16 kernel: symmetric 4-bit only (no CPU kernel for 8-bit weight-only),
   even group sizes, in and out % 32, and an AVX-512 build (the AVX2 build lacks the int4 op).
+
+MoE experts (layers named `...experts.N...`) have rules of their own: vLLM serves them through its
+fused-MoE compressed-tensors method (WNA16: 4 or 8 bits, pack-quantized; its Marlin MoE kernel
+wants group -1/32/64/128, hidden % 128 and intermediate % max(64, group), else it takes its
+Triton WNA16 MoE); transformers 5 decompresses them while loading (its MoE weight conversion
+merges the per-expert tensors into its fused parameters) into dense weights in the scales' dtype,
+and cannot merge them at all for families whose checkpoints store experts fused.
 """
 from __future__ import annotations
 
@@ -27,6 +34,13 @@ REQUIRES = {
     "vllm-gpu": "vLLM on an NVIDIA GPU with Marlin (compute capability 8.0+)",
     "vllm-cpu": "a vLLM CPU build with AVX-512: the AVX2 build lacks the int4 op (measured, 0.32)",
 }
+
+
+def is_expert(layer) -> bool:
+    return ".experts." in layer.name
+
+
+MARLIN_MOE_GROUP_SIZES = (None, 32, 64, 128)
 
 
 def _group(issues: dict[str, list[str]], layer, reasons: list[str]) -> None:
@@ -49,6 +63,9 @@ def marlin_issues(layers) -> dict[str, list[str]]:
     issues: dict[str, list[str]] = {}
     for layer in layers:
         spec, reasons = layer.spec, _vllm_width(layer.spec)
+        if is_expert(layer):  # the fused-MoE method: width only (else Triton takes the shapes)
+            _group(issues, layer, reasons)
+            continue
         if spec.granularity == "tensor" or spec.effective_group_size not in MARLIN_GROUP_SIZES:
             reasons.append(f"{spec.granularity} scales with group size {spec.group_size} "
                            "(Marlin: per-channel or group 32/64/128)")
@@ -65,6 +82,11 @@ def vllm_cpu_issues(layers) -> dict[str, list[str]]:
     issues: dict[str, list[str]] = {}
     for layer in layers:
         spec, reasons = layer.spec, []
+        if is_expert(layer):
+            _group(issues, layer, ["quantized MoE experts: not run on vLLM's CPU build here "
+                                   "(its fused-MoE path for compressed-tensors WNA16 experts is "
+                                   "unverified)"])
+            continue
         if spec.bits != 4:
             reasons.append(f"{spec.bits}-bit weights: vLLM's CPU kernel serves 4-bit weight-only "
                            "layers only")
@@ -90,7 +112,11 @@ def transformers_issues(layers) -> dict[str, list[str]]:
     both as the Linears they are."""
     issues: dict[str, list[str]] = {}
     for layer in layers:
-        if layer.kind == "Conv1D":
+        if is_expert(layer) and not getattr(layer, "per_expert_checkpoint", True):
+            reason = ("MoE experts of a family whose checkpoints store them fused: transformers' "
+                      "weight conversion for it only renames the fused tensors and cannot merge "
+                      "per-expert packed ones")
+        elif layer.kind == "Conv1D":
             reason = ("Conv1D layer (GPT-2 style): compressed-tensors quantizes nn.Linear modules "
                       "only, transformers would run these on random weights")
         elif layer.kind != "Linear":
@@ -110,12 +136,36 @@ CHECKS = {"qat": lambda layers: {}, "transformers": transformers_issues, "vllm-g
           "vllm-cpu": vllm_cpu_issues}
 
 
-def serving_report(layers) -> dict[str, dict[str, Any]]:
-    """Per target: whether it can serve these quantized layers, why not, and what it needs."""
-    report = {}
+LIMITS = {
+    "transformers": lambda layers: [
+        "MoE experts: transformers decompresses them while loading into dense weights in the "
+        "scales' dtype (bf16), whatever dtype it is asked for, and computes them so: no memory "
+        "saved on the experts, logits equal to qat's only with the expert weights rounded to "
+        "bf16; qat.load_quantized serves them packed"] if any(map(is_expert, layers)) else [],
+    "vllm-gpu": lambda layers: [
+        "MoE experts: vLLM's Marlin MoE kernel wants group -1/32/64/128, hidden % 128 and "
+        "intermediate % max(64, group); other shapes run on its Triton WNA16 MoE"]
+    if any(map(is_expert, layers)) else [],
+}
+
+
+def serving_report(layers, float_tensors: dict[str, int] | None = None
+                   ) -> dict[str, dict[str, Any]]:
+    """Per target: whether it can serve these quantized layers, why not, what it needs and
+    what it serves differently (`limits`, when any); `float_tensors`: the matrices inside the
+    decoder blocks left in float (name -> elements: routers, excluded layers), reported beside
+    the targets when there are any."""
+    report: dict[str, Any] = {}
     for target in TARGETS:
         issues = CHECKS[target](layers)
         report[target] = {"servable": not issues, "reasons": issues, "requires": REQUIRES[target]}
+        limits = LIMITS.get(target, lambda _: [])(layers)
+        if limits:
+            report[target]["limits"] = limits
+    if float_tensors:
+        report["float_tensors"] = {"count": len(float_tensors),
+                                   "elements": sum(float_tensors.values()),
+                                   "tensors": float_tensors}
     return report
 
 

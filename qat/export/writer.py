@@ -22,7 +22,8 @@ from qat.format.shards import INDEX_FILE, plan_shards, shard_name, weight_files,
 from qat.io import atomic_path
 from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
-from qat.models.structure import source_class
+from qat.models.experts import per_expert_checkpoint
+from qat.models.structure import decoder_blocks, source_class
 from qat.quant.swap import LayerReport
 
 
@@ -61,7 +62,10 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path,
             tokenizer.save_pretrained(tmp)
             _portable_tokenizer_config(tmp / "tokenizer_config.json")
         layers = _layers(model)
-        report = serving_report(layers)
+        blocks = decoder_blocks(model)[0] + "."
+        report = serving_report(layers, {k: v.numel() for k, v in tensors.items()
+                                         if v.is_floating_point() and v.ndim >= 2
+                                         and k.startswith(blocks) and k.endswith(".weight")})
         (tmp / SERVING_FILE).write_text(json.dumps(report, indent=2) + "\n")
         (tmp / CARD_FILE).write_text(model_card(layers, tensors, report, ignore, run))
         verify_export(tmp, expected=tensors)
@@ -87,7 +91,8 @@ def _portable_tokenizer_config(path: Path) -> None:
 
 def _layers(model: nn.Module) -> list[LayerReport]:
     """The quantized layers as `plan` reported them (name, shape, scheme, own class)."""
-    return [LayerReport(name, m.in_features, m.out_features, m.weight_spec, None, source_class(m))
+    return [LayerReport(name, m.in_features, m.out_features, m.weight_spec, None, source_class(m),
+                        per_expert_checkpoint(model, name))
             for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
 
 

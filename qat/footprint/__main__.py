@@ -136,6 +136,7 @@ def run_report(model: str, recipe: str, overrides: list[str]) -> tuple[str, dict
     import qat
     from qat.eval.footprint import meta_model, model_config
     from qat.footprint.run import run_shape, stage_bytes
+    from qat.models.experts import active_params
     from qat.format.shards import weight_files
     from qat.train.specs import build_specs
     from qat.train.steps import stage_device
@@ -153,7 +154,9 @@ def run_report(model: str, recipe: str, overrides: list[str]) -> tuple[str, dict
         raise ValueError(f"--recipe {recipe} {' '.join(overrides)}: {err}") from err
     specs = build_specs(cfg)
     stage_device(specs, cfg)  # model.dtype=auto as this machine's run would make it
-    shape = run_shape(meta_model(model_config(str(path))), specs.quant)
+    skeleton = meta_model(model_config(str(path)))
+    shape = run_shape(skeleton, specs.quant)
+    total, active = active_params(skeleton)
     files = [f for f in weight_files(path) if f.is_file()]
     config = model_config(str(path))
     stored = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -166,12 +169,16 @@ def run_report(model: str, recipe: str, overrides: list[str]) -> tuple[str, dict
              f"{r['disk_bytes'] / GIB:,.2f}") for r in stages]
     how = "streamed: blocks read from the files one at a time, held as codes" if streamed \
         else "the model loaded whole"
+    moe = f" ({active / 1e9:.3f}B active per token: {2 * active / GIB:,.2f} of " \
+        f"{2 * total / GIB:,.2f} GiB in bf16)" if active != total else ""
     text = (f"{model}, recipe={recipe} {' '.join(overrides)}: {shape.params / 1e9:.3f}B "
-            f"parameters, {shape.blocks} blocks; {how}\n"
+            f"parameters{moe}, {shape.blocks} blocks; {how}\n"
             + text_table(("stage", "host GiB", "device GiB", "disk GiB"), rows)
             + f"\npeak host {max(r['host_bytes'] for r in stages) / GIB:,.2f} GiB")
     return text, {"model": model, "recipe": recipe, "overrides": overrides,
-                  "params": shape.params, "streamed": streamed, "stages": stages}
+                  "params": shape.params, "active_params": active,
+                  "bf16_bytes": 2 * total, "active_bf16_bytes": 2 * active,
+                  "streamed": streamed, "stages": stages}
 
 
 def main(argv: list[str] | None = None) -> int:

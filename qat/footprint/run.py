@@ -91,11 +91,13 @@ def run_shape(model, quant) -> RunShape:
 
     prefix, blocks = decoder_blocks(model)
     report = plan(model, quant)
-    first = f"{prefix}.0."
+    sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
+    widest = sizes.index(max(sizes))  # DeepSeek's leading dense blocks are smaller than its MoE
+    first = f"{prefix}.{widest}."
     layers = tuple(QuantizedLayer(l.out_features, l.in_features, l.spec,
                                   l.name[len(first):].rpartition(".")[2])
                    for l in report.layers if l.name.startswith(first) and l.spec is not None)
-    block_params = sum(p.numel() for p in blocks[0].parameters())
+    block_params = sizes[widest]
     total = sum(p.numel() for p in model.parameters())
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config

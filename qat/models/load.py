@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from qat.assets import cache_dir, locate_package_file
 from qat.io import atomic_path
+from qat.models.experts import unfuse
 from qat.models.spec import ModelSpec
 from qat.models.tiny import tiny_model, tiny_tokenizer
 
@@ -95,6 +96,7 @@ def _from_pretrained(source: str, spec: ModelSpec) -> tuple[PreTrainedModel, Pre
     model, info = AutoModelForCausalLM.from_pretrained(source, dtype=spec.torch_dtype,
                                                        output_loading_info=True, **kwargs)
     check_loading_info(info, spec.where)
+    unfuse(model)  # MoE experts as the Linears they are, so that every stage sees them
     return model.eval(), tokenizer
 
 

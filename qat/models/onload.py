@@ -24,6 +24,7 @@ from torch import nn
 
 from qat.format.shards import WEIGHTS_FILE, read_header, read_into, stored_dtype, weight_map
 from qat.io import release_memory
+from qat.models.experts import checkpoint_name, unfuse
 from qat.models.structure import decoder_blocks
 
 
@@ -258,28 +259,30 @@ def onloaded_model(directory: str | Path, dtype: torch.dtype, *, trust_remote_co
     with init_empty_weights():  # parameters on meta; buffers (rotary tables) computed as usual
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code, **kwargs)
+    unfuse(model)  # MoE experts as Linears, named as the checkpoint names them
     files = TensorFiles(directory)
     shapes = files.shapes()
     tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
     head = model.get_output_embeddings()
     head_ids = {id(head.weight)} if tied and head is not None else set()
-    wanted = {n: tuple(p.shape) for n, p in model.named_parameters()
-              if id(p) not in head_ids}
-    wanted.update({n: tuple(b.shape) for n, b in model.named_buffers() if n in shapes})
+    runtime = {n: tuple(p.shape) for n, p in model.named_parameters() if id(p) not in head_ids}
+    runtime.update({n: tuple(b.shape) for n, b in model.named_buffers() if n in shapes})
+    stored = {n: checkpoint_name(config, n) for n in runtime}  # runtime name -> name in the files
+    wanted = {stored[n]: shape for n, shape in runtime.items()}
     if set(wanted) != set(shapes) - _head_name(model, tied) \
             or any(shapes[n] != s for n, s in wanted.items()):
         return None
     prefix, blocks = decoder_blocks(model)
     names: dict[int, dict[str, str]] = {}
-    resident = list(wanted)
+    resident = dict(stored)
     for index, block in enumerate(blocks):
         start = f"{prefix}.{index}."
-        local = {n[len(start):]: n for n in wanted if n.startswith(start)}
-        names[id(block)] = local
-        resident = [n for n in resident if not n.startswith(start)]
+        names[id(block)] = {n[len(start):]: stored[n] for n in runtime if n.startswith(start)}
+        resident = {n: f for n, f in resident.items() if not n.startswith(start)}
     device = torch.device("cpu")
-    for name, tensor in files.read(resident, dtype, device).items():
-        _set(model, name, tensor)
+    tensors = files.read(list(resident.values()), dtype, device)
+    for name, file_name in resident.items():
+        _set(model, name, tensors[file_name])
     if tied:
         _tie(model)
     loader = Onloader(files, names, dtype, device)

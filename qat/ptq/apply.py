@@ -59,13 +59,29 @@ def write_layer(module: FakeQuantLinear, weight: torch.Tensor, scale: torch.Tens
                                          zero_point.to(module.weight.device))
 
 
-def rtn_layers(module: nn.Module, report: PTQReport, prefix: str = "") -> None:
+def rtn_layers(module: nn.Module, report: PTQReport, prefix: str = "",
+               only: list[str] | None = None) -> None:
     """Min-max grid frozen as static qparams on every quantized Linear in `module` (a model or
-    one block, named under `prefix`); needs no calibration data."""
+    one block, named under `prefix`; `only`: these of them); needs no calibration data."""
     for name, layer in quantized_linears(module, prefix).items():
+        if only is not None and name not in only:
+            continue
         scale, zero = rtn_qparams(layer.weight, layer.weight_fake_quant.spec)
         write_layer(layer, layer.weight, scale, zero)
-        report.layers[name] = {"bits": layer.weight_fake_quant.spec.bits}
+        report.layers[name] = {**report.layers.get(name, {}),
+                               "bits": layer.weight_fake_quant.spec.bits}
+
+
+def uncalibrated(name: str, stats: dict, report: PTQReport) -> bool:
+    """Whether no calibration token reached layer `name` (an MoE expert the router never
+    chose): it then falls back to round-to-nearest, recorded in the report and said aloud,
+    rather than a crash or a silent skip."""
+    if name in stats and stats[name].rows:
+        return False
+    report.layers[name] = {"tokens": 0, "fallback": "rtn"}
+    print(f"warning: ptq {report.method}: no calibration token reached {name}; it gets "
+          "round-to-nearest instead (more calibration samples reach more experts)")
+    return True
 
 
 def _rtn(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
@@ -79,13 +95,19 @@ def _gptq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
           device: torch.device | None, hooks: dict[str, Any]) -> None:
     def on_block(prefix: str, block: nn.Module, forward: Callable[[], None]) -> None:
         stats = collect_input_stats(block, forward, prefix=prefix, hessian=True)
+        fallback = []
         for name, module in quantized_linears(block, prefix).items():
+            if uncalibrated(name, stats, report):
+                fallback.append(name)
+                continue
             result = gptq_quantize(module.weight, stats[name].hessian,
                                    module.weight_fake_quant.spec, damp=spec.damp,
                                    block_size=spec.block_size, act_order=spec.act_order)
             write_layer(module, result.weight, result.scale, result.zero_point)
             report.layers[name] = {"bits": module.weight_fake_quant.spec.bits,
-                                   "error": result.error, "damp": result.damp}
+                                   "error": result.error, "damp": result.damp,
+                                   "tokens": stats[name].rows}
+        rtn_layers(block, report, prefix, only=fallback)
 
     run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress,
                device=device, **hooks)

@@ -9,6 +9,7 @@ from torch import nn
 
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import QuantConfig, WeightSpec
+from qat.models.experts import names_router, per_expert_checkpoint, routers
 from qat.models.structure import (as_linear, block_patterns, features, is_projection,
                                   source_class)
 
@@ -29,6 +30,7 @@ class LayerReport:
     spec: WeightSpec
     activation: str | None
     kind: str = "Linear"  # the model's own class for the layer (Conv1D: stored transposed)
+    per_expert_checkpoint: bool = True  # an MoE expert whose family's checkpoints store it alone
 
     @property
     def scheme(self) -> str:
@@ -41,6 +43,7 @@ class PrepareReport:
 
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # Linears left in float
+    routers: list[str] = field(default_factory=list)  # MoE routers: not Linears, kept in float
 
     def schemes(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -54,10 +57,15 @@ class PrepareReport:
         if self.skipped:
             lines.append("  float: " + ", ".join(self.skipped[:6])
                          + (" ..." if len(self.skipped) > 6 else ""))
+        experts = sum(".experts." in layer.name for layer in self.layers)
+        if experts or self.routers:
+            lines.append(f"  MoE: {experts} expert projections quantized, {len(self.routers)} "
+                         "routers in float")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"layers": {l.name: l.scheme for l in self.layers}, "float": list(self.skipped)}
+        out = {"layers": {l.name: l.scheme for l in self.layers}, "float": list(self.skipped)}
+        return {**out, "routers": list(self.routers)} if self.routers else out
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -88,9 +96,13 @@ def plan(model: nn.Module, config: QuantConfig) -> PrepareReport:
     _check_patterns(config, names, include)
     report = PrepareReport()
     modules = dict(model.named_modules())
+    gates = set(routers(model))  # MoE routers stay in float unless a pattern names them
     for name in names:
         chosen = any(matches(name, p) for p in include) and \
             not any(matches(name, p) for p in config.exclude)
+        if name in gates and not any(matches(name, p) and names_router(p, name)
+                                     for p in config.include or ()):
+            continue
         if not chosen:
             report.skipped.append(name)
             continue
@@ -103,9 +115,11 @@ def plan(model: nn.Module, config: QuantConfig) -> PrepareReport:
                 "(e.g. 32 or 64), granularity=channel, or add an override for that layer")
         activation = config.activation.describe() if config.activation else None
         report.layers.append(LayerReport(name, in_features, out_features, spec, activation,
-                                         source_class(modules[name])))
+                                         source_class(modules[name]),
+                                         per_expert_checkpoint(model, name)))
     if not report.layers:
         raise ValueError("quant.include/exclude select no Linear module to quantize")
+    report.routers = sorted(gates - {layer.name for layer in report.layers})
     return report
 
 

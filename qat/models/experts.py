@@ -1,0 +1,259 @@
+"""Mixture-of-Experts layers, found from their structure and made of Linears.
+
+transformers 5 stores a MoE layer's experts fused: one module with 3-D parameters
+`gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I), called as experts(x, top_k_index,
+top_k_weights); its router is a module with a bare `weight`. Nothing in such a module is a Linear,
+so a Linear-based quantizer never sees the experts (97% of Mixtral-8x7B's weights). `unfuse`
+replaces every such module, in place, by `Experts`: one `Expert` per expert with three nn.Linear
+projections named as the family's own checkpoints name them (Mixtral `w1` / `w3` / `w2`, the
+Qwen-MoE family `gate_proj` / `up_proj` / `down_proj`), computing the same function. Every stage
+that quantizes, calibrates, trains or exports Linears then handles each expert as the Linear it
+is, on the same integer grid; routers stay modules with a bare weight, so they stay in float.
+
+The unfused names are the checkpoint's per-expert names (`checkpoint_name` adds a family's
+renames, e.g. Mixtral's `mlp` -> `block_sparse_moe`), so block reads from the files, the export
+and vLLM's MoE loaders agree on them.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a family's checkpoints store one expert: its projections' names (gate, up, down),
+    renames from the runtime module path to the checkpoint's (regex, replacement), and whether
+    the checkpoint holds per-expert tensors (False: fused, e.g. Granite-MoE's `input_linear`)."""
+
+    projections: tuple[str, str, str]
+    renames: tuple[tuple[str, str], ...] = ()
+    per_expert: bool = True
+
+
+MIXTRAL = ExpertLayout(("w1", "w3", "w2"), ((r"\.mlp\.", ".block_sparse_moe."),))
+QWEN_MOE = ExpertLayout(("gate_proj", "up_proj", "down_proj"))
+GRANITE = ExpertLayout(("w1", "w3", "w2"), ((r"\.router\.weight$", ".router.layer.weight"),),
+                       per_expert=False)
+LAYOUTS = {
+    "mixtral": MIXTRAL, "minimax": MIXTRAL,
+    "qwen2_moe": QWEN_MOE, "qwen3_moe": QWEN_MOE, "olmoe": QWEN_MOE, "deepseek_v3": QWEN_MOE,
+    "deepseek_v2": QWEN_MOE, "qwen3_next": QWEN_MOE, "hunyuan_v1_moe": QWEN_MOE,
+    # stored fused (block_sparse_moe.input_linear / output_linear); written per expert in
+    # Mixtral's names, which vLLM's Granite-MoE loader passes on to its Mixtral-style expert
+    # mapping (read in its code, not run here); its router is `router.layer`
+    "granitemoe": GRANITE, "granitemoeshared": GRANITE,
+}
+
+
+def layout_of(config) -> ExpertLayout:
+    """The expert layout of a model config's family (the Qwen-MoE names when unknown)."""
+    model_type = getattr(config, "model_type", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return LAYOUTS.get(model_type, LAYOUTS.get(getattr(text, "model_type", None), QWEN_MOE))
+
+
+class Expert(nn.Module):
+    """One gated MLP expert: down(act(gate(x)) * up(x)), its Linears named by the layout."""
+
+    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, names: tuple[str, ...],
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.names = names
+        gate, up, down = names
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.add_module(gate, nn.Linear(hidden, intermediate, **kw))
+        self.add_module(up, nn.Linear(hidden, intermediate, **kw))
+        self.add_module(down, nn.Linear(intermediate, hidden, **kw))
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+class Experts(nn.ModuleList):
+    """The experts of one MoE layer as a list of `Expert`s, called as transformers calls its
+    fused experts: (tokens (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H). Each
+    expert runs on the tokens routed to it (an index equal to the expert count is a dropped
+    slot, as in transformers). `tokens_seen`, when a list, gets each call's token count per
+    expert (calibration reports it)."""
+
+    def __init__(self, experts: list[Expert]) -> None:
+        super().__init__(experts)
+        self.tokens_seen: list[int] | None = None
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = nn.functional.one_hot(top_k_index, num_classes=len(self) + 1).permute(2, 1, 0)
+            counts = mask.sum(dim=(-1, -2))[: len(self)].tolist()  # (E,) tokens per expert
+        if self.tokens_seen is not None:
+            for index, count in enumerate(counts):
+                self.tokens_seen[index] += count
+        for index, count in enumerate(counts):
+            if not count:
+                continue
+            top_k_pos, token_idx = torch.where(mask[index])
+            y = self[index](hidden_states[token_idx]) * top_k_weights[token_idx, top_k_pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """transformers 5's fused gated experts: 3-D `gate_up_proj` (E, 2I, H) and `down_proj`
+    (E, H, I), an `act_fn`, no biases."""
+    params = dict(module.named_parameters(recurse=False))
+    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+    if gate_up is None or down is None or gate_up.ndim != 3 or down.ndim != 3:
+        return False
+    e, two_i, h = gate_up.shape
+    return set(params) == {"gate_up_proj", "down_proj"} and hasattr(module, "act_fn") \
+        and tuple(down.shape) == (e, h, two_i // 2) and two_i % 2 == 0
+
+
+def unsupported_experts(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, reason) of expert modules `unfuse` cannot make Linears of: 3-D expert parameters
+    in another layout (GPT-OSS: transposed, interleaved gate/up, biases, a clamped activation)."""
+    found = []
+    for name, module in model.named_modules():
+        if is_fused_experts(module) or isinstance(module, Experts):
+            continue
+        shapes = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)
+                  if p.ndim == 3}
+        if shapes and name.rpartition(".")[2] == "experts":
+            found.append((name, f"{type(module).__name__} with 3-D parameters {shapes}: an "
+                               "expert layout qat cannot quantize yet (only fused gate_up_proj "
+                               "(E, 2I, H) / down_proj (E, H, I) without biases)"))
+    return found
+
+
+def _unfused(module: nn.Module, names: tuple[str, str, str]) -> Experts:
+    gate_up, down = module.gate_up_proj, module.down_proj
+    count, two_i, hidden = gate_up.shape
+    inter = two_i // 2
+    meta = gate_up.device.type == "meta"
+    experts = []
+    for e in range(count):
+        expert = Expert(hidden, inter, module.act_fn, names, device="meta", dtype=gate_up.dtype)
+        if not meta:  # each its own contiguous tensor: a slice would keep the fused one alive
+            gate, up, down_w = (getattr(expert, n) for n in names)
+            with torch.no_grad():
+                gate.weight = nn.Parameter(gate_up[e, :inter].clone(), gate_up.requires_grad)
+                up.weight = nn.Parameter(gate_up[e, inter:].clone(), gate_up.requires_grad)
+                down_w.weight = nn.Parameter(down[e].clone(), down.requires_grad)
+        experts.append(expert)
+    return Experts(experts)
+
+
+def unfuse(model: nn.Module) -> list[str]:
+    """Replace every fused experts module of `model` by `Experts` (same function, one Linear per
+    projection per expert), in place; returns their names. A meta model stays on meta.
+
+    Raises ValueError naming the module when experts come in a layout this cannot take."""
+    bad = unsupported_experts(model)
+    if bad:
+        raise ValueError(f"{type(model).__name__}: {bad[0][0]}: {bad[0][1]}")
+    config = getattr(model, "config", None)
+    names = layout_of(config).projections if config is not None else QWEN_MOE.projections
+    done = []
+    for name, module in list(model.named_modules()):
+        if not is_fused_experts(module):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _unfused(module, names))
+        done.append(name)
+    return done
+
+
+def experts_modules(model: nn.Module) -> dict[str, Experts]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, Experts)}
+
+
+def checkpoint_name(config, name: str) -> str:
+    """A tensor's name in the family's checkpoints, from its name in the unfused model (only
+    names inside an MoE layer's experts or router change, e.g. Mixtral's `.mlp.`)."""
+    for pattern, replacement in layout_of(config).renames:
+        if ".experts." in name or _router_leaf(name):
+            name = re.sub(pattern, replacement, name, count=1)
+    return name
+
+
+def _router_leaf(name: str) -> bool:
+    return bool(re.search(r"\.(gate|router)\.weight$", name))
+
+
+def _expert_count(module: nn.Module) -> int | None:
+    """How many experts an experts module holds (fused, unfused, or a ModuleList of MLPs)."""
+    if is_fused_experts(module):
+        return module.gate_up_proj.shape[0]
+    if isinstance(module, nn.ModuleList) and len(module) > 1:
+        return len(module)
+    return None
+
+
+def routers(model: nn.Module) -> list[str]:
+    """The routers and gates of every MoE layer, found from the structure: beside a module
+    named `experts` holding E experts, a module with a bare (E, hidden) weight (transformers
+    5's TopKRouter), or a Linear with E outputs (a router) or one (Qwen-MoE's
+    `shared_expert_gate`, which scales the shared expert). Quantization leaves them in float."""
+    found = []
+    for name, module in model.named_modules():
+        experts = module._modules.get("experts")
+        count = _expert_count(experts) if experts is not None else None
+        if count is None:
+            continue
+        for child_name, child in module.named_children():
+            if child is experts:
+                continue
+            weight = child._parameters.get("weight")
+            if weight is None or weight.ndim != 2:
+                continue
+            rows = weight.shape[0]
+            if (isinstance(child, nn.Linear) and rows in (count, 1)) or \
+                    (not isinstance(child, nn.Linear) and rows == count):
+                found.append(f"{name}.{child_name}" if name else child_name)
+    return found
+
+
+def names_router(pattern: str, name: str) -> bool:
+    """Whether a `quant.include` pattern asks for router `name` by its own name (its last
+    component is the router's, not a wildcard): that, and only that, quantizes a router."""
+    leaf = pattern.rpartition(".")[2]
+    return not pattern.startswith("re:") and leaf not in ("", "*") \
+        and fnmatch.fnmatchcase(name.rpartition(".")[2], leaf)
+
+
+def moe_counts(config) -> tuple[int, int] | None:
+    """(experts per MoE layer, experts each token uses) from a config, or None for a dense
+    model."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    total = next((getattr(text, k) for k in ("num_local_experts", "num_experts",
+                                              "n_routed_experts") if getattr(text, k, None)),
+                 None)
+    active = getattr(text, "num_experts_per_tok", None)
+    return (int(total), int(active)) if total and active else None
+
+
+def per_expert_checkpoint(model: nn.Module, name: str) -> bool:
+    """False for an expert projection of a family whose checkpoints store its experts fused
+    (the per-expert export then differs from what its loaders expect)."""
+    return ".experts." not in name or layout_of(getattr(model, "config", None)).per_expert
+
+
+def active_params(model: nn.Module) -> tuple[int, int]:
+    """(total, active) parameters: a token runs top-k of each MoE layer's experts, so only
+    k / E of their parameters are active per token; the rest of the model always is."""
+    total = sum(p.numel() for p in model.parameters())
+    counts = moe_counts(model.config) if hasattr(model, "config") else None
+    if counts is None:
+        return total, total
+    experts, k = counts
+    idle = sum(p.numel() for m in experts_modules(model).values() for p in m.parameters())
+    return total, total - idle + idle * k // experts

@@ -1,0 +1,282 @@
+"""Mixture-of-Experts families: tiny random models from transformers' own configs, their experts
+quantized per expert through the whole pipeline (GPTQ start -> block stage -> 2 KD steps ->
+export -> our loader -> transformers + compressed-tensors -> compressed-tensors' decompression)."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import compose_train
+
+H, I, L, VOCAB = 128, 256, 2, 512
+_ATTN = dict(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4,
+             num_key_value_heads=2)
+FAMILIES = {
+    "mixtral": dict(_ATTN, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(_ATTN, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                      head_dim=32),
+    "olmoe": dict(_ATTN, num_experts=4, num_experts_per_tok=2),
+    # multi-head latent attention, a leading dense layer, a shared expert
+    "deepseek_v3": dict(_ATTN, n_routed_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=128, first_k_dense_replace=1, n_shared_experts=1,
+                        kv_lora_rank=128, q_lora_rank=128, qk_rope_head_dim=16,
+                        qk_nope_head_dim=16, v_head_dim=32, n_group=1, topk_group=1),
+    "granitemoe": dict(_ATTN, num_local_experts=4, num_experts_per_tok=2),
+}
+# checkpoints store the experts fused (input_linear): transformers' conversion does not merge
+# per-expert packed tensors for them (the serving report says so)
+FUSED_CHECKPOINTS = {"granitemoe"}
+ROUTER_GAIN = 50.0  # random routers are near-uniform: a margin keeps top-k choices stable
+
+
+def moe_model_dir(model_type: str, root, **fields):
+    """A random 2-block MoE of `model_type` with the tiny BPE, saved as transformers saves it
+    (the family's per-expert checkpoint names)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.models.experts import routers
+    from qat.models.tiny import tiny_tokenizer
+
+    directory = root / model_type
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=0, eos_token_id=1,
+                                  pad_token_id=2, max_position_embeddings=1024,
+                                  **{**FAMILIES[model_type], **fields})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name in routers(model):
+            model.get_submodule(name).weight.mul_(ROUTER_GAIN)
+    model.save_pretrained(directory)
+    tiny_tokenizer(VOCAB).save_pretrained(directory)
+    return directory
+
+
+def _run(source, run_dir, *overrides):
+    from qat.train import train
+
+    return train(compose_train([
+        "recipe=w4g128", f"model.path={source}", "data=tiny", "logger=none",
+        "trainer.enable_progress_bar=false", "trainer.max_steps=2", "eval.fp_ppl=false",
+        "quant.init=gptq", "ptq.calibration_samples=4", "ptq.seq_len=32", "ptq.progress=false",
+        "blockwise=default", "blockwise.samples=4", "blockwise.seq_len=32", "blockwise.epochs=1",
+        "blockwise.progress=false", "eval.stage_ppl=false", "distill=kd", "export.enabled=true",
+        *overrides]), run_dir=run_dir)
+
+
+def _experts_in_bf16(model):
+    """`model` (fake-quantized) as a plain one whose expert weights are rounded to bfloat16,
+    what transformers' MoE conversion decompresses them to."""
+    from qat.quant.swap import unprepare
+
+    plain = unprepare(copy.deepcopy(model), bake=True)
+    for name, module in plain.named_modules():
+        if ".experts." in name and isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.bfloat16().float()
+    return plain
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_moe_pipeline_quantizes_every_expert_and_serves_it(model_type, tmp_path):
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from qat.export.compressed_tensors import as_exported
+    from qat.export.load import load_quantized
+    from qat.format.schema import read_config
+    from qat.models.checkpoint import model_from_checkpoint
+    from qat.models.experts import checkpoint_name, experts_modules, routers
+    from qat.quant import FakeQuantLinear
+
+    source = moe_model_dir(model_type, tmp_path)
+    run_dir = tmp_path / "run"
+    metrics = _run(source, run_dir)
+    assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["ppl"]))
+
+    trained, _, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    experts = experts_modules(trained)
+    assert experts, "no MoE layer found"
+    report = json.loads((run_dir / "quant_report.json").read_text())
+    for name, layer in experts.items():  # every projection of every expert quantized
+        for index, expert in enumerate(layer):
+            for proj in expert.names:
+                assert f"{name}.{index}.{proj}" in report["layers"]
+                assert isinstance(getattr(expert, proj), FakeQuantLinear)
+    assert set(report["routers"]) == set(routers(trained)) and report["routers"]
+    assert not any(r in report["layers"] for r in report["routers"])  # routers stay in float
+    ptq = json.loads((run_dir / "ptq_report.json").read_text())
+    seen = [v["tokens"] for n, v in ptq["layers"].items() if ".experts." in n]
+    assert seen and all(t >= 0 for t in seen) and sum(seen) > 0
+
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    served = load_quantized(run_dir / "export", dtype=torch.float32, backend="reference")
+    with torch.no_grad(), as_exported(trained.eval(), torch.bfloat16):
+        want = trained(ids).logits
+        want_bf16_experts = _experts_in_bf16(trained)(ids).logits
+    torch.testing.assert_close(served(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+    serving = json.loads((run_dir / "export" / "serving_report.json").read_text())
+    assert serving["qat"]["servable"]
+    kept = serving["float_tensors"]["tensors"]  # the routers are counted as left in float
+    assert {checkpoint_name(trained.config, f"{r}.weight") for r in report["routers"]} <= set(kept)
+    hf = serving["transformers"]
+    if model_type in FUSED_CHECKPOINTS:
+        assert not hf["servable"] and "fused" in " ".join(hf["reasons"])
+    else:
+        assert hf["servable"], hf["reasons"]
+        assert any("bf16" in limit for limit in hf["limits"])  # the named limit
+        from transformers import AutoModelForCausalLM
+
+        theirs = AutoModelForCausalLM.from_pretrained(run_dir / "export", dtype=torch.float32)
+        for experts in experts_modules(theirs) or [m for n, m in theirs.named_modules()
+                                                   if n.endswith(".experts")]:
+            for param in experts.parameters():  # in the scales' dtype (bf16): compare in fp32
+                param.data = param.data.float()
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(ids).logits, want_bf16_experts, rtol=1e-5,
+                                       atol=1e-5)
+
+    # compressed-tensors decompresses every expert to the trained weights, bit for bit
+    qc = read_config(run_dir / "export")["quantization_config"]
+    scheme = QuantizationScheme(targets=["Linear"], weights=qc["config_groups"]["group_0"]["weights"])
+    quantized = {checkpoint_name(trained.config, f"{n}.weight").removesuffix(".weight"): m
+                 for n, m in trained.named_modules() if isinstance(m, FakeQuantLinear)}
+    with safe_open(str(run_dir / "export" / "model.safetensors"), framework="pt") as f:
+        stored = {k.rsplit(".", 1)[0] for k in f.keys() if k.endswith("weight_packed")}
+        assert stored == set(quantized)
+        assert any(".experts.0." in n for n in stored)
+        for name in stored:
+            local = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys()
+                     if k.rsplit(".", 1)[0] == name}
+            theirs_w = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+            module = quantized[name]
+            ours = module.weight_fake_quant.dequantized(module.weight).to(torch.bfloat16)
+            assert torch.equal(theirs_w, ours), name
+
+
+def test_unfused_experts_compute_what_the_fused_ones_do():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.models.experts import Experts, unfuse
+
+    for model_type in FAMILIES:
+        config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **FAMILIES[model_type])
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            fused = model(ids).logits
+            names = unfuse(model)
+            assert names and all(isinstance(model.get_submodule(n), Experts) for n in names)
+            assert not any(p.ndim == 3 for p in model.parameters())
+            torch.testing.assert_close(model(ids).logits, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_no_calibration_token_reaches_falls_back_to_rtn_and_says_so(tmp_path, capfd):
+    # 16 experts, top-1, one calibration sample of 8 tokens: at most 8 experts per layer can be
+    # reached, so at least 8 are not
+    source = moe_model_dir("mixtral", tmp_path, num_local_experts=16, num_experts_per_tok=1)
+    run_dir = tmp_path / "run"
+    metrics = _run(source, run_dir, "ptq.calibration_samples=1", "ptq.seq_len=8",
+                   "trainer.max_steps=1")
+    assert metrics["steps"] == 1
+    ptq = json.loads((run_dir / "ptq_report.json").read_text())
+    unreached = [n for n, v in ptq["layers"].items() if v.get("tokens") == 0]
+    assert len(unreached) >= 8 * 3 * L  # three projections per unreached expert, every layer
+    assert all(ptq["layers"][n]["fallback"] == "rtn" and ptq["layers"][n]["bits"] == 4
+               for n in unreached)
+    assert "no calibration token reached" in capfd.readouterr().out
+
+
+def test_sixty_four_experts_go_through_the_pipeline(tmp_path):
+    source = moe_model_dir("qwen3_moe", tmp_path, num_experts=64, num_experts_per_tok=4,
+                           moe_intermediate_size=128)
+    metrics = _run(source, tmp_path / "run")
+    assert metrics["steps"] == 2 and torch.isfinite(torch.tensor(metrics["ppl"]))
+    report = json.loads((tmp_path / "run" / "quant_report.json").read_text())
+    assert sum(".experts." in n for n in report["layers"]) == 64 * 3 * L
+
+
+def test_expert_layout_it_cannot_quantize_is_refused_by_name(tmp_path):
+    from transformers import AutoConfig
+
+    if "gpt_oss" not in __import__("transformers").models.auto.configuration_auto.CONFIG_MAPPING:
+        pytest.skip("this transformers has no GPT-OSS")
+    from transformers import AutoModelForCausalLM
+
+    from qat.models.experts import unfuse
+
+    config = AutoConfig.for_model("gpt_oss", vocab_size=VOCAB, hidden_size=64,
+                                  intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  num_local_experts=4, num_experts_per_tok=2,
+                                  layer_types=["full_attention", "sliding_attention"])
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=r"mlp\.experts: GptOssExperts .*cannot quantize"):
+        unfuse(model)
+
+
+def test_footprint_gives_total_and_active_parameters(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.footprint.__main__ import run_report
+
+    source = moe_model_dir("mixtral", tmp_path)
+    text, out = run_report(str(source), "w4g128", [])
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert out["params"] == sum(p.numel() for p in model.parameters())
+    # top-2 of 4 experts: half of the experts' weights are active per token
+    assert out["active_params"] == out["params"] - experts // 2
+    assert out["active_bf16_bytes"] == 2 * out["active_params"] and "active per token" in text
+
+
+@pytest.mark.parametrize("model_type", sorted(set(FAMILIES) - FUSED_CHECKPOINTS))
+def test_moe_blocks_are_read_from_the_files_under_the_checkpoints_names(model_type, tmp_path):
+    from qat.models import ModelSpec, load_model
+    from qat.models.onload import onloaded_model
+
+    source = moe_model_dir(model_type, tmp_path)
+    skeleton = onloaded_model(source, torch.float32)
+    assert skeleton is not None  # the unfused names (with the family's renames) are the files'
+    whole, _ = load_model(ModelSpec(path=str(source), dtype="float32"))
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(skeleton(ids).logits, whole(ids).logits, rtol=0, atol=0)
+
+
+def test_awq_on_moe_is_refused_before_any_work(tmp_path):
+    from qat.train import ConfigError
+
+    source = moe_model_dir("mixtral", tmp_path)
+    with pytest.raises(ConfigError, match="quant.init=awq is not supported for MixtralForCausalLM"):
+        _run(source, tmp_path / "run", "quant.init=awq")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_router_linears_stay_in_float_unless_a_pattern_names_them():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.models.experts import routers, unfuse
+    from qat.quant.spec import QuantConfig, WeightSpec
+    from qat.quant.swap import plan
+
+    # Qwen2-MoE: a TopKRouter module and a shared_expert_gate Linear(hidden, 1)
+    config = AutoConfig.for_model("qwen2_moe", vocab_size=VOCAB, **FAMILIES["qwen3_moe"],
+                                  shared_expert_intermediate_size=128)
+    model = AutoModelForCausalLM.from_config(config)
+    unfuse(model)
+    gates = routers(model)
+    assert {g.rpartition(".")[2] for g in gates} == {"gate", "shared_expert_gate"}
+    spec = WeightSpec(bits=4, group_size=64)
+    default = plan(model, QuantConfig(weight=spec))
+    assert not {layer.name for layer in default.layers} & set(gates)
+    assert set(default.routers) == set(gates)
+    named = plan(model, QuantConfig(weight=spec, include=("model.layers.*",
+                                                          "*.shared_expert_gate")))
+    chosen = {layer.name for layer in named.layers}
+    assert {g for g in gates if g.endswith("shared_expert_gate")} <= chosen
+    assert any(".experts.0." in n for n in chosen)
