@@ -9,7 +9,8 @@ one (Mixtral's router), the MoE computes what the dense model computes, so its f
 is the dense one (checked here). The experts then diverge through calibration (GPTQ: each
 expert's Hessian from the tokens routed to it) and training (the block stage, end-to-end KD).
 Rows, each one `python train.py` of the default eval protocol: the dense and the MoE model with
-the default recipe (w4g64_kd) and with GPTQ W4 g64 (PTQ only). Reported: float and quantized
+the default recipe (w4g64_kd; for the MoE also with blockwise.routing=float, its experts trained
+on the float block's routing) and with GPTQ W4 g64 (PTQ only). Reported: float and quantized
 perplexity, bits per weight of the export (all its bytes x 8 / parameters), wall time.
 
 Writes bench/results/moe_upcycle.json and the `moe_upcycle` section of BENCHMARKS.md.
@@ -33,6 +34,9 @@ ROUTER_STD = 0.02
 ROWS = {  # name -> (model: dense | moe, overrides)
     "dense_w4g64_kd": ("dense", ["recipe=w4g64_kd", "export=true"]),
     "moe_w4g64_kd": ("moe", ["recipe=w4g64_kd", "export=true"]),
+    # the alternative block target: the quantized block's experts take the float block's routing
+    "moe_w4g64_kd_float_routing": ("moe", ["recipe=w4g64_kd", "blockwise.routing=float",
+                                           "export=true"]),
     "dense_gptq_w4g64": ("dense", ["recipe=gptq_w4g64", "trainer.max_steps=0", "export=true"]),
     "moe_gptq_w4g64": ("moe", ["recipe=gptq_w4g64", "trainer.max_steps=0", "export=true"]),
 }
@@ -106,18 +110,21 @@ def run_row(name: str, model: Path, overrides: list[str], params: int) -> dict:
     return {"name": name, "command": "python train.py " + " ".join(args),
             "seconds": round(seconds), "load_before": round(load, 2), "params": params,
             "bits_per_weight": export_bits(run_dir, params),
-            **{k: metrics.get(k) for k in ("fp_ppl", "ppl", "export_ppl", "steps")}}
+            **{k: metrics.get(k) for k in ("fp_ppl", "ptq_ppl", "block_ppl", "ppl", "export_ppl",
+                                           "steps")}}
 
 
 def table(rows: list[dict]) -> str:
     out = [{"run": r["name"], "params": f"{r['params'] / 1e6:.0f}M",
             "float ppl": f"{r['fp_ppl']:.3f}" if r.get("fp_ppl") else "",
+            "after init": f"{r['ptq_ppl']:.3f}" if r.get("ptq_ppl") else "",
+            "after blocks": f"{r['block_ppl']:.3f}" if r.get("block_ppl") else "",
             "ppl": f"{r['ppl']:.3f}", "vs float": f"{100 * (r['ppl'] / r['fp_ppl'] - 1):+.1f}%"
             if r.get("fp_ppl") else "",
             "bits/weight": f"{r['bits_per_weight']:.2f}" if r.get("bits_per_weight") else "",
             "wall s": r["seconds"], "command": f"`{r['command']}`"} for r in rows]
-    return markdown_table(out, ["run", "params", "float ppl", "ppl", "vs float", "bits/weight",
-                                "wall s", "command"])
+    return markdown_table(out, ["run", "params", "float ppl", "after init", "after blocks",
+                                "ppl", "vs float", "bits/weight", "wall s", "command"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -280,3 +280,37 @@ def test_router_linears_stay_in_float_unless_a_pattern_names_them():
     chosen = {layer.name for layer in named.layers}
     assert {g for g in gates if g.endswith("shared_expert_gate")} <= chosen
     assert any(".experts.0." in n for n in chosen)
+
+
+def test_forced_routing_replaces_the_routers_choice():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.models.experts import experts_modules, forced_routing, recorded_routing, unfuse
+
+    config = AutoConfig.for_model("mixtral", vocab_size=VOCAB, **FAMILIES["mixtral"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    unfuse(model)
+    block = model.model.layers[0]
+    (name, experts), = experts_modules(block).items()
+    x = torch.randn(2, 8, H, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with recorded_routing(block) as recorded:
+            own = block.mlp(x)
+        index, weights = recorded[name][0]
+        assert index.shape == (16, 2) and weights.shape == (16, 2)
+        with forced_routing(block, {name: (index, weights)}):  # its own choice: the same output
+            torch.testing.assert_close(block.mlp(x), own, rtol=0, atol=0)
+        every_token_to_expert_3 = (torch.full((16, 1), 3), torch.ones(16, 1))
+        with forced_routing(block, {name: every_token_to_expert_3}):
+            forced = block.mlp(x)
+        torch.testing.assert_close(forced, experts[3](x.reshape(16, H)).reshape(2, 8, H))
+    assert experts.forced is None and experts.recorded is None  # both undone on exit
+
+
+def test_block_stage_with_the_float_blocks_routing(tmp_path):
+    source = moe_model_dir("mixtral", tmp_path)
+    metrics = _run(source, tmp_path / "run", "blockwise.routing=float")
+    assert metrics["blockwise"]["blocks"] == L and metrics["steps"] == 2
+    with pytest.raises(Exception, match="blockwise.routing"):
+        _run(source, tmp_path / "bad", "blockwise.routing=teacher")

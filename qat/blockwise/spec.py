@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 INPUTS = ("quantized", "both")
+ROUTINGS = ("own", "float")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -34,6 +35,9 @@ class BlockwiseSpec:
     train_weights: bool = True  # false: only the grid (scales, zero points) trains
     inputs: str = "quantized"  # quantized: the quantized chain's inputs | both: also the float inputs
     cache_dtype: str = "float32"  # cached block inputs and targets (bfloat16 halves their memory)
+    # MoE blocks: own: the quantized block routes its own inputs | float: its experts take the
+    # tokens (and weights) the float block's router chose for the target (teacher-forced routing)
+    routing: str = "own"
     # KD term: weight x KL(float || quantized) of the next-token distributions that the float
     # model's final norm and head read from the block outputs (the logit lens); 0 turns it off
     kd_weight: float = 0.0
@@ -68,6 +72,8 @@ class BlockwiseSpec:
             _fail("kd_tokens", self.kd_tokens, "it must be a positive integer")
         if self.inputs not in INPUTS:
             _fail("inputs", self.inputs, f"choose one of {list(INPUTS)}")
+        if self.routing not in ROUTINGS:
+            _fail("routing", self.routing, f"choose one of {list(ROUTINGS)}")
         if self.cache_dtype not in CACHE_DTYPES:
             _fail("cache_dtype", self.cache_dtype, f"choose one of {list(CACHE_DTYPES)}")
         for name in ("enabled", "train_weights", "progress"):

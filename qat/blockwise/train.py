@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from qat.blockwise.spec import BlockwiseSpec
 from qat.distill.losses import ForwardKL
+from qat.models.experts import forced_routing, recorded_routing
 from qat.models.blocks import capture_block_inputs, device_of, fake_quant_disabled, hidden_of
 from qat.io import release_memory
 from qat.models.onload import held
@@ -85,20 +87,24 @@ class _Inputs:
         self.calls = {id(block): call for block, call in zip(blocks, captured[0].calls)}
         self.batch_size = batch_size
 
-    def call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def call(self, block: nn.Module, x: torch.Tensor, route: dict | None = None) -> torch.Tensor:
+        """block(x); `route`: the routing its MoE layers take instead of their routers'."""
         args, kwargs = self.calls[id(block)]
         # the block's own dtype in, float32 out: losses are computed in float32 whatever it is
         dtype = next(block.parameters()).dtype
-        return hidden_of(block(x.to(dtype), *args, **kwargs)).float()
+        with forced_routing(block, route):
+            return hidden_of(block(x.to(dtype), *args, **kwargs)).float()
 
     @torch.no_grad()
     def run(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
-            keep: bool = True) -> tuple[torch.Tensor | None, float | None]:
+            keep: bool = True, routing: "_Routing | None" = None
+            ) -> tuple[torch.Tensor | None, float | None]:
         """block(x) over all N sequences in mini-batches, kept in x's dtype (None with
         keep=False), and its mean squared error to `target` (None without one)."""
         outs, total = [], 0.0
         for i, xb in enumerate(x.split(self.batch_size)):
-            out = self.call(block, xb)
+            rows = torch.arange(i * self.batch_size, i * self.batch_size + xb.shape[0])
+            out = self.call(block, xb, routing.of(rows) if routing is not None else None)
             if target is not None:
                 tb = target[i * self.batch_size:(i + 1) * self.batch_size].float()
                 total += F.mse_loss(out, tb, reduction="sum").item()
@@ -107,9 +113,25 @@ class _Inputs:
         return (torch.cat(outs) if keep else None,
                 total / target.numel() if target is not None else None)
 
-    def loss(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
+    def loss(self, block: nn.Module, x: torch.Tensor, target: torch.Tensor,
+             routing: "_Routing | None" = None) -> float:
         """Mean squared error of block(x) to target over all N sequences."""
-        return self.run(block, x, target, keep=False)[1]
+        return self.run(block, x, target, keep=False, routing=routing)[1]
+
+
+class _Routing:
+    """The float block's routing of every sample (blockwise.routing=float), replayed on the
+    quantized block: each MoE layer's (top_k_index, top_k_weights) as (N, T, k) tensors."""
+
+    def __init__(self, recorded: dict[str, list], samples: int) -> None:
+        self.layers = {name: tuple(torch.cat(part).reshape(samples, -1, part[0].shape[-1])
+                                   for part in zip(*calls))
+                       for name, calls in recorded.items()}
+
+    def of(self, rows: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The routing of samples `rows`, flattened to tokens as the MoE layer sees them."""
+        return {name: tuple(t[rows].reshape(-1, t.shape[-1]) for t in pair)
+                for name, pair in self.layers.items()}
 
 
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
@@ -178,7 +200,8 @@ def cosine(step: int, total: int, floor: float = 0.1) -> float:
 
 def train_block(block: nn.Module, inputs: _Inputs, q_in: torch.Tensor, target: torch.Tensor,
                 fp_in: torch.Tensor | None, spec: BlockwiseSpec, generator: torch.Generator,
-                lens: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
+                lens: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                routing: _Routing | None = None) -> int:
     """Train one block in place; its grid ends frozen as static qparams. Returns the steps taken.
 
     Each step: a mini-batch of sequences (one seeded shuffle per epoch), loss = MSE(block(q_in),
@@ -200,13 +223,14 @@ def train_block(block: nn.Module, inputs: _Inputs, q_in: torch.Tensor, target: t
                 for start in range(0, n - bs + 1, bs):
                     idx = order[start:start + bs]
                     goal = target[idx].float()
-                    out = inputs.call(block, q_in[idx])
+                    route = routing.of(idx) if routing is not None else None
+                    out = inputs.call(block, q_in[idx], route)
                     loss = F.mse_loss(out, goal)
                     if lens is not None:
                         loss = loss + spec.kd_weight * _kd_term(lens, out, goal, spec,
                                                                 divergence, generator)
                     if fp_in is not None:
-                        loss = loss + F.mse_loss(inputs.call(block, fp_in[idx]), goal)
+                        loss = loss + F.mse_loss(inputs.call(block, fp_in[idx], route), goal)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"blockwise: loss is {loss.item()} at step "
                                                  f"{steps}; lower blockwise.lr / scale_lr")
@@ -292,27 +316,33 @@ def _train_blocks(model, float_model, blocks, float_blocks, prefix, ids, spec, s
     bar = tqdm(blocks, desc="blockwise", disable=not spec.progress)
     try:
         for index, block in enumerate(bar):
+            routing = None
             with fake_quant_disabled(float_model), held(float_blocks[index]), \
-                    block_on(float_blocks[index], device):
+                    block_on(float_blocks[index], device), \
+                    (recorded_routing(float_blocks[index]) if spec.routing == "float"
+                     else nullcontext({})) as recorded:
                 target, _ = fp.run(float_blocks[index], fp_in)
+            if recorded:  # an MoE block with routing=float: replay the float block's choices
+                routing = _Routing(recorded, n)
             if index < len(done):  # trained by an earlier run: load it, go on from its output
                 store.load(index, block)
                 result = BlockResult(**done[index])
                 report.resumed_blocks += 1
                 with block_on(block, device):
-                    q_out, _ = quantized.run(block, q_in)
+                    q_out, _ = quantized.run(block, q_in, routing=routing)
             else:
                 t0 = time.perf_counter()
                 with block_on(block, device):
                     if before_block is not None:
                         before_block(index, block)
-                    before = quantized.loss(block, q_in, target)
+                    before = quantized.loss(block, q_in, target, routing)
                     with fake_quant_disabled(float_model):  # the lens is the float model's
                         steps = train_block(block, quantized, q_in, target,
                                             fp_in if spec.inputs == "both" else None, spec,
                                             torch.Generator().manual_seed(seed * 100_003 + index),
-                                            lens)
-                    q_out, after = quantized.run(block, q_in, target)  # the next block's inputs
+                                            lens, routing)
+                    # the next block's inputs
+                    q_out, after = quantized.run(block, q_in, target, routing=routing)
                     if after_block is not None:
                         after_block(index, block)
                 result = BlockResult(index, f"{prefix}.{index}", before, after,

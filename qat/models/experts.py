@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -80,22 +82,25 @@ class Experts(nn.ModuleList):
     """The experts of one MoE layer as a list of `Expert`s, called as transformers calls its
     fused experts: (tokens (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H). Each
     expert runs on the tokens routed to it (an index equal to the expert count is a dropped
-    slot, as in transformers). `tokens_seen`, when a list, gets each call's token count per
-    expert (calibration reports it)."""
+    slot, as in transformers)."""
 
     def __init__(self, experts: list[Expert]) -> None:
         super().__init__(experts)
-        self.tokens_seen: list[int] | None = None
+        # (top_k_index, top_k_weights) to use instead of the router's (`forced_routing`), and a
+        # list that gets each call's routing (`recorded_routing`)
+        self.forced: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.forced is not None:
+            top_k_index, top_k_weights = (t.to(hidden_states.device) for t in self.forced)
+        if self.recorded is not None:
+            self.recorded.append((top_k_index.detach(), top_k_weights.detach()))
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=len(self) + 1).permute(2, 1, 0)
             counts = mask.sum(dim=(-1, -2))[: len(self)].tolist()  # (E,) tokens per expert
-        if self.tokens_seen is not None:
-            for index, count in enumerate(counts):
-                self.tokens_seen[index] += count
         for index, count in enumerate(counts):
             if not count:
                 continue
@@ -257,3 +262,32 @@ def active_params(model: nn.Module) -> tuple[int, int]:
     experts, k = counts
     idle = sum(p.numel() for m in experts_modules(model).values() for p in m.parameters())
     return total, total - idle + idle * k // experts
+
+
+@contextmanager
+def recorded_routing(module: nn.Module) -> Iterator[dict[str, list]]:
+    """Every MoE layer's routing while the block runs: {layer name: [(index, weights) per
+    call]} in call order."""
+    layers = experts_modules(module)
+    for layer in layers.values():
+        layer.recorded = []
+    try:
+        yield {name: layer.recorded for name, layer in layers.items()}
+    finally:
+        for layer in layers.values():
+            layer.recorded = None
+
+
+@contextmanager
+def forced_routing(module: nn.Module, routing: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+                   ) -> Iterator[None]:
+    """Run `module`'s MoE layers on the given routing ({layer name: (top_k_index (T, k),
+    top_k_weights (T, k))}) instead of their routers' (None: as they route)."""
+    layers = experts_modules(module) if routing else {}
+    for name, layer in layers.items():
+        layer.forced = routing[name]
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.forced = None
