@@ -72,3 +72,19 @@ def test_unknown_target_names_the_allowed_values():
     with pytest.raises(ValueError, match="export.target='marlin' is not a serving target; allowed: "
                                          "null, qat, transformers, vllm-gpu, vllm-cpu"):
         check_target("marlin")
+
+
+def test_moe_experts_have_vllms_fused_moe_rules():
+    expert = "model.layers.0.mlp.experts.3.w1"
+    ok = serving_report([layer(expert, 256, 512, bits=4, group_size=64)])
+    assert ok["vllm-gpu"]["servable"] and ok["vllm-gpu"]["limits"]
+    asym = serving_report([layer(expert, 256, 512, bits=4, group_size=64,
+                                 symmetric=False)])["vllm-gpu"]
+    assert not asym["servable"] and "symmetric" in reasons(asym["reasons"])
+    three = serving_report([layer(expert, 256, 512, bits=3, group_size=64)])
+    assert not three["vllm-gpu"]["servable"]
+    assert not three["vllm-cpu"]["servable"]  # not run on vLLM's CPU build: said, not claimed
+    assert any("bf16" in limit for limit in ok["transformers"]["limits"])
+    dense = serving_report([layer("model.layers.0.mlp.up_proj", 256, 512, bits=4,
+                                  group_size=64)])
+    assert all("limits" not in entry for entry in dense.values())

@@ -12,9 +12,10 @@ code and what we measured with it (shared/formats/compressed-tensors.md):
   even group sizes, in and out % 32, and an AVX-512 build (the AVX2 build lacks the int4 op).
 
 MoE experts (layers named `...experts.N...`) have rules of their own: vLLM serves them through its
-fused-MoE compressed-tensors method (WNA16: 4 or 8 bits, pack-quantized; its Marlin MoE kernel
-wants group -1/32/64/128, hidden % 128 and intermediate % max(64, group), else it takes its
-Triton WNA16 MoE); transformers 5 decompresses them while loading (its MoE weight conversion
+fused-MoE compressed-tensors methods (WNA16: 4 or 8 bits, pack-quantized, symmetric, group or
+channel scales; its Marlin MoE kernel wants group -1/32/64/128, hidden % 128 and intermediate %
+max(64, group), else its Triton WNA16 MoE takes them, group scales only; read in vLLM's
+compressed_tensors_moe.py and marlin_utils.py, not run here); transformers 5 decompresses them while loading (its MoE weight conversion
 merges the per-expert tensors into its fused parameters) into dense weights in the scales' dtype,
 and cannot merge them at all for families whose checkpoints store experts fused.
 """
@@ -63,7 +64,12 @@ def marlin_issues(layers) -> dict[str, list[str]]:
     issues: dict[str, list[str]] = {}
     for layer in layers:
         spec, reasons = layer.spec, _vllm_width(layer.spec)
-        if is_expert(layer):  # the fused-MoE method: width only (else Triton takes the shapes)
+        if is_expert(layer):  # the fused-MoE methods (Marlin MoE, else Triton WNA16 MoE)
+            if not spec.symmetric:
+                reasons.append("MoE experts with zero points: vLLM's WNA16 MoE methods assert "
+                               "symmetric weights")
+            if spec.granularity == "tensor":
+                reasons.append("MoE experts with per-tensor scales (vLLM: group or channel)")
             _group(issues, layer, reasons)
             continue
         if spec.granularity == "tensor" or spec.effective_group_size not in MARLIN_GROUP_SIZES:

@@ -56,10 +56,11 @@ class QuantizedLayer:
     out_features: int
     in_features: int
     spec: WeightSpec
-    name: str = ""  # its name in the block (q_proj ...): which layers share one input
+    name: str = ""  # its path in the block (self_attn.q_proj ...): which layers share an input
 
 
-SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # one Hessian each
+# one Hessian each (an MoE expert's gate and up share one: Mixtral names them w1 and w3)
+SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def run_shape(model, quant) -> RunShape:
     widest = sizes.index(max(sizes))  # DeepSeek's leading dense blocks are smaller than its MoE
     first = f"{prefix}.{widest}."
     layers = tuple(QuantizedLayer(l.out_features, l.in_features, l.spec,
-                                  l.name[len(first):].rpartition(".")[2])
+                                  l.name[len(first):])  # its path in the block
                    for l in report.layers if l.name.startswith(first) and l.spec is not None)
     block_params = sizes[widest]
     total = sum(p.numel() for p in model.parameters())
@@ -128,7 +129,9 @@ def calibration_bytes(shape: RunShape, specs) -> int:
     2- and 4-layer w3g64_kd rows)."""
     groups: dict[str, int] = {}
     for layer in shape.layers:
-        key = next((min(g) for g in SHARED_INPUTS if layer.name in g), layer.name or str(id(layer)))
+        parent, _, leaf = layer.name.rpartition(".")  # every expert has Hessians of its own
+        key = next((f"{parent}.{min(g)}" for g in SHARED_INPUTS if leaf in g),
+                   layer.name or str(id(layer)))
         groups[key] = layer.in_features
     hessians = sum(4 * n * n for n in groups.values())
     states = 2 * specs.ptq.calibration_samples * specs.ptq.seq_len * shape.hidden * 4
