@@ -314,3 +314,52 @@ def test_block_stage_with_the_float_blocks_routing(tmp_path):
     assert metrics["blockwise"]["blocks"] == L and metrics["steps"] == 2
     with pytest.raises(Exception, match="blockwise.routing"):
         _run(source, tmp_path / "bad", "blockwise.routing=teacher")
+
+
+def test_routers_of_an_expert_modulelist_are_found_by_their_shape():
+    """transformers 4's layout (and remote-code models): experts as a ModuleList of MLPs beside
+    a router Linear with one output per expert; the Linears that are not routers stay."""
+    from torch import nn
+
+    from qat.models.experts import routers
+
+    class Moe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(32, 8, bias=False)  # the router: 8 outputs, 8 experts
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 32))
+                                         for _ in range(8))
+            self.shared_expert_gate = nn.Linear(32, 1, bias=False)
+            self.shared_expert = nn.Linear(32, 32)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Moe(), Moe()])
+    assert routers(model) == [f"layers.{i}.{n}" for i in range(2)
+                              for n in ("gate", "shared_expert_gate")]
+
+
+def test_gptq_in_parts_gives_what_one_pass_gives():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.models.experts import unfuse
+    from qat.ptq.apply import hessian_parts, quantize_model, quantized_linears
+    from qat.quant.spec import QuantConfig, WeightSpec
+    from qat.quant.swap import prepare
+
+    config = AutoConfig.for_model("mixtral", vocab_size=VOCAB, **FAMILIES["mixtral"])
+    ids = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    results = []
+    for gib in (4.0, 1e-9):  # one pass per block; one pass per module (each expert alone)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        unfuse(model)
+        prepare(model, QuantConfig(weight=WeightSpec(bits=4, group_size=64)))
+        layers = quantized_linears(model.model.layers[0], "model.layers.0")
+        parts = hessian_parts(layers, gib * 2 ** 30)
+        assert len(parts) == (1 if gib > 1 else 1 + 4)  # the attention, then each expert
+        quantize_model(model, "gptq", ids, calibration_samples=4, progress=False,
+                       hessian_gib=gib)
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key

@@ -134,6 +134,8 @@ def calibration_bytes(shape: RunShape, specs) -> int:
                    layer.name or str(id(layer)))
         groups[key] = layer.in_features
     hessians = sum(4 * n * n for n in groups.values())
+    if specs.quant.init == "gptq":  # gathered in parts of at most ptq.hessian_gib (MoE blocks)
+        hessians = min(hessians, int(specs.ptq.hessian_gib * 2 ** 30))
     states = 2 * specs.ptq.calibration_samples * specs.ptq.seq_len * shape.hidden * 4
     if specs.quant.init == "gptq":  # H as 2 X^T X / n, its damped copy, Cholesky, inverse, U
         solve = max((4 * (GPTQ_HESSIAN_COPIES * l.in_features ** 2

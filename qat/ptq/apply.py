@@ -72,6 +72,25 @@ def rtn_layers(module: nn.Module, report: PTQReport, prefix: str = "",
                                "bits": layer.weight_fake_quant.spec.bits}
 
 
+def hessian_parts(layers: dict[str, nn.Module], budget: float) -> list[set[str]]:
+    """The block's quantized Linears in parts whose Hessians (float32, in_features^2, counted
+    per Linear: an upper bound where inputs are shared) fit `budget` bytes, a module's
+    Linears (one expert, the attention) never split: a dense block is one part, an MoE block
+    with more experts than fit is several."""
+    by_parent: dict[str, list[str]] = {}
+    for name in layers:
+        by_parent.setdefault(name.rpartition(".")[0], []).append(name)
+    parts, current, used = [], set(), 0.0
+    for names in by_parent.values():
+        size = sum(4 * layers[n].in_features ** 2 for n in names)
+        if current and used + size > budget:
+            parts.append(current)
+            current, used = set(), 0.0
+        current |= set(names)
+        used += size
+    return parts + [current] if current else parts
+
+
 def uncalibrated(name: str, stats: dict, report: PTQReport) -> bool:
     """Whether no calibration token reached layer `name` (an MoE expert the router never
     chose): it then falls back to round-to-nearest, recorded in the report and said aloud,
@@ -94,19 +113,25 @@ def _rtn(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
 def _gptq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
           device: torch.device | None, hooks: dict[str, Any]) -> None:
     def on_block(prefix: str, block: nn.Module, forward: Callable[[], None]) -> None:
-        stats = collect_input_stats(block, forward, prefix=prefix, hessian=True)
-        fallback = []
-        for name, module in quantized_linears(block, prefix).items():
-            if uncalibrated(name, stats, report):
-                fallback.append(name)
-                continue
-            result = gptq_quantize(module.weight, stats[name].hessian,
-                                   module.weight_fake_quant.spec, damp=spec.damp,
-                                   block_size=spec.block_size, act_order=spec.act_order)
-            write_layer(module, result.weight, result.scale, result.zero_point)
-            report.layers[name] = {"bits": module.weight_fake_quant.spec.bits,
-                                   "error": result.error, "damp": result.damp,
-                                   "tokens": stats[name].rows}
+        layers = quantized_linears(block, prefix)
+        results, fallback = {}, []
+        for part in hessian_parts(layers, spec.hessian_gib * 2 ** 30):
+            stats = collect_input_stats(block, forward, prefix=prefix, hessian=True, only=part)
+            for name in part:
+                if uncalibrated(name, stats, report):
+                    fallback.append(name)
+                    continue
+                module = layers[name]
+                results[name] = gptq_quantize(module.weight, stats[name].hessian,
+                                              module.weight_fake_quant.spec, damp=spec.damp,
+                                              block_size=spec.block_size,
+                                              act_order=spec.act_order)
+                report.layers[name] = {"bits": module.weight_fake_quant.spec.bits,
+                                       "error": results[name].error,
+                                       "damp": results[name].damp, "tokens": stats[name].rows}
+            del stats
+        for name, result in results.items():  # after every pass: each read the block unchanged
+            write_layer(layers[name], result.weight, result.scale, result.zero_point)
         rtn_layers(block, report, prefix, only=fallback)
 
     run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress,

@@ -114,9 +114,10 @@ class InputStats:
 
 @torch.no_grad()
 def collect_input_stats(module: nn.Module, forward: Callable[[], None], *, prefix: str = "",
-                        hessian: bool = True, threshold: float | None = None
-                        ) -> dict[str, InputStats]:
-    """Input statistics of every nn.Linear inside `module`, gathered while `forward()` runs.
+                        hessian: bool = True, threshold: float | None = None,
+                        only: set[str] | None = None) -> dict[str, InputStats]:
+    """Input statistics of every nn.Linear inside `module` (`only`: of these full names),
+    gathered while `forward()` runs.
 
     Fake quantization inside `module` is off meanwhile: all its Linears are calibrated against the
     float block, as in GPTQ. Linears fed the very same tensor (q/k/v, gate/up) share one object,
@@ -137,8 +138,10 @@ def collect_input_stats(module: nn.Module, forward: Callable[[], None], *, prefi
             last.update(x=x, stats=stats[name])
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(f"{prefix}.{n}" if prefix else n))
-               for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    names = {n: f"{prefix}.{n}" if prefix else n for n, m in module.named_modules()
+             if isinstance(m, nn.Linear)}
+    handles = [module.get_submodule(n).register_forward_pre_hook(make_hook(full))
+               for n, full in names.items() if only is None or full in only]
     try:
         with fake_quant_disabled(module):
             forward()

@@ -33,6 +33,10 @@ class PTQSpec:
     batch_size: int = 8  # sequences per forward pass during calibration
     damp: float = 0.01  # gptq: fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # gptq: columns per lazy batch update (speed only)
+    # gptq: Hessians (float32, in_features^2 each) gathered per pass over a block; an MoE block
+    # whose experts' Hessians exceed it is calibrated in several passes, a part of its experts
+    # each (the same results: every pass reads the block as it was before any update)
+    hessian_gib: float = 4.0
     act_order: bool = True  # gptq: columns by decreasing diag H, static group scales (measured better)
     awq_grid: int = 20  # awq: alphas tried in [0, 1] for s = mean|x|^alpha
     awq_clip: bool = True  # awq: search a per-group range shrink, kept as static qparams
@@ -51,6 +55,9 @@ class PTQSpec:
                      "awq_clip_grid", "sensitivity_samples"):
             _positive_int(name, getattr(self, name))
         _fraction("damp", self.damp, 0.0, 1.0, closed_low=False)
+        if not isinstance(self.hessian_gib, (int, float)) or isinstance(self.hessian_gib, bool) \
+                or not self.hessian_gib > 0:
+            _fail("hessian_gib", self.hessian_gib, "it must be a number > 0")
         _fraction("awq_max_shrink", self.awq_max_shrink, 0.0, 1.0, closed_low=False)
         _fraction("smoothquant_alpha", self.smoothquant_alpha, 0.0, 1.0, closed_low=True)
         if self.outliers not in ("off", "report", "protect"):
