@@ -248,11 +248,46 @@ def test_moe_blocks_are_read_from_the_files_under_the_checkpoints_names(model_ty
         torch.testing.assert_close(skeleton(ids).logits, whole(ids).logits, rtol=0, atol=0)
 
 
-def test_awq_on_moe_is_refused_before_any_work(tmp_path):
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_awq_folds_one_scale_into_every_expert_and_keeps_the_float_function(model_type):
+    """The norm feeds every expert, the shared expert and the router: one scale for all of them
+    (the router's columns take it too, so the routing is unchanged), then each expert's up ->
+    down; with fake quantization off the model computes what it did before AWQ."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.models.blocks import fake_quant_disabled
+    from qat.models.experts import unfuse
+    from qat.ptq.apply import quantize_model
+    from qat.ptq.fold import check_foldable
+    from qat.quant.spec import QuantConfig, WeightSpec
+    from qat.quant.swap import prepare
+
+    fields = dict(FAMILIES["mixtral"] if model_type == "mixtral" else FAMILIES["qwen3_moe"])
+    if model_type == "qwen2_moe":
+        fields.pop("head_dim")
+        fields["shared_expert_intermediate_size"] = 128
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    unfuse(model)
+    ids = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    prepare(model, QuantConfig(weight=WeightSpec(bits=4, group_size=64)))
+    check_foldable(model, "awq")
+    report = quantize_model(model, "awq", ids, calibration_samples=4, progress=False)
+    assert any(".experts.0.down" in g for g in report.groups)
+    assert any(g.endswith("mlp.gate_up") for g in report.groups)
+    with torch.no_grad(), fake_quant_disabled(model):
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_on_multi_head_latent_attention_is_refused_before_any_work(tmp_path):
     from qat.train import ConfigError
 
-    source = moe_model_dir("mixtral", tmp_path)
-    with pytest.raises(ConfigError, match="quant.init=awq is not supported for MixtralForCausalLM"):
+    source = moe_model_dir("deepseek_v3", tmp_path)
+    with pytest.raises(ConfigError, match="quant.init=awq is not supported for DeepseekV3"):
         _run(source, tmp_path / "run", "quant.init=awq")
     assert not (tmp_path / "run" / "checkpoints").exists()
 

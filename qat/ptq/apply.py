@@ -149,7 +149,9 @@ def _awq(model: nn.Module, ids: torch.Tensor, spec: PTQSpec, report: PTQReport,
                                 spec.awq_max_shrink)
         for name, (scale, zero) in qparams.items():
             write_layer(layers[name], layers[name].weight, scale, zero)
-            report.layers[name] = {"bits": specs[name].bits}
+            if not uncalibrated(name, stats, report):  # else its grid is the min/max one
+                report.layers[name] = {"tokens": stats[name].rows}
+            report.layers[name]["bits"] = specs[name].bits
 
     run_blocks(model, ids, on_block, batch_size=spec.batch_size, progress=spec.progress,
                device=device, **hooks)

@@ -35,19 +35,27 @@ def scaled_error(weight: torch.Tensor, spec: WeightSpec | None, gram: torch.Tens
     return output_error(w - fake_quant(w * s, spec) / s, gram)
 
 
-def search_scale(weights: list[torch.Tensor], specs: list[WeightSpec | None], stats: InputStats,
-                 grid: int) -> tuple[torch.Tensor, float, float]:
+def search_scale(weights: list[torch.Tensor], specs: list[WeightSpec | None],
+                 stats: InputStats | list[InputStats | None], grid: int
+                 ) -> tuple[torch.Tensor, float, float]:
     """Best s = mean|x|^alpha (normalised) over alpha in linspace(0, 1, grid).
 
+    `stats`: the readers' shared input statistics, or one per weight (an MoE layer's experts
+    each see their own tokens: each one's error is measured on its tokens, the mean |x| is over
+    all of them; None: a reader no token reached, or a float one, which adds no error).
     alpha = 0 is plain RTN, so the chosen scale never has a larger estimated error than RTN.
     Returns (s, alpha, error).
     """
-    gram, mean = stats.gram, stats.abs_mean
+    per = stats if isinstance(stats, list) else [stats] * len(weights)
+    present = list({id(x): x for x in per if x is not None}.values())
+    mean = sum(x.abs_sum for x in present) / max(sum(x.rows for x in present), 1)
+    grams = [x.gram if x is not None else None for x in per]
     best = (torch.ones_like(mean), 0.0, float("inf"))
     for alpha in torch.linspace(0, 1, grid).tolist():
         s = mean.pow(alpha).clamp(min=MIN_SCALE)
         s = s / (s.max() * s.min()).sqrt()
-        err = sum(scaled_error(w, spec, gram, s) for w, spec in zip(weights, specs)).item()
+        err = sum((scaled_error(w, spec, gram, s) for w, spec, gram in zip(weights, specs, grams)
+                   if gram is not None), torch.zeros(())).item()
         if err < best[2]:
             best = (s, alpha, err)
     return best
@@ -96,7 +104,8 @@ def scale_block(block: nn.Module, prefix: str, stats: dict[str, InputStats],
     for group in llama_scale_groups(block, prefix):
         names = list(group.linears)
         s, alpha, _ = search_scale([group.linears[n].weight for n in names],
-                                   [specs.get(n) for n in names], stats[names[0]], grid)
+                                   [specs.get(n) for n in names], [stats.get(n) for n in names],
+                                   grid)
         apply_scale(group, s)
         rescale_stats(group, stats, s)
         alphas[group.name] = alpha
@@ -111,7 +120,7 @@ def block_qparams(linears: dict[str, nn.Linear], stats: dict[str, InputStats],
     out = {}
     for name, spec in specs.items():
         weight = linears[name].weight
-        if clip and not name.endswith(CLIP_SKIP):
+        if clip and not name.endswith(CLIP_SKIP) and name in stats:
             out[name] = clip_qparams(weight, spec, stats[name].gram, grid, max_shrink)
         else:
             out[name] = rtn_qparams(weight, spec)

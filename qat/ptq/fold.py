@@ -44,11 +44,44 @@ def llama_scale_groups(block: nn.Module, prefix: str) -> list[ScaleGroup]:
                          linears("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
     if v.out_features == o.in_features:
         groups.append(ScaleGroup(f"{prefix}.vo", v, linears("self_attn.o_proj")))
-    groups.append(ScaleGroup(f"{prefix}.gate_up", _get(block, "post_attention_layernorm", prefix),
-                             linears("mlp.gate_proj", "mlp.up_proj")))
+    norm = _get(block, "post_attention_layernorm", prefix)
+    moe = next((p for p in MOE_PATHS if isinstance(getattr(block, p, None), nn.Module)
+                and isinstance(getattr(getattr(block, p), "experts", None), nn.ModuleList)), None)
+    if moe is not None:
+        return groups + moe_scale_groups(block.get_submodule(moe), f"{prefix}.{moe}", norm)
+    groups.append(ScaleGroup(f"{prefix}.gate_up", norm, linears("mlp.gate_proj", "mlp.up_proj")))
     groups.append(ScaleGroup(f"{prefix}.down", _get(block, "mlp.up_proj", prefix),
                              linears("mlp.down_proj")))
     return groups
+
+
+MOE_PATHS = ("mlp", "block_sparse_moe")  # where a block keeps its MoE layer (after unfusing)
+GATED = ("gate_proj", "up_proj", "down_proj")  # a shared expert's MLP
+
+
+def moe_scale_groups(moe: nn.Module, prefix: str, norm: nn.Module) -> list[ScaleGroup]:
+    """An MoE layer's foldable groups: the norm feeds every expert's gate and up projections,
+    the shared expert's and the router (a float reader whose columns take the scale too, so the
+    routing is unchanged); then each expert's up feeds its own down. One scale for all experts'
+    inputs, as the norm is one (llm-compressor's AWQ mappings for Mixtral do the same)."""
+    readers: dict[str, nn.Module] = {}
+    downs: list[ScaleGroup] = []
+    for index, expert in enumerate(moe.experts):
+        gate, up, down = expert.names
+        at = f"{prefix}.experts.{index}"
+        readers.update({f"{at}.{gate}": getattr(expert, gate), f"{at}.{up}": getattr(expert, up)})
+        downs.append(ScaleGroup(f"{at}.down", getattr(expert, up),
+                                {f"{at}.{down}": getattr(expert, down)}))
+    for name, child in moe.named_children():
+        if child is moe.experts:
+            continue
+        if all(isinstance(getattr(child, n, None), nn.Linear) for n in GATED):  # shared expert
+            readers.update({f"{prefix}.{name}.{n}": getattr(child, n) for n in GATED[:2]})
+            downs.append(ScaleGroup(f"{prefix}.{name}.down", child.up_proj,
+                                    {f"{prefix}.{name}.down_proj": child.down_proj}))
+        elif getattr(child, "weight", None) is not None and child.weight.ndim == 2:
+            readers[f"{prefix}.{name}"] = child  # the router, a shared-expert gate
+    return [ScaleGroup(f"{prefix}.gate_up", norm, readers)] + downs
 
 
 def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -73,10 +106,15 @@ def apply_scale(group: ScaleGroup, s: torch.Tensor) -> None:
         _assign(linear.weight, linear.weight.float() * s[None, :])
 
 
+def group_stats(group: ScaleGroup, stats: dict) -> list:
+    """The distinct input statistics of a group's readers (q/k/v usually share one object; an
+    MoE group has one per expert that tokens reached, none for its router)."""
+    return list({id(stats[n]): stats[n] for n in group.linears if n in stats}.values())
+
+
 def rescale_stats(group: ScaleGroup, stats: dict, s: torch.Tensor) -> None:
-    """After `apply_scale`, the group's inputs are x / s: update each distinct InputStats once
-    (q/k/v usually share one object)."""
-    for obj in {id(stats[n]): stats[n] for n in group.linears}.values():
+    """After `apply_scale`, the group's inputs are x / s: update each distinct InputStats once."""
+    for obj in group_stats(group, stats):
         obj.rescale(s)
 
 
@@ -86,29 +124,43 @@ def check_foldable(model: nn.Module, method: str) -> None:
     Checked, not assumed from names: a copy of the first block gets random scales folded into its
     groups and must compute what it computed before, on a few tokens (Gemma's norms scale by
     1 + weight and its post-attention norm sits after the attention: the names fit, the fold
-    would not)."""
-    from qat.models.blocks import capture_block_inputs, fake_quant_disabled
-    from qat.models.blocks import hidden_of as _hidden
-    from qat.models.onload import plain_copy
+    would not). An MoE model's first MoE block is checked too where the first block is dense."""
+    from qat.models.blocks import capture_block_inputs
     from qat.models.structure import decoder_blocks
 
     kind = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r})"
     prefix, blocks = decoder_blocks(model)
-    block = plain_copy(blocks[0]).float()  # float32: the check sees the fold, not rounding
-    try:
-        groups = llama_scale_groups(block, f"{prefix}.0")
-    except ValueError as err:
-        raise ValueError(f"quant.init={method} is not supported for {kind}: {err}") from None
     ids = torch.arange(3, 11, device=next(model.parameters()).device)[None]  # (1, 8)
     first = capture_block_inputs(model, blocks, ids, 1)[0]
-    args, kwargs = first.calls[0]
+    # the first block, and the first MoE block where it is another kind (DeepSeek's lead dense)
+    kinds = {}
+    for index, block in enumerate(blocks):
+        kinds.setdefault(any(isinstance(getattr(block, p, None), nn.Module)
+                             and hasattr(getattr(block, p), "experts") for p in MOE_PATHS), index)
+    for index in sorted(kinds.values()):
+        _check_block(blocks[index], f"{prefix}.{index}", first.hidden, first.calls[index], kind,
+                     method)
+
+
+def _check_block(original: nn.Module, prefix: str, hidden: torch.Tensor, call, kind: str,
+                 method: str) -> None:
+    from qat.models.blocks import fake_quant_disabled
+    from qat.models.blocks import hidden_of as _hidden
+    from qat.models.onload import plain_copy
+
+    block = plain_copy(original).float()  # float32: the check sees the fold, not rounding
+    try:
+        groups = llama_scale_groups(block, prefix)
+    except ValueError as err:
+        raise ValueError(f"quant.init={method} is not supported for {kind}: {err}") from None
+    args, kwargs = call
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad(), fake_quant_disabled(block):
-        want = _hidden(block(first.hidden.float(), *args, **kwargs))
+        want = _hidden(block(hidden.float(), *args, **kwargs))
         for group in groups:
             n = next(iter(group.linears.values())).weight.shape[1]
             apply_scale(group, 0.5 + torch.rand(n, generator=generator).to(want.device))
-        got = _hidden(block(first.hidden.float(), *args, **kwargs))
+        got = _hidden(block(hidden.float(), *args, **kwargs))
     error = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
     if not error < 1e-3:
         raise ValueError(f"quant.init={method} is not supported for {kind}: folding scales into "

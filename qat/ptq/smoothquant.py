@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qat.ptq.calibrate import InputStats
-from qat.ptq.fold import apply_scale, llama_scale_groups, rescale_stats
+from qat.ptq.fold import apply_scale, group_stats, llama_scale_groups, rescale_stats
 
 MIN_SCALE = 1e-5  # keeps s > 0 for channels that never fire
 
@@ -29,8 +29,8 @@ def smooth_block(block: nn.Module, prefix: str, stats: dict[str, InputStats],
     """Fold SmoothQuant scales into one block; returns each group's largest scale (for reports)."""
     info = {}
     for group in llama_scale_groups(block, prefix):
-        first = next(iter(group.linears))
-        s = smoothing_scale(stats[first].abs_max, [l.weight for l in group.linears.values()], alpha)
+        act_max = torch.stack([x.abs_max for x in group_stats(group, stats)]).amax(0)
+        s = smoothing_scale(act_max, [l.weight for l in group.linears.values()], alpha)
         apply_scale(group, s)
         rescale_stats(group, stats, s)
         info[group.name] = s.max().item()
