@@ -106,8 +106,23 @@ def run_shape(model, quant) -> RunShape:
                     resident_params=total - len(blocks) * block_params,
                     largest_tensor=max(p.numel() for p in model.parameters()),
                     hidden=int(config.hidden_size),
-                    intermediate=int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
+                    intermediate=active_intermediate(config),
                     vocab=int(config.vocab_size), layers=layers)
+
+
+def active_intermediate(config) -> int:
+    """The MLP width a token's activations scale with: the dense MLP's, or for an MoE the k
+    experts it is routed to plus any shared expert."""
+    from qat.models.experts import moe_counts
+
+    dense = int(getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
+    counts = moe_counts(config)
+    if counts is None:
+        return dense
+    expert = int(getattr(config, "moe_intermediate_size", None) or dense)
+    shared = int(getattr(config, "shared_expert_intermediate_size", None) or 0) \
+        + int(getattr(config, "n_shared_experts", None) or 0) * expert
+    return counts[1] * expert + shared
 
 
 def held_layer_bytes(layer: QuantizedLayer) -> int:
