@@ -86,7 +86,8 @@ def test_moe_pipeline_quantizes_every_expert_and_serves_it(model_type, tmp_path)
     from qat.export.load import load_quantized
     from qat.format.schema import read_config
     from qat.models.checkpoint import model_from_checkpoint
-    from qat.models.experts import checkpoint_name, experts_modules, routers
+    from qat.models.experts import (checkpoint_module, checkpoint_name, experts_modules,
+                                    routers)
     from qat.quant import FakeQuantLinear
 
     source = moe_model_dir(model_type, tmp_path)
@@ -140,7 +141,7 @@ def test_moe_pipeline_quantizes_every_expert_and_serves_it(model_type, tmp_path)
     # compressed-tensors decompresses every expert to the trained weights, bit for bit
     qc = read_config(run_dir / "export")["quantization_config"]
     scheme = QuantizationScheme(targets=["Linear"], weights=qc["config_groups"]["group_0"]["weights"])
-    quantized = {checkpoint_name(trained.config, f"{n}.weight").removesuffix(".weight"): m
+    quantized = {checkpoint_module(trained.config, n): m
                  for n, m in trained.named_modules() if isinstance(m, FakeQuantLinear)}
     with safe_open(str(run_dir / "export" / "model.safetensors"), framework="pt") as f:
         stored = {k.rsplit(".", 1)[0] for k in f.keys() if k.endswith("weight_packed")}

@@ -17,7 +17,7 @@ from qat.format.pack import pack_zero_points
 from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import WeightSpec
-from qat.models.experts import checkpoint_name
+from qat.models.experts import checkpoint_module, checkpoint_name
 from qat.models.structure import stored_transposed
 
 
@@ -60,9 +60,8 @@ def stored_tensors(served: nn.Module, dtype: torch.dtype = torch.bfloat16
     # MoE experts and routers under the names the family's checkpoints give them
     config = served.config
     return ({checkpoint_name(config, k): v.contiguous() for k, v in tensors.items()},
-            {checkpoint_name(config, f"{n}.weight").removesuffix(".weight"): s
-             for n, s in specs.items()},
-            [checkpoint_name(config, f"{n}.weight").removesuffix(".weight") for n in ignore])
+            {checkpoint_module(config, n): s for n, s in specs.items()},
+            [checkpoint_module(config, n) for n in ignore])
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from qat.format.schema import read_config, scheme_from_args
 from qat.format.shards import INDEX_FILE, WEIGHTS_FILE, weight_files, weight_map
 from qat.kernels import QuantizedLinear
 from qat.quant.spec import WeightSpec
-from qat.models.experts import checkpoint_name, unfuse
+from qat.models.experts import checkpoint_module, checkpoint_name, unfuse
 from qat.models.structure import features, is_projection, source_class
 
 
@@ -38,7 +38,7 @@ def layer_specs(model: nn.Module, qconfig: dict[str, Any], where: str) -> dict[s
     ignore = qconfig.get("ignore", [])
     specs = {}
     for name, module in model.named_modules():
-        stored = _stored(model, name)  # the name in the files (a MoE family's expert names)
+        stored = checkpoint_module(model.config, name)  # its name in the files (MoE experts)
         if not is_projection(module) or any(_matches(stored, module, t) for t in ignore):
             continue
         for targets, spec in groups:
@@ -46,11 +46,6 @@ def layer_specs(model: nn.Module, qconfig: dict[str, Any], where: str) -> dict[s
                 specs[name] = spec
                 break
     return specs
-
-
-def _stored(model: nn.Module, name: str) -> str:
-    """A module's name in the export's files, from its name in the built model."""
-    return checkpoint_name(model.config, f"{name}.weight").removesuffix(".weight")
 
 
 class _Weights:
@@ -167,8 +162,8 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
     for name, spec in specs.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = _quantized_linear(f, _stored(model, name), getattr(parent, child), spec, path,
-                                  keys, backend)
+        stored = checkpoint_module(config, name)
+        layer = _quantized_linear(f, stored, getattr(parent, child), spec, path, keys, backend)
         setattr(parent, child, layer)
     state = {}
     for key, param in list(model.state_dict(keep_vars=True).items()):

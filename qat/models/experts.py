@@ -190,6 +190,11 @@ def checkpoint_name(config, name: str) -> str:
     return name
 
 
+def checkpoint_module(config, name: str) -> str:
+    """A module's name in the family's checkpoints (`checkpoint_name` of its weight's)."""
+    return checkpoint_name(config, f"{name}.weight").removesuffix(".weight")
+
+
 def _router_leaf(name: str) -> bool:
     return bool(re.search(r"\.(gate|router)\.weight$", name))
 
