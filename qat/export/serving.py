@@ -15,9 +15,10 @@ MoE experts (layers named `...experts.N...`) have rules of their own: vLLM serve
 fused-MoE compressed-tensors methods (WNA16: 4 or 8 bits, pack-quantized, symmetric, group or
 channel scales; its Marlin MoE kernel wants group -1/32/64/128, hidden % 128 and intermediate %
 max(64, group), else its Triton WNA16 MoE takes them, group scales only; read in vLLM's
-compressed_tensors_moe.py and marlin_utils.py, not run here); transformers 5 decompresses them while loading (its MoE weight conversion
-merges the per-expert tensors into its fused parameters) into dense weights in the scales' dtype,
-and cannot merge them at all for families whose checkpoints store experts fused.
+compressed_tensors_moe.py and marlin_utils.py, not run here); transformers 5 decompresses them
+while loading (its MoE weight conversion merges the per-expert tensors into its fused parameters)
+into dense weights in the scales' dtype, and cannot merge them at all for families whose
+checkpoints store experts fused.
 """
 from __future__ import annotations
 

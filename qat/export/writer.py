@@ -92,8 +92,8 @@ def _portable_tokenizer_config(path: Path) -> None:
 def _layers(model: nn.Module) -> list[LayerReport]:
     """The quantized layers as `plan` reported them (shape, scheme, own class), under the names
     the export stores them by."""
-    return [LayerReport(checkpoint_module(model.config, name), m.in_features, m.out_features, m.weight_spec, None,
-                        source_class(m), per_expert_checkpoint(model, name))
+    return [LayerReport(checkpoint_module(model.config, name), m.in_features, m.out_features,
+                        m.weight_spec, None, source_class(m), per_expert_checkpoint(model, name))
             for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
 
 
