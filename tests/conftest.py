@@ -35,3 +35,28 @@ def compose_train(overrides=()):
 
     with initialize_config_dir(config_dir=str(ROOT / "qat" / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+def assert_decompresses_to_trained(export_dir, quantized) -> set[str]:
+    """compressed-tensors' own decompressor unpacks every quantized layer of a single-file export
+    to the trained weights (`quantized`: stored name -> FakeQuantLinear), bit for bit; returns
+    the stored layer names."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors import safe_open
+
+    from qat.format.schema import read_config
+
+    qc = read_config(export_dir)["quantization_config"]
+    scheme = QuantizationScheme(targets=["Linear"], weights=qc["config_groups"]["group_0"]["weights"])
+    with safe_open(str(export_dir / "model.safetensors"), framework="pt") as f:
+        stored = {k.rsplit(".", 1)[0] for k in f.keys() if k.endswith("weight_packed")}
+        assert stored == set(quantized)
+        for name in stored:
+            local = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys()
+                     if k.rsplit(".", 1)[0] == name}
+            theirs = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+            module = quantized[name]
+            ours = module.weight_fake_quant.dequantized(module.weight).to(torch.bfloat16)
+            assert torch.equal(theirs, ours), name
+    return stored

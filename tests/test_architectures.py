@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import compose_train
+from conftest import assert_decompresses_to_trained, compose_train
 
 H, I, L, HEADS, KV, VOCAB = 128, 256, 2, 4, 2, 512
 _LLAMA_LIKE = dict(hidden_size=H, intermediate_size=I, num_hidden_layers=L,
@@ -67,12 +67,8 @@ BLOCKS_TINY = ["blockwise=default", "blockwise.samples=4", "blockwise.seq_len=32
 
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 def test_train_export_load_serves_the_trained_model(model_type, tmp_path):
-    from compressed_tensors.compressors import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationScheme
-
     from qat.export.compressed_tensors import as_exported
     from qat.export.load import load_quantized
-    from qat.format.schema import read_config
     from qat.models.checkpoint import model_from_checkpoint
     from qat.quant import FakeQuantLinear
 
@@ -120,18 +116,7 @@ def test_train_export_load_serves_the_trained_model(model_type, tmp_path):
             torch.testing.assert_close(theirs(ids).logits, want, rtol=1e-5, atol=1e-5)
 
     # the compressed-tensors package unpacks every stored layer to the weights we trained
-    qc = read_config(run_dir / "export")["quantization_config"]
-    scheme = QuantizationScheme(targets=["Linear"], weights=qc["config_groups"]["group_0"]["weights"])
-    with safe_open(str(run_dir / "export" / "model.safetensors"), framework="pt") as f:
-        stored = {k.rsplit(".", 1)[0] for k in f.keys() if k.endswith("weight_packed")}
-        assert stored == set(quantized)
-        for name in stored:
-            local = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys()
-                     if k.rsplit(".", 1)[0] == name}
-            theirs = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
-            module = quantized[name]
-            ours = module.weight_fake_quant.dequantized(module.weight).to(torch.bfloat16)
-            assert torch.equal(theirs, ours), name
+    assert_decompresses_to_trained(run_dir / "export", quantized)
 
 
 @pytest.mark.parametrize("model_type,overrides,message", [

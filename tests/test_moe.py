@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import compose_train
+from conftest import assert_decompresses_to_trained
+from test_architectures import BLOCKS_TINY, PTQ_TINY
+from test_architectures import _run as run_tiny
 
 H, I, L, VOCAB = 128, 256, 2, 512
 _ATTN = dict(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=4,
@@ -54,15 +55,9 @@ def moe_model_dir(model_type: str, root, **fields):
 
 
 def _run(source, run_dir, *overrides):
-    from qat.train import train
-
-    return train(compose_train([
-        "recipe=w4g128", f"model.path={source}", "data=tiny", "logger=none",
-        "trainer.enable_progress_bar=false", "trainer.max_steps=2", "eval.fp_ppl=false",
-        "quant.init=gptq", "ptq.calibration_samples=4", "ptq.seq_len=32", "ptq.progress=false",
-        "blockwise=default", "blockwise.samples=4", "blockwise.seq_len=32", "blockwise.epochs=1",
-        "blockwise.progress=false", "eval.stage_ppl=false", "distill=kd", "export.enabled=true",
-        *overrides]), run_dir=run_dir)
+    """The whole pipeline: GPTQ start, block stage, 2 steps of KD from the float teacher, export."""
+    return run_tiny(source, run_dir, "quant.init=gptq", *PTQ_TINY, *BLOCKS_TINY, "distill=kd",
+                    "export.enabled=true", *overrides)
 
 
 def _experts_in_bf16(model):
@@ -79,12 +74,8 @@ def _experts_in_bf16(model):
 
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_moe_pipeline_quantizes_every_expert_and_serves_it(model_type, tmp_path):
-    from compressed_tensors.compressors import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationScheme
-
     from qat.export.compressed_tensors import as_exported
     from qat.export.load import load_quantized
-    from qat.format.schema import read_config
     from qat.models.checkpoint import model_from_checkpoint
     from qat.models.experts import (checkpoint_module, checkpoint_name, experts_modules,
                                     routers)
@@ -139,21 +130,10 @@ def test_moe_pipeline_quantizes_every_expert_and_serves_it(model_type, tmp_path)
                                        atol=1e-5)
 
     # compressed-tensors decompresses every expert to the trained weights, bit for bit
-    qc = read_config(run_dir / "export")["quantization_config"]
-    scheme = QuantizationScheme(targets=["Linear"], weights=qc["config_groups"]["group_0"]["weights"])
     quantized = {checkpoint_module(trained.config, n): m
                  for n, m in trained.named_modules() if isinstance(m, FakeQuantLinear)}
-    with safe_open(str(run_dir / "export" / "model.safetensors"), framework="pt") as f:
-        stored = {k.rsplit(".", 1)[0] for k in f.keys() if k.endswith("weight_packed")}
-        assert stored == set(quantized)
-        assert any(".experts.0." in n for n in stored)
-        for name in stored:
-            local = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys()
-                     if k.rsplit(".", 1)[0] == name}
-            theirs_w = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
-            module = quantized[name]
-            ours = module.weight_fake_quant.dequantized(module.weight).to(torch.bfloat16)
-            assert torch.equal(theirs_w, ours), name
+    stored = assert_decompresses_to_trained(run_dir / "export", quantized)
+    assert any(".experts.0." in n for n in stored)
 
 
 def test_unfused_experts_compute_what_the_fused_ones_do():
