@@ -8,7 +8,8 @@ Each MLP of SmolLM2-135M is copied into `experts` identical experts under a rout
 one (Mixtral's router), the MoE computes what the dense model computes, so its float perplexity
 is the dense one (checked here). The experts then diverge through calibration (GPTQ: each
 expert's Hessian from the tokens routed to it) and training (the block stage, end-to-end KD).
-Rows, each one `python train.py` of the default eval protocol: the dense and the MoE model with
+Rows, each one `python train.py` of the default eval protocol (the float-perplexity cache cleared
+before each, so every row does the same work): the dense and the MoE model with
 the default recipe (w4g64_kd; for the MoE also with blockwise.routing=float, its experts trained
 on the float block's routing) and with GPTQ W4 g64 (PTQ only). Reported: float and quantized
 perplexity, bits per weight of the export (all its bytes x 8 / parameters), wall time.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -98,6 +100,9 @@ def run_row(name: str, model: Path, overrides: list[str], params: int) -> dict:
     args = [f"model.path={model}", *overrides]
     cmd = [sys.executable, "train.py", *args, "logger=none", "trainer.enable_progress_bar=false",
            f"hydra.run.dir={run_dir}"]
+    # every row computes its float perplexity: the cache would spare the later rows that work
+    shutil.rmtree(Path(os.environ.get("QAT_CACHE", "~/.cache/qat")).expanduser() / "fp_ppl",
+                  ignore_errors=True)
     load = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
