@@ -30,6 +30,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Any, dict[str, A
     from hydra.utils import instantiate
 
     from qat.models import load_model
+    from qat.models.experts import unfuse
 
     ckpt = read_checkpoint(path)
     config = ckpt["qat"]["config"]
@@ -40,6 +41,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Any, dict[str, A
         for key, value in config["model_shrink"].items():
             setattr(model.config, key, value)
         model = AutoModelForCausalLM.from_config(model.config).to(model.dtype)
+        unfuse(model)  # as load_model gives it: MoE experts as Linears
     if instantiate(config["prune"]).enabled:  # pruning made every Conv1D a Linear (start_pruning)
         from qat.models.structure import linearize
 
