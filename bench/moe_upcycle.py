@@ -97,7 +97,8 @@ def export_bits(run_dir: Path, params: int) -> float | None:
 
 def run_row(name: str, model: Path, overrides: list[str], params: int) -> dict:
     run_dir = ROOT / "outputs" / "bench" / f"moe_{name}"
-    args = [f"model.path={model}", *overrides]
+    where = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model  # as typed in ROOT
+    args = [f"model.path={where}", *overrides]
     cmd = [sys.executable, "train.py", *args, "logger=none", "trainer.enable_progress_bar=false",
            f"hydra.run.dir={run_dir}"]
     # every row computes its float perplexity: the cache would spare the later rows that work
