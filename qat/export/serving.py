@@ -66,6 +66,9 @@ def marlin_issues(layers) -> dict[str, list[str]]:
     for layer in layers:
         spec, reasons = layer.spec, _vllm_width(layer.spec)
         if is_expert(layer):  # the fused-MoE methods (Marlin MoE, else Triton WNA16 MoE)
+            if not getattr(layer, "vllm_reads", True):
+                reasons.append("MoE experts of a family whose vLLM loader reads its experts fused "
+                               "(GPT-OSS: MXFP4 blocks or bf16 gate_up_proj), not per expert")
             if not spec.symmetric:
                 reasons.append("MoE experts with zero points: vLLM's WNA16 MoE methods assert "
                                "symmetric weights")

@@ -22,7 +22,7 @@ from qat.format.shards import INDEX_FILE, plan_shards, shard_name, weight_files,
 from qat.io import atomic_path
 from qat.kernels import QuantizedLinear
 from qat.quant.modules import FakeQuantLinear
-from qat.models.experts import checkpoint_module, per_expert_checkpoint
+from qat.models.experts import checkpoint_module, per_expert_checkpoint, vllm_reads_experts
 from qat.models.structure import decoder_blocks, source_class
 from qat.quant.swap import LayerReport
 
@@ -93,7 +93,8 @@ def _layers(model: nn.Module) -> list[LayerReport]:
     """The quantized layers as `plan` reported them (shape, scheme, own class), under the names
     the export stores them by."""
     return [LayerReport(checkpoint_module(model.config, name), m.in_features, m.out_features,
-                        m.weight_spec, None, source_class(m), per_expert_checkpoint(model, name))
+                        m.weight_spec, None, source_class(m), per_expert_checkpoint(model, name),
+                        vllm_reads_experts(model, name))
             for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
 
 

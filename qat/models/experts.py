@@ -35,6 +35,7 @@ class ExpertLayout:
     projections: tuple[str, str, str]
     renames: tuple[tuple[str, str], ...] = ()
     per_expert: bool = True
+    vllm_reads: bool = True  # vLLM's loader for the family takes per-expert packed tensors
 
 
 MIXTRAL = ExpertLayout(("w1", "w3", "w2"), ((r"\.mlp\.", ".block_sparse_moe."),))
@@ -49,6 +50,10 @@ LAYOUTS = {
     # Mixtral's names, which vLLM's Granite-MoE loader passes on to its Mixtral-style expert
     # mapping (read in its code, not run here); its router is `router.layer`
     "granitemoe": GRANITE, "granitemoeshared": GRANITE,
+    # stored fused (E, H, 2I) with gate and up interleaved; vLLM's GPT-OSS loader (read at
+    # a6b6cfa) takes MXFP4 blocks or the fused bf16 tensors only: our loader serves the export
+    "gpt_oss": ExpertLayout(("gate_proj", "up_proj", "down_proj"), per_expert=False,
+                            vllm_reads=False),
 }
 
 
@@ -59,23 +64,47 @@ def layout_of(config) -> ExpertLayout:
     return LAYOUTS.get(model_type, LAYOUTS.get(getattr(text, "model_type", None), QWEN_MOE))
 
 
-class Expert(nn.Module):
-    """One gated MLP expert: down(act(gate(x)) * up(x)), its Linears named by the layout."""
+class GatedAct(nn.Module):
+    """act(gate) * up: the SwiGLU of Mixtral, Qwen-MoE, DeepSeek, OLMoE, Granite."""
 
-    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, names: tuple[str, ...],
-                 device=None, dtype=None) -> None:
+    def __init__(self, act_fn: nn.Module) -> None:
+        super().__init__()
+        self.act_fn = act_fn
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.act_fn(gate) * up
+
+
+class ClampedSwiGLU(nn.Module):
+    """GPT-OSS: (clamp(up, -l, l) + 1) * g * sigmoid(alpha g) with g = clamp(gate, max=l)."""
+
+    def __init__(self, alpha: float, limit: float) -> None:
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+class Expert(nn.Module):
+    """One gated MLP expert: down(glu(gate(x), up(x))), its Linears named by the layout."""
+
+    def __init__(self, hidden: int, intermediate: int, glu: nn.Module, names: tuple[str, ...],
+                 bias: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         self.names = names
         gate, up, down = names
-        kw = dict(bias=False, device=device, dtype=dtype)
+        kw = dict(bias=bias, device=device, dtype=dtype)
         self.add_module(gate, nn.Linear(hidden, intermediate, **kw))
         self.add_module(up, nn.Linear(hidden, intermediate, **kw))
         self.add_module(down, nn.Linear(intermediate, hidden, **kw))
-        self.act_fn = act_fn
+        self.glu = glu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
-        return down(self.act_fn(gate(x)) * up(x))
+        return down(self.glu(gate(x), up(x)))
 
 
 class Experts(nn.ModuleList):
@@ -122,37 +151,72 @@ def is_fused_experts(module: nn.Module) -> bool:
         and tuple(down.shape) == (e, h, two_i // 2) and two_i % 2 == 0
 
 
+GPT_OSS_PARAMS = {"gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"}
+
+
+def is_gpt_oss_experts(module: nn.Module) -> bool:
+    """GPT-OSS's experts: `gate_up_proj` (E, H, 2I) with gate and up interleaved along its last
+    dimension, `down_proj` (E, I, H), biases, and a clamped SwiGLU (alpha, limit)."""
+    params = dict(module.named_parameters(recurse=False))
+    if set(params) != GPT_OSS_PARAMS or not (hasattr(module, "alpha") and hasattr(module, "limit")):
+        return False
+    e, h, two_i = params["gate_up_proj"].shape
+    return two_i % 2 == 0 and tuple(params["down_proj"].shape) == (e, two_i // 2, h) \
+        and tuple(params["gate_up_proj_bias"].shape) == (e, two_i) \
+        and tuple(params["down_proj_bias"].shape) == (e, h)
+
+
 def unsupported_experts(model: nn.Module) -> list[tuple[str, str]]:
     """(name, reason) of expert modules `unfuse` cannot make Linears of: 3-D expert parameters
-    in another layout (GPT-OSS: transposed, interleaved gate/up, biases, a clamped activation)."""
+    in a layout it does not know."""
     found = []
     for name, module in model.named_modules():
-        if is_fused_experts(module) or isinstance(module, Experts):
+        if is_fused_experts(module) or is_gpt_oss_experts(module) or isinstance(module, Experts):
             continue
         shapes = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)
                   if p.ndim == 3}
         if shapes and name.rpartition(".")[2] == "experts":
             found.append((name, f"{type(module).__name__} with 3-D parameters {shapes}: an "
-                               "expert layout qat cannot quantize yet (only fused gate_up_proj "
-                               "(E, 2I, H) / down_proj (E, H, I) without biases)"))
+                               "expert layout qat cannot quantize yet (fused gate_up_proj "
+                               "(E, 2I, H) / down_proj (E, H, I), or GPT-OSS's)"))
     return found
 
 
+def _param(value: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    """Its own contiguous tensor: a view would keep the fused parameter alive."""
+    return nn.Parameter(value.detach().clone().contiguous(), like.requires_grad)
+
+
 def _unfused(module: nn.Module, names: tuple[str, str, str]) -> Experts:
+    gpt_oss = is_gpt_oss_experts(module)
     gate_up, down = module.gate_up_proj, module.down_proj
-    count, two_i, hidden = gate_up.shape
+    if gpt_oss:  # (E, H, 2I) interleaved, (E, I, H): as (out, in) Linears
+        count, hidden, two_i = gate_up.shape
+        glu = ClampedSwiGLU(module.alpha, module.limit)
+    else:  # (E, 2I, H) gate then up, (E, H, I)
+        count, two_i, hidden = gate_up.shape
+        glu = GatedAct(module.act_fn)
     inter = two_i // 2
-    meta = gate_up.device.type == "meta"
     experts = []
     for e in range(count):
-        expert = Expert(hidden, inter, module.act_fn, names, device="meta", dtype=gate_up.dtype)
-        if not meta:  # each its own contiguous tensor: a slice would keep the fused one alive
-            gate, up, down_w = (getattr(expert, n) for n in names)
-            with torch.no_grad():
-                gate.weight = nn.Parameter(gate_up[e, :inter].clone(), gate_up.requires_grad)
-                up.weight = nn.Parameter(gate_up[e, inter:].clone(), gate_up.requires_grad)
-                down_w.weight = nn.Parameter(down[e].clone(), down.requires_grad)
+        expert = Expert(hidden, inter, glu, names, bias=gpt_oss, device="meta",
+                        dtype=gate_up.dtype)
         experts.append(expert)
+        if gate_up.device.type == "meta":
+            continue
+        gate, up, down_w = (getattr(expert, n) for n in names)
+        with torch.no_grad():
+            if gpt_oss:
+                gate.weight = _param(gate_up[e, :, 0::2].t(), gate_up)
+                up.weight = _param(gate_up[e, :, 1::2].t(), gate_up)
+                down_w.weight = _param(down[e].t(), down)
+                bias = module.gate_up_proj_bias
+                gate.bias, up.bias = _param(bias[e, 0::2], bias), _param(bias[e, 1::2], bias)
+                down_w.bias = _param(module.down_proj_bias[e], module.down_proj_bias)
+            else:
+                gate.weight = _param(gate_up[e, :inter], gate_up)
+                up.weight = _param(gate_up[e, inter:], gate_up)
+                down_w.weight = _param(down[e], down)
     return Experts(experts)
 
 
@@ -168,7 +232,7 @@ def unfuse(model: nn.Module) -> list[str]:
     names = layout_of(config).projections if config is not None else QWEN_MOE.projections
     done = []
     for name, module in list(model.named_modules()):
-        if not is_fused_experts(module):
+        if not (is_fused_experts(module) or is_gpt_oss_experts(module)):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -201,7 +265,7 @@ def _router_leaf(name: str) -> bool:
 
 def _expert_count(module: nn.Module) -> int | None:
     """How many experts an experts module holds (fused, unfused, or a ModuleList of MLPs)."""
-    if is_fused_experts(module):
+    if is_fused_experts(module) or is_gpt_oss_experts(module):
         return module.gate_up_proj.shape[0]
     if isinstance(module, nn.ModuleList) and len(module) > 1:
         return len(module)
@@ -255,6 +319,12 @@ def per_expert_checkpoint(model: nn.Module, name: str) -> bool:
     """False for an expert projection of a family whose checkpoints store its experts fused
     (the per-expert export then differs from what its loaders expect)."""
     return ".experts." not in name or layout_of(getattr(model, "config", None)).per_expert
+
+
+def vllm_reads_experts(model: nn.Module, name: str) -> bool:
+    """False for an expert projection of a family whose vLLM loader takes no per-expert packed
+    tensors (GPT-OSS)."""
+    return ".experts." not in name or layout_of(getattr(model, "config", None)).vllm_reads
 
 
 def active_params(model: nn.Module) -> tuple[int, int]:

@@ -9,7 +9,8 @@ from torch import nn
 
 from qat.quant.modules import FakeQuantLinear
 from qat.quant.spec import QuantConfig, WeightSpec
-from qat.models.experts import names_router, per_expert_checkpoint, routers
+from qat.models.experts import (names_router, per_expert_checkpoint, routers,
+                               vllm_reads_experts)
 from qat.models.structure import (as_linear, block_patterns, features, is_projection,
                                   source_class)
 
@@ -31,6 +32,7 @@ class LayerReport:
     activation: str | None
     kind: str = "Linear"  # the model's own class for the layer (Conv1D: stored transposed)
     per_expert_checkpoint: bool = True  # an MoE expert whose family's checkpoints store it alone
+    vllm_reads: bool = True  # vLLM's loader for its family takes it per expert (not GPT-OSS)
 
     @property
     def scheme(self) -> str:
@@ -116,7 +118,8 @@ def plan(model: nn.Module, config: QuantConfig) -> PrepareReport:
         activation = config.activation.describe() if config.activation else None
         report.layers.append(LayerReport(name, in_features, out_features, spec, activation,
                                          source_class(modules[name]),
-                                         per_expert_checkpoint(model, name)))
+                                         per_expert_checkpoint(model, name),
+                                         vllm_reads_experts(model, name)))
     if not report.layers:
         raise ValueError("quant.include/exclude select no Linear module to quantize")
     report.routers = sorted(gates - {layer.name for layer in report.layers})
