@@ -6,9 +6,11 @@ top_k_weights); its router is a module with a bare `weight`. Nothing in such a m
 so a Linear-based quantizer never sees the experts (97% of Mixtral-8x7B's weights). `unfuse`
 replaces every such module, in place, by `Experts`: one `Expert` per expert with three nn.Linear
 projections named as the family's own checkpoints name them (Mixtral `w1` / `w3` / `w2`, the
-Qwen-MoE family `gate_proj` / `up_proj` / `down_proj`), computing the same function. Every stage
-that quantizes, calibrates, trains or exports Linears then handles each expert as the Linear it
-is, on the same integer grid; routers stay modules with a bare weight, so they stay in float.
+Qwen-MoE family `gate_proj` / `up_proj` / `down_proj`), computing the same function (GPT-OSS's
+interleaved, biased experts with their clamped SwiGLU too). Every stage that quantizes,
+calibrates, trains or exports Linears then handles each expert as the Linear it is, on the same
+integer grid; routers (found by their shape, `routers`) stay in float. An expert layout this
+does not know is refused by name, never left in float unnoticed.
 
 The unfused names are the checkpoint's per-expert names (`checkpoint_name` adds a family's
 renames, e.g. Mixtral's `mlp` -> `block_sparse_moe`), so block reads from the files, the export
