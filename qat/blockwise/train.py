@@ -103,8 +103,9 @@ class _Inputs:
         keep=False), and its mean squared error to `target` (None without one)."""
         outs, total = [], 0.0
         for i, xb in enumerate(x.split(self.batch_size)):
-            rows = torch.arange(i * self.batch_size, i * self.batch_size + xb.shape[0])
-            out = self.call(block, xb, routing.of(rows) if routing is not None else None)
+            route = None if routing is None else routing.of(
+                torch.arange(i * self.batch_size, i * self.batch_size + xb.shape[0]))
+            out = self.call(block, xb, route)
             if target is not None:
                 tb = target[i * self.batch_size:(i + 1) * self.batch_size].float()
                 total += F.mse_loss(out, tb, reduction="sum").item()

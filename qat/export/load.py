@@ -38,8 +38,10 @@ def layer_specs(model: nn.Module, qconfig: dict[str, Any], where: str) -> dict[s
     ignore = qconfig.get("ignore", [])
     specs = {}
     for name, module in model.named_modules():
+        if not is_projection(module):
+            continue
         stored = checkpoint_module(model.config, name)  # its name in the files (MoE experts)
-        if not is_projection(module) or any(_matches(stored, module, t) for t in ignore):
+        if any(_matches(stored, module, t) for t in ignore):
             continue
         for targets, spec in groups:
             if any(_matches(stored, module, t) for t in targets):

@@ -42,9 +42,6 @@ def is_expert(layer) -> bool:
     return ".experts." in layer.name
 
 
-MARLIN_MOE_GROUP_SIZES = (None, 32, 64, 128)
-
-
 def _group(issues: dict[str, list[str]], layer, reasons: list[str]) -> None:
     for reason in reasons:
         issues.setdefault(reason, []).append(layer.name)
@@ -66,7 +63,7 @@ def marlin_issues(layers) -> dict[str, list[str]]:
     for layer in layers:
         spec, reasons = layer.spec, _vllm_width(layer.spec)
         if is_expert(layer):  # the fused-MoE methods (Marlin MoE, else Triton WNA16 MoE)
-            if not getattr(layer, "vllm_reads", True):
+            if not layer.vllm_reads:
                 reasons.append("MoE experts of a family whose vLLM loader reads its experts fused "
                                "(GPT-OSS: MXFP4 blocks or bf16 gate_up_proj), not per expert")
             if not spec.symmetric:
@@ -122,7 +119,7 @@ def transformers_issues(layers) -> dict[str, list[str]]:
     both as the Linears they are."""
     issues: dict[str, list[str]] = {}
     for layer in layers:
-        if is_expert(layer) and not getattr(layer, "per_expert_checkpoint", True):
+        if is_expert(layer) and not layer.per_expert_checkpoint:
             reason = ("MoE experts of a family whose checkpoints store them fused: transformers' "
                       "weight conversion for it only renames the fused tensors and cannot merge "
                       "per-expert packed ones")
@@ -146,16 +143,13 @@ CHECKS = {"qat": lambda layers: {}, "transformers": transformers_issues, "vllm-g
           "vllm-cpu": vllm_cpu_issues}
 
 
-LIMITS = {
-    "transformers": lambda layers: [
-        "MoE experts: transformers decompresses them while loading into dense weights in the "
-        "scales' dtype (bf16), whatever dtype it is asked for, and computes them so: no memory "
-        "saved on the experts, logits equal to qat's only with the expert weights rounded to "
-        "bf16; qat.load_quantized serves them packed"] if any(map(is_expert, layers)) else [],
-    "vllm-gpu": lambda layers: [
-        "MoE experts: vLLM's Marlin MoE kernel wants group -1/32/64/128, hidden % 128 and "
-        "intermediate % max(64, group); other shapes run on its Triton WNA16 MoE"]
-    if any(map(is_expert, layers)) else [],
+MOE_LIMITS = {  # what a target serves differently when the export has quantized experts
+    "transformers": "MoE experts: transformers decompresses them while loading into dense weights "
+                    "in the scales' dtype (bf16), whatever dtype it is asked for, and computes "
+                    "them so: no memory saved on the experts, logits equal to qat's only with the "
+                    "expert weights rounded to bf16; qat.load_quantized serves them packed",
+    "vllm-gpu": "MoE experts: vLLM's Marlin MoE kernel wants group -1/32/64/128, hidden % 128 and "
+                "intermediate % max(64, group); other shapes run on its Triton WNA16 MoE",
 }
 
 
@@ -166,12 +160,12 @@ def serving_report(layers, float_tensors: dict[str, int] | None = None
     decoder blocks left in float (name -> elements: routers, excluded layers), reported beside
     the targets when there are any."""
     report: dict[str, Any] = {}
+    experts = any(map(is_expert, layers))
     for target in TARGETS:
         issues = CHECKS[target](layers)
         report[target] = {"servable": not issues, "reasons": issues, "requires": REQUIRES[target]}
-        limits = LIMITS.get(target, lambda _: [])(layers)
-        if limits:
-            report[target]["limits"] = limits
+        if experts and target in MOE_LIMITS:
+            report[target]["limits"] = [MOE_LIMITS[target]]
     if float_tensors:
         report["float_tensors"] = {"count": len(float_tensors),
                                    "elements": sum(float_tensors.values()),

@@ -36,20 +36,18 @@ def scaled_error(weight: torch.Tensor, spec: WeightSpec | None, gram: torch.Tens
 
 
 def search_scale(weights: list[torch.Tensor], specs: list[WeightSpec | None],
-                 stats: InputStats | list[InputStats | None], grid: int
-                 ) -> tuple[torch.Tensor, float, float]:
+                 stats: list[InputStats | None], grid: int) -> tuple[torch.Tensor, float, float]:
     """Best s = mean|x|^alpha (normalised) over alpha in linspace(0, 1, grid).
 
-    `stats`: the readers' shared input statistics, or one per weight (an MoE layer's experts
+    `stats`: each weight's input statistics (q/k/v share one object; an MoE layer's experts
     each see their own tokens: each one's error is measured on its tokens, the mean |x| is over
     all of them; None: a reader no token reached, or a float one, which adds no error).
     alpha = 0 is plain RTN, so the chosen scale never has a larger estimated error than RTN.
     Returns (s, alpha, error).
     """
-    per = stats if isinstance(stats, list) else [stats] * len(weights)
-    present = list({id(x): x for x in per if x is not None}.values())
+    present = list({id(x): x for x in stats if x is not None}.values())
     mean = sum(x.abs_sum for x in present) / max(sum(x.rows for x in present), 1)
-    grams = [x.gram if x is not None else None for x in per]
+    grams = [x.gram if x is not None else None for x in stats]
     best = (torch.ones_like(mean), 0.0, float("inf"))
     for alpha in torch.linspace(0, 1, grid).tolist():
         s = mean.pow(alpha).clamp(min=MIN_SCALE)

@@ -45,8 +45,7 @@ def llama_scale_groups(block: nn.Module, prefix: str) -> list[ScaleGroup]:
     if v.out_features == o.in_features:
         groups.append(ScaleGroup(f"{prefix}.vo", v, linears("self_attn.o_proj")))
     norm = _get(block, "post_attention_layernorm", prefix)
-    moe = next((p for p in MOE_PATHS if isinstance(getattr(block, p, None), nn.Module)
-                and isinstance(getattr(getattr(block, p), "experts", None), nn.ModuleList)), None)
+    moe = moe_path(block)
     if moe is not None:
         return groups + moe_scale_groups(block.get_submodule(moe), f"{prefix}.{moe}", norm)
     groups.append(ScaleGroup(f"{prefix}.gate_up", norm, linears("mlp.gate_proj", "mlp.up_proj")))
@@ -56,6 +55,13 @@ def llama_scale_groups(block: nn.Module, prefix: str) -> list[ScaleGroup]:
 
 
 MOE_PATHS = ("mlp", "block_sparse_moe")  # where a block keeps its MoE layer (after unfusing)
+
+
+def moe_path(block: nn.Module) -> str | None:
+    """The child of `block` that is an MoE layer (holds an `experts` list), or None."""
+    return next((p for p in MOE_PATHS
+                 if isinstance(getattr(getattr(block, p, None), "experts", None), nn.ModuleList)),
+                None)
 GATED = ("gate_proj", "up_proj", "down_proj")  # a shared expert's MLP
 
 
@@ -135,8 +141,7 @@ def check_foldable(model: nn.Module, method: str) -> None:
     # the first block, and the first MoE block where it is another kind (DeepSeek's lead dense)
     kinds = {}
     for index, block in enumerate(blocks):
-        kinds.setdefault(any(isinstance(getattr(block, p, None), nn.Module)
-                             and hasattr(getattr(block, p), "experts") for p in MOE_PATHS), index)
+        kinds.setdefault(moe_path(block) is not None, index)
     for index in sorted(kinds.values()):
         _check_block(blocks[index], f"{prefix}.{index}", first.hidden, first.calls[index], kind,
                      method)
