@@ -384,3 +384,132 @@ def test_gptq_in_parts_gives_what_one_pass_gives():
     assert results[0].keys() == results[1].keys()
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key
+
+
+def _experts_layer(model_type: str, weights: str):
+    """The first unfused experts of a random `model_type` MoE with 8 experts, their
+    projections fake-quantized as `weights` names ('float' leaves them plain Linears)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.models.experts import experts_modules, unfuse
+    from qat.quant.modules import FakeQuantLinear
+    from qat.quant.spec import WeightSpec
+
+    fields = {**FAMILIES[model_type], "num_local_experts": 8}
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    unfuse(model)
+    layer = next(iter(experts_modules(model).values()))
+    specs = {"W4 g32 learned scales": WeightSpec(bits=4, group_size=32, learnable_scale=True),
+             "W8 per channel": WeightSpec(bits=8, granularity="channel"),
+             "W2 g32 asymmetric, learned grid": WeightSpec(bits=2, group_size=32,
+                                                           symmetric=False)}
+    for expert in layer if weights != "float" else ():
+        for name in expert.names:
+            linear = FakeQuantLinear.from_linear(getattr(expert, name), specs[weights])
+            if weights.endswith("learned grid"):  # the block stage's trained scale and zero point
+                linear.weight_fake_quant.learn_grid(linear.weight)
+            setattr(expert, name, linear)
+    return layer
+
+
+def _routed(layer, x, index, weights, batched: bool):
+    """Output and every gradient (None where none flowed) of one forward + backward."""
+    layer.batched = batched
+    x, weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    y = layer(x, index, weights)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    layer.zero_grad(set_to_none=True)
+    return y.detach(), x.grad, weights.grad, grads
+
+
+@pytest.mark.parametrize("weights", ["float", "W4 g32 learned scales", "W8 per channel",
+                                     "W2 g32 asymmetric, learned grid"])
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_batched_experts_compute_and_train_what_the_loop_does(model_type, weights, monkeypatch):
+    """One fake quantization and one grouped matmul per projection over runs of experts: the
+    loop's output and gradients (input, routing weights, every weight, scale and zero point),
+    no gradient at all for the expert no token reaches, a dropped slot ignored; GPT-OSS's
+    biases and clamped SwiGLU too."""
+    import qat.models.experts as experts
+
+    layer = _experts_layer(model_type, weights)
+    gate = getattr(layer[0], layer[0].names[0])
+    monkeypatch.setattr(experts, "CPU_RUN_ELEMENTS", 3 * gate.weight.numel())  # runs of 3
+    generator = torch.Generator().manual_seed(1)
+    tokens = 40
+    x = torch.randn(tokens, H, generator=generator)
+    index = torch.stack([torch.randperm(7, generator=generator)[:2] for _ in range(tokens)])
+    index[3, 1] = 8  # a dropped slot (index E, as transformers marks one)
+    routing = torch.rand(tokens, 2, generator=generator)
+    y, grad_x, grad_routing, grads = _routed(layer, x, index, routing, batched=True)
+    y_loop, grad_x_loop, grad_routing_loop, grads_loop = _routed(layer, x, index, routing,
+                                                                 batched=False)
+    torch.testing.assert_close(y, y_loop, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_x, grad_x_loop, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_routing, grad_routing_loop, rtol=1e-5, atol=1e-6)
+    unreached = {name for name in grads_loop if name.startswith("7.")}
+    assert unreached and {n for n, g in grads_loop.items() if g is None} == unreached
+    assert {n for n, g in grads.items() if g is None} == unreached
+    trained = set(grads) - unreached
+    assert ("learned" in weights) == any("scale" in n for n in trained)
+    for name in trained:
+        torch.testing.assert_close(grads[name], grads_loop[name], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_batched_experts_under_autocast_compute_in_its_dtype():
+    """Grouped matmuls are no autocast ops: the batched path casts as F.linear would."""
+    layer = _experts_layer("mixtral", "W4 g32 learned scales")
+    x = torch.randn(24, H, generator=torch.Generator().manual_seed(0))
+    index = torch.stack([torch.randperm(8)[:2] for _ in range(24)])
+    routing = torch.rand(24, 2)
+    outputs = []
+    for batched in (True, False):
+        layer.batched = batched
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(layer(x, index, routing))
+    assert outputs[0].dtype == outputs[1].dtype == torch.float32  # index_add_ into x's dtype
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)
+
+
+def test_hooked_experts_are_called_one_at_a_time():
+    """A hook on an expert (calibration statistics) sees that expert's call: the layer runs the
+    loop even when asked to batch."""
+    layer = _experts_layer("mixtral", "W4 g32 learned scales")
+    layer.batched = True
+    seen = []
+    handle = layer[2].w1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randn(16, H, generator=torch.Generator().manual_seed(0))
+    index = torch.stack([torch.tensor([2, t % 2]) for t in range(16)])
+    with torch.no_grad():
+        layer(x, index, torch.full((16, 2), 0.5))
+    handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], x)
+
+
+@pytest.mark.parametrize("k,n", [(64, 32), (6, 5)])  # grouped_mm's aligned strides; a loop
+def test_segment_matmuls_multiply_each_experts_rows(k, n):
+    from qat.models.experts import segment_matmul, segment_outer
+
+    generator = torch.Generator().manual_seed(0)
+    counts = [3, 1, 7, 5]
+    x = torch.randn(sum(counts), k, generator=generator)
+    w = torch.randn(len(counts), k, n, generator=generator)
+    g = torch.randn(sum(counts), n, generator=generator)
+    rows = torch.tensor(counts).cumsum(0).tolist()
+    spans = list(zip([0] + rows[:-1], rows))
+    torch.testing.assert_close(segment_matmul(x, w, counts),
+                               torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(spans)]))
+    torch.testing.assert_close(segment_outer(g, x, counts),
+                               torch.stack([g[a:b].t() @ x[a:b] for a, b in spans]))
+
+
+def test_experts_batch_on_accelerators_and_for_small_experts_on_a_cpu():
+    from qat.models.experts import CPU_BATCHED_ELEMENTS, batches_on
+
+    assert batches_on(torch.device("cpu"), CPU_BATCHED_ELEMENTS)
+    assert not batches_on(torch.device("cpu"), CPU_BATCHED_ELEMENTS + 1)
+    assert batches_on(torch.device("cuda"), 4096 * 14336)

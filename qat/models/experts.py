@@ -113,7 +113,10 @@ class Experts(nn.ModuleList):
     """The experts of one MoE layer as a list of `Expert`s, called as transformers calls its
     fused experts: (tokens (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H). Each
     expert runs on the tokens routed to it (an index equal to the expert count is a dropped
-    slot, as in transformers)."""
+    slot, as in transformers): batched over the experts, one grouped matmul per projection,
+    when every expert's projection has a batched form (`float_grouped_linear`, or its type's
+    `can_group` / `grouped_linear`, e.g. a fake-quantized Linear's), one expert at a time
+    otherwise."""
 
     def __init__(self, experts: list[Expert]) -> None:
         super().__init__(experts)
@@ -121,6 +124,7 @@ class Experts(nn.ModuleList):
         # list that gets each call's routing (`recorded_routing`)
         self.forced: tuple[torch.Tensor, torch.Tensor] | None = None
         self.recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.batched: bool | None = None  # None: `batches_on` decides by device and size
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -128,6 +132,21 @@ class Experts(nn.ModuleList):
             top_k_index, top_k_weights = (t.to(hidden_states.device) for t in self.forced)
         if self.recorded is not None:
             self.recorded.append((top_k_index.detach(), top_k_weights.detach()))
+        gate = getattr(self[0], self[0].names[0])
+        elements = gate.in_features * gate.out_features
+        batched = batches_on(hidden_states.device, elements) if self.batched is None \
+            else self.batched
+        projections = self._batched_projections() if batched else None
+        if projections is None:
+            return self._looped(hidden_states, top_k_index, top_k_weights)
+        cpu = hidden_states.device.type == "cpu"
+        run = max(1, (CPU_RUN_ELEMENTS if cpu else RUN_ELEMENTS) // elements)
+        return self._batched(projections, run, hidden_states, top_k_index, top_k_weights)
+
+    def _looped(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Each expert called as a module on its tokens: what hooks (calibration statistics)
+        and projections without a batched form see."""
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=len(self) + 1).permute(2, 1, 0)
@@ -139,6 +158,162 @@ class Experts(nn.ModuleList):
             y = self[index](hidden_states[token_idx]) * top_k_weights[token_idx, top_k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
+
+    def _batched_projections(self) -> list[tuple[list[nn.Linear], object]] | None:
+        """Per projection (gate, up, down): its Linear in every expert and the function that runs
+        them batched over experts, or None when one cannot (hooks on a module, which must see
+        their expert's call; a projection type with no batched form, or one that declines)."""
+        if _hooked(self):
+            return None
+        found = []
+        for name in self[0].names:
+            layers = [getattr(expert, name) for expert in self]
+            kind = type(layers[0])
+            if any(type(layer) is not kind for layer in layers):
+                return None
+            if kind is nn.Linear:
+                found.append((layers, float_grouped_linear))
+                continue
+            can_group = getattr(kind, "can_group", None)
+            if can_group is None or not can_group(layers):
+                return None
+            found.append((layers, kind.grouped_linear))
+        return found
+
+    def _batched(self, projections, run: int, hidden_states: torch.Tensor,
+                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The routed (token, slot) pairs sorted by expert, each projection one batched call over
+        the experts (`batched_linear`): the function `_looped` computes."""
+        count, k = len(self), top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        with torch.no_grad():
+            order = torch.argsort(flat, stable=True)  # dropped slots (index E) sort last
+            counts = torch.bincount(flat, minlength=count + 1)[:count].tolist()
+        order = order[: sum(counts)]
+        token = order // k
+        x = hidden_states[token]
+        (gate_layers, gate_fn), (up_layers, up_fn), (down_layers, down_fn) = projections
+        glu = self[0].glu
+        h = glu(batched_linear(gate_layers, gate_fn, x, counts, run),
+                batched_linear(up_layers, up_fn, x, counts, run))
+        y = batched_linear(down_layers, down_fn, h, counts, run)
+        y = y * top_k_weights.reshape(-1)[order, None]
+        out = torch.zeros_like(hidden_states)
+        return out.index_add_(0, token, y.to(out.dtype))
+
+
+# weight elements a batched projection takes at once: experts go in runs this size. On an
+# accelerator a fine-grained MoE's 128 small experts take a dozen calls, DeepSeek-V3's large ones
+# one each, and the batched weight with the straight-through backward's temporaries over it
+# costs a few 64 MiB tensors; on a CPU runs stay near its caches
+RUN_ELEMENTS = 1 << 24
+CPU_RUN_ELEMENTS = 1 << 20
+# the largest expert projection (weight elements) a CPU batches: beyond it the loop measured
+# faster (bench/moe_experts.py: one expert's tensors stay in cache through the
+# straight-through backward's passes, a run's do not, and the per-call cost batching saves is
+# small beside the arithmetic)
+CPU_BATCHED_ELEMENTS = 1 << 16
+
+
+def batches_on(device: torch.device, elements: int) -> bool:
+    """Whether a MoE layer whose experts' projections hold `elements` weights each batches them
+    by default on this device: always on an accelerator, where E small launches per projection
+    cost more than the arithmetic; on a CPU for small experts only (CPU_BATCHED_ELEMENTS)."""
+    return torch.device(device).type != "cpu" or elements <= CPU_BATCHED_ELEMENTS
+
+
+def _hooked(module: nn.Module) -> bool:
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear computes in on `x`: autocast's when it is on (grouped matmuls are not
+    autocast ops, so the batched path casts as F.linear would)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def batched_linear(layers: list[nn.Linear], project, x: torch.Tensor, counts: list[int],
+                   run: int) -> torch.Tensor:
+    """Linear e on rows of `x` (sorted by expert, counts[e] each), for every expert e: `project`
+    (layers, x, counts) -> x_e @ W_e^T does `run` experts at a time; biases are added here.
+    Experts without a row are left out (no gradient, as in the loop)."""
+    first = layers[0]
+    layers = [layer for layer, rows in zip(layers, counts) if rows]
+    counts = [rows for rows in counts if rows]
+    x = x.to(compute_dtype(x))
+    pieces, row = [], 0
+    for start in range(0, len(layers), run):
+        part = counts[start:start + run]
+        rows = sum(part)
+        pieces.append(project(layers[start:start + run], x[row:row + rows], part))
+        row += rows
+    y = torch.cat(pieces) if pieces else x.new_zeros(0, first.out_features)
+    if first.bias is not None and layers:
+        bias = torch.stack([layer.bias for layer in layers]).to(y.dtype)
+        y = y + torch.repeat_interleave(bias, torch.tensor(counts, device=y.device), dim=0)
+    return y
+
+
+def float_grouped_linear(layers: list[nn.Linear], x: torch.Tensor, counts: list[int]
+                         ) -> torch.Tensor:
+    """x_e @ W_e^T for plain Linears (float experts: the teacher, unquantized layers)."""
+    weight = torch.stack([layer.weight for layer in layers]).to(x.dtype)
+    return segment_matmul(x, weight.transpose(1, 2), counts)
+
+
+def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
+    """Whether torch's grouped matmul takes these operands: CPU float32 / bfloat16 with 16-byte
+    aligned strides and storage (torch 2.13's CPU kernel), CUDA bfloat16 on sm80+."""
+    if not hasattr(nn.functional, "grouped_mm"):
+        return False
+    first = tensors[0]
+    if first.device.type == "cuda":
+        return all(t.dtype == torch.bfloat16 for t in tensors) \
+            and torch.cuda.get_device_capability(first.device) >= (8, 0)
+    if first.device.type != "cpu" or first.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.dtype != first.dtype or t.data_ptr() % 16 or \
+                any(stride * size % 16 for stride in t.stride() if stride != 1):
+            return False
+    return True
+
+
+def _offsets(counts: list[int], device) -> torch.Tensor:
+    return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+
+
+def segment_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x_e @ w_e for every expert e: x (S, K) holds counts[e] rows per expert in order, w is
+    (E, K, N); one grouped matmul where torch has it, else a loop over the experts."""
+    if _grouped_mm_ok(x, w):
+        return nn.functional.grouped_mm(x, w, offs=_offsets(counts, x.device))
+    pieces, row = [], 0
+    for e, rows in enumerate(counts):
+        pieces.append(x[row:row + rows] @ w[e])
+        row += rows
+    return torch.cat(pieces)
+
+
+def segment_outer(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """a_e^T @ b_e for every expert e (rows of a (S, M) and b (S, N) per expert as in
+    `segment_matmul`): (E, M, N), a weight's gradient. Every expert has rows (batched_linear
+    leaves the others out; not every kernel writes an empty group)."""
+    at = a.t().contiguous()
+    if _grouped_mm_ok(at, b):
+        return nn.functional.grouped_mm(at, b, offs=_offsets(counts, a.device))
+    pieces, row = [], 0
+    for rows in counts:
+        pieces.append(at[:, row:row + rows] @ b[row:row + rows])
+        row += rows
+    return torch.stack(pieces)
 
 
 def is_fused_experts(module: nn.Module) -> bool:

@@ -7,7 +7,7 @@ from torch import nn
 
 from qat.quant.fake_quant import FakeQuantActivation, FakeQuantWeight
 from qat.quant.spec import ActivationSpec, WeightSpec
-from qat.quant.ste import fake_quant_linear, frozen_codes_linear
+from qat.quant.ste import fake_quant_grouped_linear, fake_quant_linear, frozen_codes_linear
 from qat.models.structure import TRANSPOSED, source_class, stored_transposed
 
 
@@ -128,6 +128,27 @@ class FakeQuantLinear(nn.Linear):
             setattr(linear, TRANSPOSED, True)
             linear.source_class = self.source_class
         return linear
+
+    @staticmethod
+    def can_group(layers: list["FakeQuantLinear"]) -> bool:
+        """Whether `grouped_linear` runs these layers (one projection of every expert) as one:
+        float weights fake-quantized on one kind of grid, no input quantizer, no frozen codes."""
+        first = layers[0].weight_fake_quant.spec
+        return all(layer.weight is not None and layer.input_fake_quant is None
+                   and layer.weight_fake_quant.enabled and layer.weight_fake_quant.codes is None
+                   and layer.weight_fake_quant.spec == first for layer in layers)
+
+    @staticmethod
+    def grouped_linear(layers: list["FakeQuantLinear"], x: torch.Tensor, counts: list[int]
+                       ) -> torch.Tensor:
+        """Each layer's fake-quantized forward (no bias) on its rows of `x`, one call for all:
+        the same grid, values and straight-through gradients as calling them one by one."""
+        fqs = [layer.weight_fake_quant for layer in layers]
+        grids = [fq.forward_qparams(layer.weight) for fq, layer in zip(fqs, layers)]
+        weights = [fq._grouped(layer.weight) for fq, layer in zip(fqs, layers)]
+        zero_points = None if grids[0][1] is None else [zp for _, zp in grids]
+        return fake_quant_grouped_linear(x, weights, [scale for scale, _ in grids], zero_points,
+                                         layers[0].weight.shape, fqs[0].spec.bits, counts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_fake_quant is not None:

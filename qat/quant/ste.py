@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from qat import native
 from qat.format.grid import qrange
+from qat.models.experts import segment_matmul, segment_outer
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int
@@ -152,6 +153,73 @@ def fake_quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     """F.linear(x, fake_quantize(weight)) with the weight's grid given by (rows, groups, 1) scales;
     same values and gradients, without keeping the fake-quantized weight for backward."""
     return _FakeQuantLinear.apply(x, weight, scale, zero_point, bias, bits)
+
+
+class _FakeQuantGroupedLinear(torch.autograd.Function):
+    """Per expert e, y_e = x_e @ fake_quant(w_e).T on x's rows sorted by expert (counts[e] each):
+    the experts' grouped weights concatenated, one fake quantization and one grouped matmul. As
+    `_FakeQuantLinear`, it keeps only x and the weights for backward."""
+
+    @staticmethod
+    def forward(ctx, x, counts, shape, bits: int, n: int, *tensors):
+        ctx.counts, ctx.shape, ctx.bits, ctx.n = counts, shape, bits, n
+        ctx.save_for_backward(x, *tensors)
+        w, scale, zero_point, fused = _stacked(tensors, n)
+        w_hat = _fake_quant_weight(w, scale, zero_point, bits, fused)
+        return segment_matmul(x, w_hat.view(n, *shape).transpose(1, 2).to(x.dtype), counts)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, *tensors = ctx.saved_tensors
+        n, counts, shape = ctx.n, ctx.counts, ctx.shape
+        needs = ctx.needs_input_grad
+        want_x = needs[0]
+        want_w, want_s, want_z = (any(needs[5 + i * n:5 + (i + 1) * n]) for i in range(3))
+        w, scale, zero_point, fused = _stacked(tensors, n)
+        g = grad_y.contiguous()
+        grad_x = None
+        grads: list[torch.Tensor | None] = [None] * len(tensors)
+        if want_x:
+            w_hat = _fake_quant_weight(w, scale, zero_point, ctx.bits, fused)
+            grad_x = segment_matmul(g, w_hat.view(n, *shape).to(g.dtype), counts)
+        if want_w or want_s or want_z:
+            grad_w_hat = segment_outer(g, x.to(g.dtype), counts).float().view(w.shape)
+            if fused and not (want_s or want_z):
+                grad_w = native.mask_grad_(w, grad_w_hat.contiguous(), scale, zero_point,
+                                           *qrange(ctx.bits))
+                grad_s = grad_z = None
+            else:
+                grad_w, grad_s, grad_z = _ste_grads(grad_w_hat, w, scale, zero_point, ctx.bits,
+                                                    want_w, want_s, want_z)
+            for i, full in enumerate((grad_w, grad_s, grad_z)):
+                if full is None:
+                    continue
+                for e, part in enumerate(full.chunk(n)):
+                    target = tensors[i * n + e]
+                    if needs[5 + i * n + e]:
+                        grads[i * n + e] = part.view(target.shape).to(target.dtype)
+        return (grad_x, None, None, None, None, *grads)
+
+
+def _stacked(tensors, n: int):
+    """The experts' grouped weights (float32), scales and zero points concatenated along rows:
+    one grid over them all, since every group has its own scale."""
+    weights, scales, zero_points = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+    w = torch.cat([t.float() for t in weights])
+    scale = torch.cat(scales)
+    zero_point = torch.cat(zero_points) if zero_points else None
+    return w, scale, zero_point, native.fake_quant_supported(w, scale, zero_point)
+
+
+def fake_quant_grouped_linear(x: torch.Tensor, weights: list[torch.Tensor],
+                              scales: list[torch.Tensor], zero_points: list[torch.Tensor] | None,
+                              shape: tuple[int, int], bits: int, counts: list[int]
+                              ) -> torch.Tensor:
+    """`fake_quant_linear` for every expert at once: x's rows sorted by expert, counts[e] rows
+    each; `weights` in their grouped (rows, groups, elements) views, one (rows, groups, 1) scale
+    (and zero point; None: symmetric) per expert; `shape` the (out, in) of one weight."""
+    tensors = (*weights, *scales, *(zero_points or ()))
+    return _FakeQuantGroupedLinear.apply(x, counts, tuple(shape), bits, len(weights), *tensors)
 
 
 class _FrozenCodesLinear(torch.autograd.Function):
