@@ -5,11 +5,12 @@ python bench/moe_experts.py [--device cuda] [--reps 5] [--dry-run]
 An `Experts` layer (qat.models.experts) of E SwiGLU experts, float and W4 g64 fake-quantized with
 learned scales (what the block stage trains), routed top-k by random choices, in three shapes:
 few large experts (Mixtral-like), 64 (OLMoE-like) and 128 small ones (Qwen3-MoE-like), hidden
-1024 (the families' own widths with --full, for a GPU), and 64 experts of 256 x 256 (the size
+1024 (the families' own widths with --full, for a GPU), and 64 experts of 128 x 256 (the size
 below which a CPU batches). Per shape and kind: the forward under
 no_grad (calibration, evaluation) and forward + backward (training), each the minimum over
 `--reps` alternating runs of the loop (`Experts.batched = False`) and the batched path (one
-fake quantization and one grouped matmul per projection over runs of experts). The ratio
+fake quantization and one grouped matmul per projection over runs of experts; --run-elements
+sets their size, e.g. an accelerator's on a CPU). The ratio
 loop / batched above 1 means batching is faster; `batches_on` picks the path per device from
 these numbers. Needs only torch and qat (no transformers): it runs on the device machine too.
 
@@ -29,6 +30,7 @@ from common import command, machine, markdown_table, update_section, write_resul
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from qat.models import experts as moe  # noqa: E402
 from qat.models.experts import Expert, Experts, GatedAct, batches_on  # noqa: E402
 from qat.quant.modules import FakeQuantLinear  # noqa: E402
 from qat.quant.spec import WeightSpec  # noqa: E402
@@ -37,7 +39,7 @@ from qat.quant.spec import WeightSpec  # noqa: E402
 SHAPES = [("8 experts, top-2", 8, 2, 1024, 2816, 4096, 14336),
           ("64 experts, top-8", 64, 8, 1024, 512, 2048, 1024),
           ("128 experts, top-8", 128, 8, 1024, 384, 2048, 768),
-          ("64 small experts, top-8", 64, 8, 256, 256, 256, 256)]  # a CPU batches these
+          ("64 small experts, top-8", 64, 8, 128, 256, 128, 256)]  # a CPU batches these
 
 
 def layer(experts: int, hidden: int, inter: int, quantized: bool, device: str) -> Experts:
@@ -100,9 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--full", action="store_true", help="the families' own widths (GPU)")
+    parser.add_argument("--run-elements", type=int, default=None,
+                        help="weight elements per batch (default: the device's own)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, no files written")
     args = parser.parse_args(argv)
     device = args.device
+    load = os.getloadavg()[0]
+    default_run = moe.CPU_RUN_ELEMENTS if device == "cpu" else moe.RUN_ELEMENTS
+    if args.run_elements:  # both, so that this device's default does not apply
+        moe.RUN_ELEMENTS = moe.CPU_RUN_ELEMENTS = args.run_elements
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
     for name, experts, top_k, hidden, inter, full_hidden, full_inter in SHAPES:
@@ -112,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             hidden, inter = 64, 64
         for quantized in (False, True):
             row = {"shape": name, "hidden x intermediate": f"{hidden} x {inter}",
-                   "weights": "W4 g64 learned scales" if quantized else "float"}
+                   "weights": "W4 g64 learned scales" if quantized else "float",
+                   "default": "batched" if batches_on(torch.device(device), hidden * inter)
+                   and default_run // (hidden * inter) > 1 else "loop"}
             row.update(measure(layer(experts, hidden, inter, quantized, device),
                                16 if args.dry_run else args.tokens, top_k,
                                1 if args.dry_run else args.reps, device, sync))
@@ -123,14 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     kind = torch.device(device).type
     where = torch.cuda.get_device_name() if kind == "cuda" else machine()
     columns = list(rows[0])
+    run = moe.CPU_RUN_ELEMENTS if kind == "cpu" else moe.RUN_ELEMENTS  # --run-elements's
     body = "\n".join([
         f"### MoE experts: one at a time against batched ({kind})",
         "",
         f"`{command()}` on {where}; load average before the run "
-        f"{os.getloadavg()[0]:.2f}. {args.tokens} tokens, minimum of {args.reps} alternating "
-        "runs; `loop/batched` above 1: batching is faster. Default on this device: "
-        f"{'batched' if batches_on(torch.device(device)) else 'one expert at a time'} "
-        "(`qat.models.experts.batches_on`).",
+        f"{load:.2f}. {args.tokens} tokens, minimum of {args.reps} alternating "
+        f"runs; batches of up to {run} weights (a larger expert alone). `loop/batched` above "
+        "1: batching is faster. `default`: the path an `Experts` layer takes on this device "
+        "unless told (`batches_on`, and at least two experts in a batch of the device's "
+        "default size).",
         "",
         markdown_table(rows, columns),
     ])

@@ -123,3 +123,24 @@ def test_stages_import_no_lightning_at_all():
             if any(n.split(".")[0] in ("lightning", "pytorch_lightning") for n in names):
                 found.append(str(path.relative_to(QAT)))
     assert not found, f"stages importing Lightning: {sorted(set(found))}"
+
+
+def test_fake_quantization_and_experts_import_with_torch_alone():
+    """The GPU machine's benches (bench/gpu_qat_overhead.py, bench/moe_experts.py) run where
+    only torch is installed: qat.quant and qat.models.experts import nothing else."""
+    import subprocess
+    import sys
+
+    blocker = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def guarded(name, *args, **kwargs):\n"
+        "    if name.split('.')[0] in ('transformers', 'safetensors', 'hydra', 'omegaconf',\n"
+        "                              'lightning', 'datasets'):\n"
+        "        raise ImportError('not on the GPU machine: ' + name)\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = guarded\n"
+        "import qat.quant, qat.models.experts\n")
+    result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True,
+                            cwd=QAT.parent)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -134,13 +134,13 @@ class Experts(nn.ModuleList):
             self.recorded.append((top_k_index.detach(), top_k_weights.detach()))
         gate = getattr(self[0], self[0].names[0])
         elements = gate.in_features * gate.out_features
-        batched = batches_on(hidden_states.device, elements) if self.batched is None \
-            else self.batched
+        cpu = hidden_states.device.type == "cpu"
+        run = max(1, (CPU_RUN_ELEMENTS if cpu else RUN_ELEMENTS) // elements)  # experts a batch
+        batched = batches_on(hidden_states.device, elements) and run > 1 \
+            if self.batched is None else self.batched
         projections = self._batched_projections() if batched else None
         if projections is None:
             return self._looped(hidden_states, top_k_index, top_k_weights)
-        cpu = hidden_states.device.type == "cpu"
-        run = max(1, (CPU_RUN_ELEMENTS if cpu else RUN_ELEMENTS) // elements)
         return self._batched(projections, run, hidden_states, top_k_index, top_k_weights)
 
     def _looped(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -202,17 +202,18 @@ class Experts(nn.ModuleList):
         return out.index_add_(0, token, y.to(out.dtype))
 
 
-# weight elements a batched projection takes at once: experts go in runs this size. On an
-# accelerator a fine-grained MoE's 128 small experts take a dozen calls, DeepSeek-V3's large ones
-# one each, and the batched weight with the straight-through backward's temporaries over it
-# costs a few 64 MiB tensors; on a CPU runs stay near its caches
+# weight elements a batched projection takes at once: experts go in runs this size (experts
+# too large for two in a run go one at a time). On an accelerator a fine-grained MoE's 128 small
+# experts take a dozen calls, DeepSeek-V3's large ones the loop, and the batched weight with the
+# straight-through backward's temporaries over it costs a few 64 MiB tensors; on a CPU runs
+# stay near its caches
 RUN_ELEMENTS = 1 << 24
 CPU_RUN_ELEMENTS = 1 << 20
 # the largest expert projection (weight elements) a CPU batches: beyond it the loop measured
 # faster (bench/moe_experts.py: one expert's tensors stay in cache through the
 # straight-through backward's passes, a run's do not, and the per-call cost batching saves is
 # small beside the arithmetic)
-CPU_BATCHED_ELEMENTS = 1 << 16
+CPU_BATCHED_ELEMENTS = 1 << 15
 
 
 def batches_on(device: torch.device, elements: int) -> bool:
