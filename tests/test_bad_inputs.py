@@ -121,6 +121,7 @@ CONFIG_CASES = {
     "unknown stage device": (["model.device=tpu"], r"model\.device='tpu' is not allowed; one of auto"),
     "unknown export dtype": (["export.dtype=int8"], r"export\.dtype='int8'"),
     "unknown export backend": (["export.eval_backend=fast"], r"export\.eval_backend='fast'"),
+    "rank 0 never waited for": (["launch.stage_wait_minutes=0"], r"launch\.stage_wait_minutes=0"),
     "resume with no checkpoint": (["ckpt_path=last"], r"ckpt_path=last: no checkpoint at .*last\.ckpt"),
     "resume from a garbage file": (["ckpt_path={d}/garbage.ckpt"], r"ckpt_path=.*garbage\.ckpt"),
     "resume from a truncated checkpoint": (["ckpt_path={d}/truncated.ckpt"],

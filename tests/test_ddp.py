@@ -50,3 +50,66 @@ def test_multi_device_trainer_configs_compose_and_instantiate():
         cfg = compose_train([f"trainer={name}"])
         assert isinstance(instantiate(cfg.trainer.strategy), kind)
         assert cfg.trainer.precision == "32-true" and cfg.trainer.devices == 2
+
+
+KD = ["recipe=w4g64_kd", "quant.init=gptq", "model=tiny", "data=tiny", "logger=none",
+      "trainer.enable_progress_bar=false", "trainer.max_steps=3", "optim.scale_lr=1e-3",
+      "export.enabled=true", "ptq.calibration_samples=4", "ptq.seq_len=32", "ptq.progress=false",
+      "blockwise.samples=4", "blockwise.seq_len=32", "blockwise.epochs=1",
+      "blockwise.progress=false"]
+ONCE = ("float ppl", "ptq", "block stage")  # the stages before training
+
+
+def test_ddp_runs_the_stages_before_training_once_and_trains_what_one_process_does(tmp_path):
+    """Rank 0 alone measures the float model, calibrates (GPTQ) and trains the blocks; rank 1
+    takes its calibrated model. The KD run of scales then ends where one process with the same
+    global batch ends."""
+    one = train(compose_train(KD + ["data.batch_size=4"]), run_dir=tmp_path / "one")
+    run_dir = tmp_path / "ddp"
+    out = subprocess.run([sys.executable, "train.py", *KD, "trainer=ddp", "trainer.accelerator=cpu",
+                          "trainer.devices=2", "data.batch_size=2", f"hydra.run.dir={run_dir}",
+                          "hydra.verbose=qat.train"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    for stage in ONCE:
+        assert log.count(f"stage: {stage}\n") == 1, (stage, log[-3000:])
+    assert log.count("stage: rank 0's calibrated model\n") == 1
+    assert log.count("stage: end-to-end\n") == 2  # both ranks train
+    two = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("fp_ppl", "block_ppl", "first_loss", "last_loss", "ppl", "export_ppl"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    a = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_another_rank_takes_only_its_own_launchs_calibrated_model(tmp_path, monkeypatch):
+    """A prepared state left by an earlier launch in the run directory is never loaded: the
+    rank waits for its launch's, and says what it waited for when that does not come."""
+    from torch import nn
+
+    from qat.train import ranks
+
+    source, target = nn.Linear(4, 3), nn.Linear(4, 3)
+    monkeypatch.setenv(ranks.LAUNCH, "earlier")
+    ranks.share(source, tmp_path)
+    monkeypatch.setenv(ranks.LAUNCH, "this one")
+    with pytest.raises(TimeoutError, match=r"launch\.stage_wait_minutes.*rank 0"):
+        ranks.take(target, tmp_path, wait_minutes=0.02)
+    assert not torch.equal(target.weight, source.weight)
+    ranks.share(source, tmp_path)
+    ranks.take(target, tmp_path, wait_minutes=0.02)
+    assert torch.equal(target.weight, source.weight) and torch.equal(target.bias, source.bias)
+
+
+def test_world_size_counts_devices_times_nodes():
+    from qat.train.ranks import world_size
+
+    assert world_size(compose_train([])) == 1
+    assert world_size(compose_train(["trainer=ddp"])) == 2
+    assert world_size(compose_train(["trainer=ddp", "trainer.devices=[0,1,2]",
+                                     "trainer.num_nodes=2"])) == 6

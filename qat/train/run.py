@@ -33,7 +33,7 @@ from qat.prune.pruner import prune_structured
 from qat.prune.spec import STRUCTURED
 from qat.ptq import quantize_model
 from qat.quant import plan, prepare, set_fake_quant_enabled, set_trainable
-from qat.train import steps, streamed
+from qat.train import ranks, steps, streamed
 from qat.train.specs import ConfigError, build_specs
 from qat.train.summary import run_facts, summary
 
@@ -52,10 +52,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         callbacks = steps.user_callbacks(cfg)
         check_writable(run_dir, "the run directory (hydra.run.dir)")
         ckpt_path, resume_blocks = steps.resume_target(cfg, specs, run_dir)
+        ranks.begin(cfg, run_dir)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         directory = streamed.streamed_dir(specs, cfg.trainer.max_steps)
         loaded = streamed.load_student(specs.model, directory) if directory is not None else None
         model, tokenizer = loaded if loaded is not None else steps.load_checked(specs.model)
+        # several processes: this one takes rank 0's calibrated model instead of the stages
+        follower = ranks.follows(cfg) and loaded is None and ckpt_path is None
         plan(model, specs.quant) if specs.quant.weight is not None else None  # patterns, groups
         steps.check_architecture(model, specs)
         check_positions(specs.data, getattr(model.config, "max_position_embeddings", None))
@@ -63,13 +66,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         teacher = build_teacher(specs.distill.teacher, model, tokenizer, model_dir(specs.model)) \
             if specs.distill.enabled else None
         float_model = steps.float_reference(model, teacher, specs) \
-            if specs.blockwise.enabled and ckpt_path is None else None
+            if specs.blockwise.enabled and ckpt_path is None and not follower else None
         if specs.data.generated_samples:
             from qat.distill.teacher_text import teacher_written
 
             tokens.train_blocks = teacher_written(teacher, model, tokenizer, specs.data)
         # 2. the float baseline, before pruning and PTQ change the weights
-        if specs.eval.fp_ppl:
+        if specs.eval.fp_ppl and not follower:
             steps.stage("float ppl")
             with computing_on(model, device):
                 metrics["fp_ppl"] = float_ppl(model, tokens.eval_ids, tokens.eval_blocks,
@@ -109,9 +112,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         prepare(model, specs.quant)
         if is_rank_zero():
             print(report)
-        if store is not None and ckpt_path is None and not resume_blocks:
+        if store is not None and ckpt_path is None and not resume_blocks and not follower:
             store.clear()  # a new run: blocks of an earlier run in this directory do not count
-        if loaded is not None:  # the blocks come from the files one at a time, held as codes
+        if follower:
+            steps.stage("rank 0's calibrated model")
+            ranks.take(model, run_dir, specs.launch.stage_wait_minutes)
+        elif loaded is not None:  # the blocks come from the files one at a time, held as codes
             steps.stage("ptq")
             ptq_report = streamed.init_blocks(
                 model, specs, store, resume_blocks, device, calibration_ids(
@@ -132,7 +138,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         elif specs.quant.init is not None and is_rank_zero():
             # the checkpoint holds what calibration wrote (weights, grids, folded norm scales)
             print(f"quant.init={specs.quant.init}: skipped, resuming from {ckpt_path}")
-        if store is not None and ckpt_path is None:
+        if store is not None and ckpt_path is None and not follower:
             steps.stage("block stage")
             # a streamed run saved its calibrated blocks one by one; whole, they are saved here
             stage_metrics, block_report = block_stage(
@@ -142,9 +148,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                                            else None) if loaded is not None else None,
                 after_block=streamed.hold if specs.optim.trainable == "scales" else None)
             float_model = None
-        elif store is not None and store.exists():  # resumed after the block stage
+        elif store is not None and store.exists() and not follower:  # resumed after the blocks
             block_report = store.report()
             stage_metrics = dict(store.init_info() or {})
+        if ranks.distributed(cfg) and is_rank_zero() and ckpt_path is None and loaded is None:
+            ranks.share(model, run_dir)
         set_trainable(model, specs.optim.trainable)
     if shrunk:  # the checkpoint rebuilds the smaller model from these config changes
         run_config["model_shrink"] = shrunk["config"]

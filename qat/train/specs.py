@@ -15,7 +15,7 @@ from qat.distill import DistillSpec
 from qat.eval.spec import EvalSpec
 from qat.export.spec import ExportSpec
 from qat.lightning.module import OptimSpec
-from qat.lightning.spec import CheckpointSpec, GuardSpec
+from qat.lightning.spec import CheckpointSpec, GuardSpec, LaunchSpec
 from qat.models import ModelSpec
 from qat.prune import PruneSpec
 from qat.ptq import PTQSpec
@@ -41,6 +41,7 @@ class Specs:
     export: ExportSpec
     checkpoint: CheckpointSpec
     guard: GuardSpec
+    launch: LaunchSpec
 
 
 def build_specs(cfg: DictConfig) -> Specs:
