@@ -222,12 +222,13 @@ def linear_q8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torc
 def fake_quant_supported(w: torch.Tensor, scale: torch.Tensor,
                          zero_point: torch.Tensor | None) -> bool:
     """Contiguous float32 CPU tensors, one scale (and zero point) per row of the grouped view."""
-    if not (w.is_cpu and w.dtype == torch.float32 and w.is_contiguous() and w.dim() >= 2):
+    if not (_plain(w) and w.is_cpu and w.dtype == torch.float32 and w.is_contiguous()
+            and w.dim() >= 2):
         return False
     groups = w.numel() // w.shape[-1]
     for t in (scale, zero_point):
-        if t is not None and not (t.dtype == torch.float32 and t.is_contiguous() and t.is_cpu
-                                  and t.numel() == groups):
+        if t is not None and not (_plain(t) and t.dtype == torch.float32 and t.is_contiguous()
+                                  and t.is_cpu and t.numel() == groups):
             return False
     return available()
 
@@ -246,11 +247,12 @@ def codes_supported(codes: torch.Tensor, scale: torch.Tensor,
                     zero_point: torch.Tensor | None) -> bool:
     """Contiguous CPU codes (int8, or uint8 two per byte) grouped as (..., size) with one float32
     scale (and zero point) per group, shaped (..., 1)."""
-    if not (codes.is_cpu and codes.dtype in (torch.int8, torch.uint8) and codes.is_contiguous()
-            and codes.dim() >= 2):
+    if not (_plain(codes) and codes.is_cpu and codes.dtype in (torch.int8, torch.uint8)
+            and codes.is_contiguous() and codes.dim() >= 2):
         return False
     for t in (scale, zero_point):
-        if t is not None and not (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+        if t is not None and not (_plain(t) and t.dtype == torch.float32 and t.is_cpu
+                                  and t.is_contiguous()
                                   and t.shape == (*codes.shape[:-1], 1)):
             return False
     return available()
@@ -286,8 +288,14 @@ def mul_codes_(grad: torch.Tensor, codes: torch.Tensor, zero_point: torch.Tensor
 
 def minmax_supported(w: torch.Tensor) -> bool:
     """A contiguous float32 CPU tensor with non-empty groups along its last dim."""
-    return (w.is_cpu and w.dtype == torch.float32 and w.is_contiguous() and w.dim() >= 1
-            and w.numel() > 0 and w.shape[-1] > 0 and available())
+    return (_plain(w) and w.is_cpu and w.dtype == torch.float32 and w.is_contiguous()
+            and w.dim() >= 1 and w.numel() > 0 and w.shape[-1] > 0 and available())
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor whose data_ptr is its elements': not a subclass such as FSDP2's sharded DTensor,
+    whose pointer is no array the C code may read."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
 def minmax(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,10 +16,14 @@ RUN = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable
        "eval.fp_ppl=false", "trainer.max_steps=6", "optim.lr=1e-3", "export.enabled=true"]
 
 
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(strategy, tmp_path):
+    """Data parallel (DDP) and fully sharded (FSDP2: each decoder block a unit, its gathered
+    checkpoint and export): the same training as one process."""
     one = train(compose_train(RUN + ["data.batch_size=4"]), run_dir=tmp_path / "one")
-    run_dir = tmp_path / "ddp"
-    out = subprocess.run([sys.executable, "train.py", *RUN, "trainer=ddp", "trainer.accelerator=cpu",
+    run_dir = tmp_path / strategy
+    out = subprocess.run([sys.executable, "train.py", *RUN, f"trainer={strategy}",
+                          "trainer.accelerator=cpu",
                           "trainer.devices=2", "data.batch_size=2", f"hydra.run.dir={run_dir}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
@@ -46,10 +50,14 @@ def test_multi_device_trainer_configs_compose_and_instantiate():
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    for name, kind in (("ddp", DDPStrategy), ("fsdp", FSDPStrategy)):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    for name, kind in (("ddp", DDPStrategy), ("fsdp", FSDPStrategy),
+                       ("fsdp2", ModelParallelStrategy)):
         cfg = compose_train([f"trainer={name}"])
         assert isinstance(instantiate(cfg.trainer.strategy), kind)
         assert cfg.trainer.precision == "32-true" and cfg.trainer.devices == 2
+
 
 
 KD = ["recipe=w4g64_kd", "quant.init=gptq", "model=tiny", "data=tiny", "logger=none",
@@ -60,13 +68,15 @@ KD = ["recipe=w4g64_kd", "quant.init=gptq", "model=tiny", "data=tiny", "logger=n
 ONCE = ("float ppl", "ptq", "block stage")  # the stages before training
 
 
-def test_ddp_runs_the_stages_before_training_once_and_trains_what_one_process_does(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_stages_before_training_run_once_and_train_what_one_process_does(strategy, tmp_path):
     """Rank 0 alone measures the float model, calibrates (GPTQ) and trains the blocks; rank 1
     takes its calibrated model. The KD run of scales then ends where one process with the same
-    global batch ends."""
+    global batch ends, data parallel or sharded."""
     one = train(compose_train(KD + ["data.batch_size=4"]), run_dir=tmp_path / "one")
-    run_dir = tmp_path / "ddp"
-    out = subprocess.run([sys.executable, "train.py", *KD, "trainer=ddp", "trainer.accelerator=cpu",
+    run_dir = tmp_path / strategy
+    out = subprocess.run([sys.executable, "train.py", *KD, f"trainer={strategy}",
+                          "trainer.accelerator=cpu",
                           "trainer.devices=2", "data.batch_size=2", f"hydra.run.dir={run_dir}",
                           "hydra.verbose=qat.train"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,

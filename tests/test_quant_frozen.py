@@ -140,18 +140,25 @@ def test_holding_codes_drops_the_float_weight_and_changes_no_output(tiny_llama):
     assert weight_sqnr(tiny_llama)[name] < sqnr_before[name] - 0.1
 
 
-def test_a_codes_held_state_loads_into_a_fresh_float_model(tiny_llama):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_codes_held_state_loads_into_a_fresh_float_model(tiny_llama, symmetric):
+    """What another rank does with rank 0's calibrated model (qat.train.ranks): the float
+    layers take the codes, the kept sums (none of weights for a symmetric grid) and the grid."""
     import copy
 
+    from qat.eval.sqnr import weight_sqnr
+
     fresh = copy.deepcopy(tiny_llama)
-    _scales_only(tiny_llama)
+    spec = WeightSpec(bits=4, group_size=64, symmetric=symmetric)
+    _scales_only(tiny_llama, spec)
     set_trainable(tiny_llama, "scales")
     with torch.no_grad():
         for m in fake_quant_modules(tiny_llama):
             m.weight_fake_quant.scale.mul_(0.9)  # trained scales
-    prepare(fresh, QuantConfig(weight=WeightSpec(bits=4, group_size=64, symmetric=False)))
+    prepare(fresh, QuantConfig(weight=spec))
     fresh.load_state_dict(tiny_llama.state_dict(), strict=True)
     assert all(m.holds_codes for m in fake_quant_modules(fresh))
+    assert weight_sqnr(fresh) == weight_sqnr(tiny_llama)
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, tiny_llama(input_ids=ids).logits)

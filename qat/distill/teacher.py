@@ -137,8 +137,7 @@ class Distiller:
         if self.cache is not None:
             return self._cached(student, input_ids, targets, rows)
         want_hidden = self.hidden is not None
-        s_out = student.get_decoder()(input_ids=input_ids, output_hidden_states=want_hidden,
-                                      use_cache=False)
+        s_out = decoder_output(student, input_ids, want_hidden)
         self.teacher.eval()
         with torch.no_grad():
             t_out = self.teacher.get_decoder()(input_ids=input_ids,
@@ -169,7 +168,7 @@ class Distiller:
             raise ValueError(f"Distiller: cached rows are {tuple(logp.shape[:2])}, the batch "
                              f"{tuple(input_ids.shape)}")
         logp, ids = logp.reshape(-1, logp.shape[-1]), ids.reshape(-1, ids.shape[-1])
-        hidden = student.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = decoder_output(student, input_ids, False).last_hidden_state
         kd_sum, ce_sum, count = chunked_student_loss(
             hidden, head_of(student), targets, spec.chunk_size,
             lambda s_logits, a, b: topk_kl(s_logits, logp[a:b], ids[a:b], spec.temperature))
@@ -177,3 +176,26 @@ class Distiller:
         out = {"kd_loss": kd_sum / denom, "ce_loss": ce_sum / denom}
         out["loss"] = spec.kd_weight * out["kd_loss"] + spec.ce_weight * out["ce_loss"]
         return out
+
+
+def decoder_output(student: nn.Module, input_ids: torch.Tensor, want_hidden: bool):
+    """The student's decoder output (last hidden state, and all with `want_hidden`): the losses
+    apply its head in chunks, never the whole (B, T, vocab) logits.
+
+    A model sharded by FSDP2 runs through its root's forward, which gathers the embeddings, final
+    norm and head (kept gathered for the chunked head after it: the root unit does not reshard
+    after forward) and syncs their gradients; its own logits are made for the last position
+    only."""
+    from torch.distributed.fsdp import FSDPModule
+
+    decoder = student.get_decoder()
+    if not isinstance(student, FSDPModule):
+        return decoder(input_ids=input_ids, output_hidden_states=want_hidden, use_cache=False)
+    seen = []
+    handle = decoder.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        student(input_ids=input_ids, output_hidden_states=want_hidden, use_cache=False,
+                logits_to_keep=1)
+    finally:
+        handle.remove()
+    return seen[0]

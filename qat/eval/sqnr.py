@@ -55,11 +55,45 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def weight_sqnr(model: nn.Module) -> dict[str, float]:
-    """Weight SQNR (dB) of every FakeQuantLinear, whether or not its quantizer is enabled now."""
+    """Weight SQNR (dB) of every FakeQuantLinear, whether or not its quantizer is enabled now.
+
+    A model sharded by FSDP2 has each unit's weights gathered while its layers are measured, one
+    unit at a time (a collective: every rank calls this)."""
+    out = {}
     with _frozen(model):
-        return {name: _held_db(*m.held_sqnr_terms()) if m.holds_codes
-                else sqnr_db(m.weight, m.weight_fake_quant.dequantized(m.weight))
-                for name, m in _layers(model).items()}
+        for unit, layers in _by_unit(model):
+            with _gathered(unit):
+                out.update({name: _held_db(*m.held_sqnr_terms()) if m.holds_codes
+                            else sqnr_db(m.weight, m.weight_fake_quant.dequantized(m.weight))
+                            for name, m in layers.items()})
+    return out
+
+
+def _by_unit(model: nn.Module) -> list[tuple[nn.Module | None, dict[str, FakeQuantLinear]]]:
+    """The FakeQuantLinears grouped by the FSDP2 unit holding their parameters (the innermost
+    one around them); one group with no unit when the model is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = {name: m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+    if not units:
+        return [(None, _layers(model))]
+    owned: dict[str, dict[str, FakeQuantLinear]] = {}
+    for name, layer in _layers(model).items():
+        owner = max((u for u in units if u == "" or name.startswith(u + ".")), key=len)
+        owned.setdefault(owner, {})[name] = layer
+    return [(units[u], layers) for u, layers in owned.items()]
+
+
+@contextmanager
+def _gathered(unit: nn.Module | None) -> Iterator[None]:
+    if unit is None:
+        yield
+        return
+    unit.unshard()
+    try:
+        yield
+    finally:
+        unit.reshard()
 
 
 def _held_db(power: float, noise: float) -> float:

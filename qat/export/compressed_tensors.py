@@ -64,6 +64,13 @@ def stored_tensors(served: nn.Module, dtype: torch.dtype = torch.bfloat16
             [checkpoint_module(config, n) for n in ignore])
 
 
+def _storage(t: torch.Tensor) -> int:
+    """Where a tensor's elements are: for an FSDP2-sharded (DTensor) one, its local shard's (a
+    DTensor wrapper has no storage of its own, so every one would look the same)."""
+    local = getattr(t, "to_local", None)
+    return (local() if local is not None else t).data_ptr()
+
+
 @contextmanager
 def as_exported(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Iterator[nn.Module]:
     """Temporarily round every tensor the export stores in `dtype` (all but the quantized weights).
@@ -80,9 +87,10 @@ def as_exported(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Iterat
         if (owner in quantized and leaf != "bias") or ".weight_fake_quant." in key \
                 or ".input_fake_quant." in key or not value.is_floating_point():
             continue
-        if value.data_ptr() in seen or value.dtype == dtype:
+        where = _storage(value)
+        if where in seen or value.dtype == dtype:
             continue
-        seen.add(value.data_ptr())
+        seen.add(where)
         saved.append((value, value.detach().clone()))
         with torch.no_grad():
             value.copy_(value.detach().to(dtype))

@@ -88,6 +88,14 @@ class QATModule(L.LightningModule):
         self._consecutive_skips = 0
         set_fake_quant_enabled(self.model, quant_start_step == 0)
 
+    def configure_model(self) -> None:
+        """Under trainer=fsdp2, shard the model block by block (once: a resumed or validated
+        model is sharded already)."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None and not getattr(self, "_sharded", False):
+            shard(self.model)
+            self._sharded = True
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 

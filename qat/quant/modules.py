@@ -107,9 +107,9 @@ class FakeQuantLinear(nn.Linear):
                 and prefix + "weight_fake_quant.codes" in state_dict:
             self.float_dtype = self.weight.dtype
             self.weight = None
-            for name in ("float_power", "float_dot", "float_sum"):
-                if prefix + name in state_dict:
-                    self.register_buffer(name, torch.empty_like(state_dict[prefix + name]))
+            for name in ("float_power", "float_dot", "float_sum"):  # float_sum: None, symmetric
+                self.register_buffer(name, torch.empty_like(state_dict[prefix + name])
+                                     if prefix + name in state_dict else None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def to_linear(self, bake: bool = True) -> nn.Linear:

@@ -68,6 +68,12 @@ def build_specs(cfg: DictConfig) -> Specs:
 
 def _check_together(cfg: DictConfig, specs: dict) -> None:
     """What no single group can check alone."""
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, DictConfig) and strategy.get("_target_"):
+        try:  # a multi-device strategy's own fields, before any stage runs
+            instantiate(strategy)
+        except InstantiationException as err:
+            raise ConfigError(str(err.__cause__ or err)) from err
     max_steps = cfg.trainer.get("max_steps", -1)
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer >= 0")
