@@ -1,4 +1,5 @@
-"""Two CPU processes (DDP, gloo) train exactly what one process with the same global batch trains."""
+"""Two CPU processes (gloo), data parallel (DDP) or sharded (FSDP2), train exactly what one
+process with the same global batch trains; the stages before training run once."""
 import json
 import os
 import subprocess
@@ -16,34 +17,65 @@ RUN = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable
        "eval.fp_ppl=false", "trainer.max_steps=6", "optim.lr=1e-3", "export.enabled=true"]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_processes_equal_one_process_with_the_same_global_batch(strategy, tmp_path):
-    """Data parallel (DDP) and fully sharded (FSDP2: each decoder block a unit, its gathered
-    checkpoint and export): the same training as one process."""
-    one = train(compose_train(RUN + ["data.batch_size=4"]), run_dir=tmp_path / "one")
-    run_dir = tmp_path / strategy
-    out = subprocess.run([sys.executable, "train.py", *RUN, f"trainer={strategy}",
-                          "trainer.accelerator=cpu",
-                          "trainer.devices=2", "data.batch_size=2", f"hydra.run.dir={run_dir}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+def two_processes(strategy: str, args: list[str], run_dir: Path, *extra: str):
+    """`train.py` under `strategy` on 2 gloo processes, half the batch each; its log."""
+    out = subprocess.run([sys.executable, "train.py", *args, f"trainer={strategy}",
+                          "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2",
+                          f"hydra.run.dir={run_dir}", *extra],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("== qat summary ==") == 1  # rank zero reports, writes and exports
-    two = json.loads((run_dir / "metrics.json").read_text())
-    assert two["steps"] == one["steps"] == 6 and two["tokens"] == one["tokens"]
-    # Gradients are averaged over ranks instead of summed over one batch: float32 rounding only.
-    assert two["first_loss"] == pytest.approx(one["first_loss"], rel=1e-5)
-    assert two["last_loss"] == pytest.approx(one["last_loss"], rel=1e-5)
-    assert two["ppl"] == pytest.approx(one["ppl"], rel=1e-5)
-    assert two["export_ppl"] == pytest.approx(one["export_ppl"], rel=1e-5)
-    a = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    return out.stdout + out.stderr
+
+
+def assert_same_run(one: Path, two: Path, keys=("first_loss", "last_loss", "ppl", "export_ppl")):
+    """Two runs' metrics (1e-5 relative), every checkpointed tensor (weights, scales, grids:
+    1e-5; pruning masks equal) and exported tensor (codes equal, the rest to bfloat16's ulp)."""
+    from safetensors.torch import load_file
+
+    a_metrics, b_metrics = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert a_metrics["steps"] == b_metrics["steps"] and a_metrics["tokens"] == b_metrics["tokens"]
+    # gradients are averaged over ranks instead of summed over one batch: float32 rounding only
+    for key in keys:
+        assert b_metrics[key] == pytest.approx(a_metrics[key], rel=1e-5), key
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (one, two))
     # Adam divides by sqrt(v): a weight whose gradient is near zero can move by a few float32
     # ulps of its update more on one side (1.05e-6 seen on an AVX2 machine); a wrong average or a
     # missed all-reduce moves weights by ~lr = 1e-3
-    for key, value in a.items():
-        torch.testing.assert_close(b[key], value, rtol=0, atol=1e-5, msg=key)
-    assert (run_dir / "export" / "model.safetensors").is_file()
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-5, msg=key)
+    for name, state in a.get("callbacks", {}).items():  # pruning masks
+        for key, masks in state.get("masks", {}).items() if isinstance(state, dict) else ():
+            assert torch.equal(b["callbacks"][name]["masks"][key], masks), key
+    exported = [load_file(d / "export" / "model.safetensors") for d in (one, two)]
+    assert exported[0].keys() == exported[1].keys()
+    for key, value in exported[0].items():
+        if value.dtype in (torch.int32, torch.int8, torch.uint8):
+            assert torch.equal(exported[1][key], value), key
+        else:  # stored in bfloat16: a 1e-6 move of a weight can round one ulp the other way
+            torch.testing.assert_close(exported[1][key].float(), value.float(), rtol=2 ** -7,
+                                       atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(strategy, tmp_path):
+    """Data parallel (DDP) and fully sharded (FSDP2: each decoder block a unit, its gathered
+    checkpoint and export): the same training of weights as one process."""
+    train(compose_train(RUN + ["data.batch_size=4"]), run_dir=tmp_path / "one")
+    two_processes(strategy, RUN, tmp_path / strategy)
+    assert_same_run(tmp_path / "one", tmp_path / strategy)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_prune_2_of_4_with_kd_as_one_process(strategy, tmp_path):
+    """2:4 masks made at step 0 on every rank (deterministic), kept through sharded updates."""
+    args = ["recipe=prune2of4_w4g64_kd", *RUN[1:], "trainer.max_steps=3"]
+    train(compose_train(args + ["data.batch_size=4"]), run_dir=tmp_path / "one")
+    two_processes(strategy, args, tmp_path / strategy)
+    assert_same_run(tmp_path / "one", tmp_path / strategy)
+    assert json.loads((tmp_path / strategy / "metrics.json").read_text())["export_nm_ok"]
 
 
 def test_multi_device_trainer_configs_compose_and_instantiate():
@@ -73,28 +105,14 @@ def test_stages_before_training_run_once_and_train_what_one_process_does(strateg
     """Rank 0 alone measures the float model, calibrates (GPTQ) and trains the blocks; rank 1
     takes its calibrated model. The KD run of scales then ends where one process with the same
     global batch ends, data parallel or sharded."""
-    one = train(compose_train(KD + ["data.batch_size=4"]), run_dir=tmp_path / "one")
-    run_dir = tmp_path / strategy
-    out = subprocess.run([sys.executable, "train.py", *KD, f"trainer={strategy}",
-                          "trainer.accelerator=cpu",
-                          "trainer.devices=2", "data.batch_size=2", f"hydra.run.dir={run_dir}",
-                          "hydra.verbose=qat.train"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    log = out.stdout + out.stderr
+    train(compose_train(KD + ["data.batch_size=4"]), run_dir=tmp_path / "one")
+    log = two_processes(strategy, KD, tmp_path / strategy, "hydra.verbose=qat.train")
     for stage in ONCE:
         assert log.count(f"stage: {stage}\n") == 1, (stage, log[-3000:])
     assert log.count("stage: rank 0's calibrated model\n") == 1
     assert log.count("stage: end-to-end\n") == 2  # both ranks train
-    two = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("fp_ppl", "block_ppl", "first_loss", "last_loss", "ppl", "export_ppl"):
-        assert two[key] == pytest.approx(one[key], rel=1e-5), key
-    a = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        torch.testing.assert_close(b[key], value, rtol=0, atol=1e-5, msg=key)
+    assert_same_run(tmp_path / "one", tmp_path / strategy,
+                    ("fp_ppl", "block_ppl", "first_loss", "last_loss", "ppl", "export_ppl"))
 
 
 def test_another_rank_takes_only_its_own_launchs_calibrated_model(tmp_path, monkeypatch):

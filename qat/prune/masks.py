@@ -104,7 +104,18 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     modules = dict(model.named_modules())
     for name, keep in masks.items():
         weight = modules[name].weight
-        weight.masked_fill_(~keep.to(weight.device), 0)
+        weight.masked_fill_(~_like(keep.to(weight.device), weight), 0)
+
+
+def _like(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The mask laid out as the weight is: sharded as an FSDP2 (DTensor) weight is, each rank
+    keeping its own rows of the full mask every rank holds (no communication)."""
+    mesh = getattr(weight, "device_mesh", None)
+    if mesh is None:
+        return mask
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(mask, mesh, weight.placements, src_data_rank=None)
 
 
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
