@@ -98,12 +98,9 @@ def test_two_processes_prune_2_of_4_with_kd_as_one_process(strategy, tmp_path, o
 
 def test_multi_device_trainer_configs_compose_and_instantiate():
     from hydra.utils import instantiate
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    for name, kind in (("ddp", DDPStrategy), ("fsdp", FSDPStrategy),
-                       ("fsdp2", ModelParallelStrategy)):
+    for name, kind in (("ddp", DDPStrategy), ("fsdp2", ModelParallelStrategy)):
         cfg = compose_train([f"trainer={name}"])
         assert isinstance(instantiate(cfg.trainer.strategy), kind)
         assert cfg.trainer.precision == "32-true" and cfg.trainer.devices == 2
@@ -177,3 +174,23 @@ def test_fsdp2_shards_a_moe_and_a_non_llama_family_as_one_process_trains(family,
             "ptq.seq_len=32", "ptq.progress=false"]
     two_processes("fsdp2", args, tmp_path / "fsdp2")
     assert_same_run(one_process(args), tmp_path / "fsdp2")
+
+
+def test_fsdp2_resumes_from_a_mid_run_checkpoint_exactly(tmp_path):
+    """A sharded run resumed from its step-2 checkpoint (gathered into one file, loaded back into
+    the shards: weights, moving-average observers, AdamW moments, schedule, data position) ends
+    where the run that went on ends: tolerance 0."""
+    args = [*RUN, "trainer.max_steps=4", "export.enabled=false", "checkpoint.every_n_steps=2",
+            "quant.weight.observer=moving_average"]
+    two_processes("fsdp2", args, tmp_path / "straight")
+    step2 = tmp_path / "straight" / "checkpoints" / "epoch=0-step=2.ckpt"
+    two_processes("fsdp2", args, tmp_path / "resumed", f"ckpt_path='{step2}'")
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)
+            for d in ("straight", "resumed"))
+    assert b["global_step"] == 4 and a["qat"]["loss_history"] == b["qat"]["loss_history"]
+    assert any("observer.min_val" in k for k in a["state_dict"])
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text())
+               for d in ("straight", "resumed")]
+    assert metrics[1]["resumed_from"] == str(step2) and metrics[0]["ppl"] == metrics[1]["ppl"]

@@ -1,26 +1,13 @@
-"""Multi-device strategies that need more than a YAML file can say."""
+"""Multi-device strategies that need more than a YAML file can say: FSDP2 (trainer=fsdp2).
+
+Lightning's FSDP1 strategy (trainer=fsdp until 2026-12) is gone: it ran on CUDA only, so never
+in a test here, and wrapped decoder blocks by a list of class names; FSDP2 finds them from the
+structure and runs on CPUs (gloo) too."""
 from __future__ import annotations
 
-import functools
-from typing import Any, Iterable
+from typing import Any
 
 from torch import nn
-
-
-def _wrap_by_name(module: nn.Module, recurse: bool, nonwrapped_numel: int,
-                  names: frozenset[str]) -> bool:
-    return recurse or type(module).__name__ in names
-
-
-def fsdp(wrap: Iterable[str] = ("LlamaDecoderLayer",), **kwargs: Any):
-    """Lightning's FSDPStrategy with one FSDP unit per module whose class name is in `wrap`.
-
-    Class names, not classes, so one config serves every architecture; kwargs go to FSDPStrategy.
-    """
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    policy = functools.partial(_wrap_by_name, names=frozenset(wrap))
-    return FSDPStrategy(auto_wrap_policy=policy, **kwargs)
 
 
 DTYPES = {None: None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
