@@ -74,6 +74,14 @@ def _check_together(cfg: DictConfig, specs: dict) -> None:
             instantiate(strategy)
         except InstantiationException as err:
             raise ConfigError(str(err.__cause__ or err)) from err
+    prune = specs["prune"]
+    sharded = isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith(
+        ".fsdp2")
+    if sharded and prune.enabled and (prune.schedule == "gradual" or prune.start_step > 0):
+        raise ConfigError(f"prune.schedule={prune.schedule!r} with prune.start_step="
+                          f"{prune.start_step} recomputes masks during training, which "
+                          "trainer=fsdp2 does not support yet (the weights are sharded): use "
+                          "prune.schedule=oneshot or constant from step 0, or trainer=ddp")
     max_steps = cfg.trainer.get("max_steps", -1)
     if not isinstance(max_steps, int) or max_steps < 0:
         raise ConfigError(f"trainer.max_steps={max_steps!r} must be an integer >= 0")

@@ -1,0 +1,144 @@
+"""Per-rank peak memory of FSDP2 against DDP and one process (issue 32).
+
+    python bench/sharded.py                    # 24-block synthetic Llama (~310M), weights and scales
+    python bench/sharded.py --layers 4 --dry-run
+
+A synthetic Llama (hidden 1024, MLP 2816, vocab 512: random weights from transformers' own config
+class, float32, the tiny tokenizer) trained `trainer.max_steps=2` steps of W4 g64 fake
+quantization as `python train.py model.path=DIR recipe=w4g64 data=tiny eval.fp_ppl=false
+export.enabled=false`, end-to-end training of the weights (`optim.trainable=weights`: weights,
+gradients and AdamW moments) or of the scales alone (`scales`: the codes held, int8), in one
+process and in 2 gloo processes under `trainer=ddp` and `trainer=fsdp2` (half the batch each).
+Every rank runs this script as its entry point (Lightning's launcher starts rank 1 with the same
+command), which writes the process's peak RSS (VmHWM, mapped file pages included) when it exits.
+2 processes on 2 cores measure memory and correctness, not speed. Writes
+bench/results/sharded.json and the `sharded` section of BENCHMARKS.md. Needs Linux.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RSS_DIR = "QAT_BENCH_RSS_DIR"  # set: this process is a run (a rank), not the bench
+
+WIDTH = dict(hidden_size=1024, intermediate_size=2816, vocab_size=512, num_attention_heads=16,
+             num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
+OVERRIDES = ["recipe=w4g64", "data=tiny", "eval.fp_ppl=false", "trainer.max_steps=2",
+             "logger=none", "trainer.enable_progress_bar=false", "export.enabled=false",
+             "data.block_size=128"]
+MODES = {"one process": ["data.batch_size=4"],
+         "ddp, 2 processes": ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                              "data.batch_size=2"],
+         "fsdp2, 2 processes": ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2",
+                                "data.batch_size=2"]}
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM")
+
+
+def as_rank() -> None:
+    """Run train.py here, and write this process's peak RSS at exit, named by its rank."""
+    rank = os.environ.get("LOCAL_RANK", "0")
+    out = Path(os.environ[RSS_DIR]) / f"rank{rank}.json"
+    atexit.register(lambda: out.write_text(json.dumps({"rank": int(rank),
+                                                       "peak_rss": _peak_rss()})))
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from qat.train.__main__ import main
+
+    main()
+
+
+def build_model(layers: int, directory: Path) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.models.tiny import tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", num_hidden_layers=layers, **WIDTH)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(directory)
+    tokenizer = tiny_tokenizer(WIDTH["vocab_size"])
+    tokenizer.model_max_length = WIDTH["max_position_embeddings"]
+    tokenizer.save_pretrained(directory)
+    return params
+
+
+def run(model_dir: Path, mode: list[str], trainable: str, work: Path) -> list[int]:
+    """Peak RSS of each rank of one run, rank order."""
+    rss_dir = Path(tempfile.mkdtemp(dir=work))
+    run_dir = work / f"run-{rss_dir.name}"
+    env = {**os.environ, RSS_DIR: str(rss_dir), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, os.path.abspath(__file__), f"model.path={model_dir}", *OVERRIDES,
+               f"optim.trainable={trainable}", *mode, f"hydra.run.dir={run_dir}"]
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
+    ranks = [json.loads(p.read_text()) for p in rss_dir.glob("rank*.json")]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return [r["peak_rss"] for r in sorted(ranks, key=lambda r: r["rank"])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import RESULTS, command, machine, markdown_table, update_section, write_json
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--dry-run", action="store_true", help="no files written")
+    args = parser.parse_args(argv)
+    load = os.getloadavg()[0]
+    work = Path(tempfile.mkdtemp(prefix="qat-sharded-"))
+    rows = []
+    try:
+        params = build_model(args.layers, work / "model")
+        for trainable in ("weights", "scales"):
+            for name, mode in MODES.items():
+                peaks = run(work / "model", mode, trainable, work)
+                row = {"training": trainable, "run": name,
+                       "peak RSS per rank, GiB": " / ".join(f"{p / 2**30:.2f}" for p in peaks),
+                       "bytes per parameter per rank": " / ".join(f"{p / params:.1f}"
+                                                                  for p in peaks)}
+                rows.append(row)
+                print(row, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.dry_run:
+        return 0
+    write_json(RESULTS / "sharded.json", {"params": params, "layers": args.layers,
+                                          "width": WIDTH, "rows": rows})
+    body = "\n".join([
+        "### Sharded training: per-rank peak memory (issue 32)",
+        "",
+        f"`{command()}` on {machine()}; load average before the run {load:.2f}. A synthetic "
+        f"Llama of {args.layers} blocks ({params / 1e6:.0f}M parameters, float32, hidden "
+        f"{WIDTH['hidden_size']}, MLP {WIDTH['intermediate_size']}), W4 g64, 2 training steps of "
+        "4 x 128 tokens (2 x 128 per rank), peak RSS of each rank's process (rank 0 / rank 1; "
+        "VmHWM, the model files' mapped pages included). `weights`: weights, gradients and "
+        "AdamW moments train; `scales`: only the scales, the codes held as int8.",
+        "",
+        markdown_table(rows, list(rows[0])),
+    ])
+    update_section("sharded", body)
+    return 0
+
+
+if __name__ == "__main__":
+    if os.environ.get(RSS_DIR):
+        as_rank()
+    else:
+        sys.exit(main())
