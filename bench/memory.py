@@ -93,20 +93,21 @@ def child(model_dir: str, recipe: str, run_dir: str, out: str, *extra: str) -> N
                            "peak": max(peak for _, peak in handler.peaks)})
 
 
-def build_model(layers: int, directory: Path) -> int:
-    """A random Llama of WIDTH with `layers` blocks, saved in float32; returns its parameters."""
+def build_model(layers: int, directory: Path, width: dict = WIDTH) -> int:
+    """A random Llama of `width` with `layers` blocks, saved in float32; returns its
+    parameters."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qat.models.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", num_hidden_layers=layers, **WIDTH)
+    config = AutoConfig.for_model("llama", num_hidden_layers=layers, **width)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(directory)
-    tokenizer = tiny_tokenizer(WIDTH["vocab_size"])
-    tokenizer.model_max_length = WIDTH["max_position_embeddings"]
+    tokenizer = tiny_tokenizer(width["vocab_size"])
+    tokenizer.model_max_length = width["max_position_embeddings"]
     tokenizer.save_pretrained(directory)
     return params
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -40,19 +41,26 @@ MODES = {"one process": ["data.batch_size=4"],
                                 "data.batch_size=2"]}
 
 
-def _peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM")
-
-
 def as_rank() -> None:
     """Run train.py here, and write this process's peak RSS at exit, named by its rank."""
     rank = os.environ.get("LOCAL_RANK", "0")
     out = Path(os.environ[RSS_DIR]) / f"rank{rank}.json"
-    atexit.register(lambda: out.write_text(json.dumps({"rank": int(rank),
-                                                       "peak_rss": _peak_rss()})))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from memory import PeakPerStage
+
+    handler = PeakPerStage()  # each stage's own peak (VmHWM, reset at every stage mark)
+    logger = logging.getLogger("qat.train")
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+
+    def write() -> None:
+        handler.close_stage()
+        stages: dict[str, int] = {}
+        for name, peak in handler.peaks:
+            stages[name] = max(stages.get(name, 0), peak)
+        out.write_text(json.dumps({"rank": int(rank), "peak_rss": max(stages.values()),
+                                   "stages": stages}))
+    atexit.register(write)
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     from qat.train.__main__ import main
@@ -60,25 +68,8 @@ def as_rank() -> None:
     main()
 
 
-def build_model(layers: int, directory: Path) -> int:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qat.models.tiny import tiny_tokenizer
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", num_hidden_layers=layers, **WIDTH)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(directory)
-    tokenizer = tiny_tokenizer(WIDTH["vocab_size"])
-    tokenizer.model_max_length = WIDTH["max_position_embeddings"]
-    tokenizer.save_pretrained(directory)
-    return params
-
-
-def run(model_dir: Path, mode: list[str], trainable: str, work: Path) -> list[int]:
-    """Peak RSS of each rank of one run, rank order."""
+def run(model_dir: Path, mode: list[str], trainable: str, work: Path) -> list[dict]:
+    """Each rank's peak RSS, whole run and per stage, rank order."""
     rss_dir = Path(tempfile.mkdtemp(dir=work))
     run_dir = work / f"run-{rss_dir.name}"
     env = {**os.environ, RSS_DIR: str(rss_dir), "OMP_NUM_THREADS": "1",
@@ -90,12 +81,13 @@ def run(model_dir: Path, mode: list[str], trainable: str, work: Path) -> list[in
         raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
     ranks = [json.loads(p.read_text()) for p in rss_dir.glob("rank*.json")]
     shutil.rmtree(run_dir, ignore_errors=True)
-    return [r["peak_rss"] for r in sorted(ranks, key=lambda r: r["rank"])]
+    return sorted(ranks, key=lambda r: r["rank"])
 
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import RESULTS, command, machine, markdown_table, update_section, write_json
+    from memory import build_model
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=24)
@@ -105,14 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="qat-sharded-"))
     rows = []
     try:
-        params = build_model(args.layers, work / "model")
+        params = build_model(args.layers, work / "model", WIDTH)
         for trainable in ("weights", "scales"):
             for name, mode in MODES.items():
-                peaks = run(work / "model", mode, trainable, work)
+                ranks = run(work / "model", mode, trainable, work)
+
+                def per_rank(values, unit):
+                    return " / ".join(unit(v) for v in values)
+                whole = [r["peak_rss"] for r in ranks]
+                e2e = [r["stages"].get("end-to-end", 0) for r in ranks]
                 row = {"training": trainable, "run": name,
-                       "peak RSS per rank, GiB": " / ".join(f"{p / 2**30:.2f}" for p in peaks),
-                       "bytes per parameter per rank": " / ".join(f"{p / params:.1f}"
-                                                                  for p in peaks)}
+                       "peak RSS, GiB": per_rank(whole, lambda v: f"{v / 2**30:.2f}"),
+                       "bytes / param": per_rank(whole, lambda v: f"{v / params:.1f}"),
+                       "end-to-end stage, GiB": per_rank(e2e, lambda v: f"{v / 2**30:.2f}"),
+                       "e2e bytes / param": per_rank(e2e, lambda v: f"{v / params:.1f}"),
+                       "where the peak is": per_rank(ranks, lambda r: max(
+                           r["stages"], key=r["stages"].get))}
                 rows.append(row)
                 print(row, flush=True)
     finally:
@@ -128,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Llama of {args.layers} blocks ({params / 1e6:.0f}M parameters, float32, hidden "
         f"{WIDTH['hidden_size']}, MLP {WIDTH['intermediate_size']}), W4 g64, 2 training steps of "
         "4 x 128 tokens (2 x 128 per rank), peak RSS of each rank's process (rank 0 / rank 1; "
-        "VmHWM, the model files' mapped pages included). `weights`: weights, gradients and "
-        "AdamW moments train; `scales`: only the scales, the codes held as int8.",
+        "VmHWM, the model files' mapped pages included), for the whole run and for its "
+        "end-to-end stage alone (the peak reset at each stage mark of train(cfg), as "
+        "bench/memory.py does). `weights`: weights, gradients and AdamW moments train; "
+        "`scales`: only the scales, the codes held as int8.",
         "",
         markdown_table(rows, list(rows[0])),
     ])

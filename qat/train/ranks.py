@@ -105,4 +105,5 @@ def take(model: torch.nn.Module, run_dir: Path, wait_minutes: float) -> None:
                                f"({done}, launch {launch}); raise launch.stage_wait_minutes "
                                "for a longer calibration, or check rank 0's log")
         time.sleep(1.0)
-    model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
+    # mapped, not read: the file's pages are copied into the model's tensors, never held twice
+    model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True, mmap=True))
