@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="qat-sharded-"))
-    rows = []
+    rows, stages = [], []
     try:
         params = build_model(args.layers, work / "model", WIDTH)
         for trainable in ("weights", "scales"):
@@ -115,23 +115,33 @@ def main(argv: list[str] | None = None) -> int:
                            r["stages"], key=r["stages"].get))}
                 rows.append(row)
                 print(row, flush=True)
+                stages.append({"training": trainable, "run": name,
+                               "stages per rank": [r["stages"] for r in ranks]})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    for row, raw in zip(rows, stages):  # the baseline: DDP's largest rank, same training
+        ddp = next(r for r in stages if r["training"] == row["training"] and
+                   r["run"].startswith("ddp"))
+        worst = max(s.get("end-to-end", 0) for s in raw["stages per rank"])
+        row["e2e vs ddp"] = round(worst / max(s.get("end-to-end", 0)
+                                              for s in ddp["stages per rank"]), 2)
     if args.dry_run:
         return 0
     write_json(RESULTS / "sharded.json", {"params": params, "layers": args.layers,
-                                          "width": WIDTH, "rows": rows})
+                                          "width": WIDTH, "rows": rows, "stages": stages})
     body = "\n".join([
         "### Sharded training: per-rank peak memory (issue 32)",
         "",
-        f"`{command()}` on {machine()}; load average before the run {load:.2f}. A synthetic "
+        f"`{command()}` on {machine()} (each run's processes: one thread each); load average "
+        f"before the run {load:.2f}. A synthetic "
         f"Llama of {args.layers} blocks ({params / 1e6:.0f}M parameters, float32, hidden "
         f"{WIDTH['hidden_size']}, MLP {WIDTH['intermediate_size']}), W4 g64, 2 training steps of "
         "4 x 128 tokens (2 x 128 per rank), peak RSS of each rank's process (rank 0 / rank 1; "
         "VmHWM, the model files' mapped pages included), for the whole run and for its "
         "end-to-end stage alone (the peak reset at each stage mark of train(cfg), as "
         "bench/memory.py does). `weights`: weights, gradients and AdamW moments train; "
-        "`scales`: only the scales, the codes held as int8.",
+        "`scales`: only the scales, the codes held as int8. `e2e vs ddp`: the largest rank's "
+        "end-to-end peak over DDP's, same training.",
         "",
         markdown_table(rows, list(rows[0])),
     ])
