@@ -130,10 +130,12 @@ class SQNRCallback(L.Callback):
         self.last_table: list[dict] = []
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        # sharded (trainer=fsdp2), every rank takes part in gathering each unit's weights in
+        # turn; otherwise rank zero alone measures. Rank zero reports.
+        sharded = getattr(trainer.strategy, "shard", None) is not None
+        if trainer.sanity_checking or not (trainer.is_global_zero or sharded):
             return
         model = getattr(pl_module, "model", pl_module)  # QATModule keeps the HF model in .model
-        # every rank measures (FSDP2 gathers each unit's weights in turn); rank zero reports
         table = sqnr_table(model)
         if not table or not trainer.is_global_zero:
             return

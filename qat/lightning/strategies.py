@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 
-DTYPES = {None: None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("float32", "bfloat16", "float16")  # FSDP2's compute and reduce dtypes (or null)
 
 
 def shard_blocks(model: nn.Module, mesh, param_dtype: str | None = None,
@@ -44,9 +44,9 @@ def fsdp2(param_dtype: str | None = None, reduce_dtype: str | None = "float32", 
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
-        if value not in DTYPES:
+        if value is not None and value not in DTYPES:
             raise ValueError(f"trainer.strategy.{name}={value!r} is not allowed; one of "
-                             f"{[k for k in DTYPES if k]} or null")
+                             f"{list(DTYPES)} or null")
 
     class FSDP2Strategy(ModelParallelStrategy):
         def setup_environment(self) -> None:

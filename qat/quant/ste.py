@@ -119,17 +119,24 @@ class _FakeQuantLinear(torch.autograd.Function):
             grad_x = (g2 @ w_hat.view(weight.shape).to(g2.dtype)).view(x.shape)
         if want_w or want_s or want_z:
             grad_w_hat = (g2.t() @ x.reshape(-1, weight.shape[1]).to(g2.dtype)).float()
-            grad_w_hat = grad_w_hat.view(ctx.group_shape)
-            if fused and not (want_s or want_z):
-                grad_w = native.mask_grad_(grouped, grad_w_hat.contiguous(), scale, zero_point,
-                                           *qrange(ctx.bits))
-            else:
-                grad_w, grad_s, grad_z = _ste_grads(grad_w_hat, grouped, scale, zero_point,
-                                                    ctx.bits, want_w, want_s, want_z)
+            grad_w, grad_s, grad_z = _weight_grads(grad_w_hat.view(ctx.group_shape), grouped,
+                                                   scale, zero_point, ctx.bits, fused, want_w,
+                                                   want_s, want_z)
             grad_w = grad_w.view(weight.shape).to(weight.dtype) if grad_w is not None else None
         if want_b:
             grad_b = g2.sum(0).to(grad_y.dtype)
         return grad_x, grad_w, grad_s, grad_z, grad_b, None
+
+
+def _weight_grads(grad_w_hat: torch.Tensor, grouped: torch.Tensor, scale: torch.Tensor,
+                  zero_point: torch.Tensor | None, bits: int, fused: bool, want_w: bool,
+                  want_s: bool, want_z: bool):
+    """(dL/dw, dL/ds, dL/dzp) from dL/dw_hat in the grouped shape: the native kernel's one-pass
+    mask when only the weight wants a gradient, the straight-through estimator's otherwise."""
+    if fused and not (want_s or want_z):
+        return native.mask_grad_(grouped, grad_w_hat.contiguous(), scale, zero_point,
+                                 *qrange(bits)), None, None
+    return _ste_grads(grad_w_hat, grouped, scale, zero_point, bits, want_w, want_s, want_z)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -184,14 +191,9 @@ class _FakeQuantGroupedLinear(torch.autograd.Function):
             grad_x = segment_matmul(g, w_hat.view(n, *shape).to(g.dtype), counts)
         if want_w or want_s or want_z:
             grad_w_hat = segment_outer(g, x.to(g.dtype), counts).float().view(w.shape)
-            if fused and not (want_s or want_z):
-                grad_w = native.mask_grad_(w, grad_w_hat.contiguous(), scale, zero_point,
-                                           *qrange(ctx.bits))
-                grad_s = grad_z = None
-            else:
-                grad_w, grad_s, grad_z = _ste_grads(grad_w_hat, w, scale, zero_point, ctx.bits,
-                                                    want_w, want_s, want_z)
-            for i, full in enumerate((grad_w, grad_s, grad_z)):
+            full_grads = _weight_grads(grad_w_hat, w, scale, zero_point, ctx.bits, fused, want_w,
+                                       want_s, want_z)
+            for i, full in enumerate(full_grads):
                 if full is None:
                     continue
                 for e, part in enumerate(full.chunk(n)):

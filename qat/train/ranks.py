@@ -26,21 +26,18 @@ LAUNCH = "QAT_LAUNCH_ID"  # set by rank 0 for the processes Lightning's launcher
 
 
 def world_size(cfg: DictConfig) -> int:
-    """Processes the trainer config asks for: devices (a count, a list, or auto: every GPU) times
-    nodes."""
+    """Processes the trainer config asks for: devices (a count, a list of indices, or auto / -1:
+    every visible GPU) times nodes."""
     trainer = cfg.trainer
-    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and devices.lstrip("-").isdigit():
         devices = int(devices)
-    if isinstance(devices, int) and devices >= 0:
-        count = devices
-    elif isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") \
-            and not isinstance(devices, str):
-        count = len(devices)
-    else:  # auto or -1: every visible device of the accelerator
-        count = torch.cuda.device_count() \
-            if str(trainer.get("accelerator", "auto")) in ("gpu", "cuda", "auto") else 1
-    return max(count, 1) * int(nodes)
+    if isinstance(devices, str) or devices == -1:  # auto
+        count = torch.cuda.device_count() if trainer.get("accelerator", "auto") in (
+            "gpu", "cuda", "auto") else 1
+    else:
+        count = devices if isinstance(devices, int) else len(devices)
+    return max(count, 1) * int(trainer.get("num_nodes", 1) or 1)
 
 
 def distributed(cfg: DictConfig) -> bool:

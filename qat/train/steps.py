@@ -137,12 +137,13 @@ def stage_device(specs: Specs, cfg: DictConfig) -> torch.device:
 
 def check_teacher_cache(specs: Specs, cfg: DictConfig) -> None:
     """distill.cache_top_k is built by one process for one process: refused under DDP/FSDP."""
-    trainer = cfg.trainer
-    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
-    if specs.distill.enabled and specs.distill.cache_top_k and (
-            (isinstance(devices, int) and devices > 1) or (isinstance(nodes, int) and nodes > 1)):
+    from qat.train.ranks import distributed
+
+    if specs.distill.enabled and specs.distill.cache_top_k and distributed(cfg):
+        trainer = cfg.trainer
         raise ValueError(f"distill.cache_top_k={specs.distill.cache_top_k} works in one process "
-                         f"for now (trainer.devices={devices}, trainer.num_nodes={nodes}); set "
+                         f"for now (trainer.devices={trainer.get('devices', 1)}, "
+                         f"trainer.num_nodes={trainer.get('num_nodes', 1)}); set "
                          "distill.cache_top_k=0 to run the teacher on every rank")
 
 
