@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import compose_train
+from qat.models.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["recipe=w4g64", "model=tiny", "data=tiny", "logger=none", "trainer.enable_progress_bar=false",
@@ -58,7 +59,7 @@ def assert_same_run(one: Path, two: Path, keys=("first_loss", "last_loss", "ppl"
     # (a KD loss of 1e-3 is a difference of sums of terms ~10: its rounding is absolute, ~1e-6)
     for key in keys:
         assert b_metrics[key] == pytest.approx(a_metrics[key], rel=1e-5, abs=2e-6), key
-    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (one, two))
+    a, b = (read_checkpoint(d / "checkpoints" / "last.ckpt") for d in (one, two))
     # Adam divides by sqrt(v): a weight whose gradient is near zero can move by a few float32
     # ulps of its update more on one side (1.05e-6 seen on an AVX2 machine); a wrong average or a
     # missed all-reduce moves weights by ~lr = 1e-3
@@ -176,21 +177,78 @@ def test_fsdp2_shards_a_moe_and_a_non_llama_family_as_one_process_trains(family,
     assert_same_run(one_process(args), tmp_path / "fsdp2")
 
 
-def test_fsdp2_resumes_from_a_mid_run_checkpoint_exactly(tmp_path):
-    """A sharded run resumed from its step-2 checkpoint (gathered into one file, loaded back into
-    the shards: weights, moving-average observers, AdamW moments, schedule, data position) ends
-    where the run that went on ends: tolerance 0."""
+# train.py, every rank sleeping 5 s before each step from step 2 on, so that the test's SIGKILL
+# lands mid-run after the step-2 checkpoint (Lightning starts rank 1 with this same script)
+SLOW_AFTER_2 = """
+import runpy, sys, time
+from qat.lightning.module import QATModule
+original = QATModule.on_train_batch_start
+def slow(self, batch, batch_idx):
+    if self.global_step >= 2:
+        time.sleep(5)
+    return original(self, batch, batch_idx)
+QATModule.on_train_batch_start = slow
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path(%r, run_name="__main__")
+"""
+
+
+def test_fsdp2_killed_mid_run_resumes_exactly(tmp_path):
+    """Both ranks SIGKILLed after the step-2 checkpoint (distributed: each rank wrote its own
+    shards), resumed with ckpt_path=last (each rank reads its shards back: weights,
+    moving-average observers, AdamW moments, schedule, data position): the run ends where the
+    uninterrupted one ends, tolerance 0."""
+    import signal
+    import time
+
     args = [*RUN, "trainer.max_steps=4", "export.enabled=false", "checkpoint.every_n_steps=2",
             "quant.weight.observer=moving_average"]
     two_processes("fsdp2", args, tmp_path / "straight")
-    step2 = tmp_path / "straight" / "checkpoints" / "epoch=0-step=2.ckpt"
-    two_processes("fsdp2", args, tmp_path / "resumed", f"ckpt_path='{step2}'")
-    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)
-            for d in ("straight", "resumed"))
+    script = tmp_path / "slow_train.py"
+    script.write_text(SLOW_AFTER_2 % str(ROOT / "train.py"))
+    run_dir = tmp_path / "killed"
+    extra = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2"]
+    proc = subprocess.Popen([sys.executable, str(script), *args, *extra,
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step2, last = (run_dir / "checkpoints" / n for n in ("epoch=0-step=2.ckpt", "last.ckpt"))
+    deadline = time.monotonic() + 300
+    while not (step2.exists() and last.exists()
+               and read_checkpoint(last, tensors=False)["global_step"] == 2) \
+            and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # both ranks, inside the sleep before step 3
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run_dir / "metrics.json").exists()
+    assert sorted(p.name for p in step2.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # a write cut short leaves only a hidden temporary; plant one: the resume removes it
+    (run_dir / "checkpoints" / ".last.ckpt.tmp").mkdir()
+    two_processes("fsdp2", args, run_dir, "ckpt_path=last")
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+    a, b = (read_checkpoint(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "straight",
+                                                                      run_dir))
     assert b["global_step"] == 4 and a["qat"]["loss_history"] == b["qat"]["loss_history"]
     assert any("observer.min_val" in k for k in a["state_dict"])
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
-    metrics = [json.loads((tmp_path / d / "metrics.json").read_text())
-               for d in ("straight", "resumed")]
-    assert metrics[1]["resumed_from"] == str(step2) and metrics[0]["ppl"] == metrics[1]["ppl"]
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "straight",
+                                                                        run_dir)]
+    assert metrics[1]["resumed_from"].endswith("last.ckpt") and metrics[0]["ppl"] == metrics[1]["ppl"]
+
+
+def test_a_distributed_checkpoint_is_read_as_data_never_code(tmp_path):
+    """The shard index of a distributed checkpoint is a pickle: one that names anything but the
+    index's own classes is refused before it can run (torch's reader would run it)."""
+    import pickle
+
+    from qat.models.checkpoint import SHARDS_INDEX, stored_tensors
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    (tmp_path / SHARDS_INDEX).write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        stored_tensors(tmp_path)
+    assert not (tmp_path / "ran").exists()

@@ -6,10 +6,12 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from qat.export.spec import ExportSpec
 from qat.export.writer import export_model
 from qat.format.shards import parse_size
-from qat.models.checkpoint import model_from_checkpoint
+from qat.models.checkpoint import served_from_checkpoint
 
 
 def card_facts(ckpt: str, config: dict) -> dict:
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         max_bytes = parse_size(args.max_shard_size, "--max-shard-size")
-        model, tokenizer, config = model_from_checkpoint(args.ckpt)
+        # a decoder block in float at a time: a run of any size exports on one machine
+        model, tokenizer, config = served_from_checkpoint(args.ckpt, torch.bfloat16)
         out = export_model(model, tokenizer, args.out, run=card_facts(args.ckpt, config),
                            max_shard_bytes=max_bytes)
     except (FileNotFoundError, ValueError) as err:

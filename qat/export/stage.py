@@ -15,7 +15,7 @@ def export(model: torch.nn.Module, tokenizer, out_dir: Path, spec: ExportSpec,
            card: dict[str, Any] | None = None,
            measure: Callable[[torch.nn.Module], float] | None = None,
            inplace: bool = False) -> dict[str, Any]:
-    """Write `model` (fake-quantized) to `out_dir`; returns export_dir, export_bytes,
+    """Write `model` (fake-quantized, or converted in export.dtype) to `out_dir`; returns export_dir, export_bytes,
     export_weight_bytes, export_eval_backend and, with `measure`, export_ppl.
 
     The evaluated model is the in-memory conversion; the files are read back shard by shard and
@@ -31,7 +31,11 @@ def export(model: torch.nn.Module, tokenizer, out_dir: Path, spec: ExportSpec,
     from qat.kernels import QuantizedLinear
 
     dtype = getattr(torch, spec.dtype)
-    served = convert(model, dtype, inplace=inplace)  # as load_quantized(out_dir, dtype) serves it
+    from qat.quant.modules import FakeQuantLinear
+
+    # as load_quantized(out_dir, dtype) serves it (or converted already: served_from_checkpoint)
+    served = convert(model, dtype, inplace=inplace) \
+        if any(isinstance(m, FakeQuantLinear) for m in model.modules()) else model
     release_memory()  # the codes' and the conversion's freed memory, back to the kernel
     export_model(served, tokenizer, out_dir, dtype=dtype, run=card,
                  max_shard_bytes=spec.max_shard_bytes)

@@ -3,7 +3,8 @@
 Every checkpoint (Lightning's periodic ones and train.py's final one) goes through
 `AtomicCheckpointIO`: written under a temporary name, renamed when complete, so a crash or SIGKILL
 at any point leaves the previous checkpoint intact. Loading always uses
-`torch.load(weights_only=True)`: a checkpoint is data, never code.
+`torch.load(weights_only=True)`: a checkpoint is data, never code. FSDP2's distributed checkpoints
+(a directory of shards) are made atomic by `qat.lightning.strategies.save_sharded`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qat.io import atomic_path, first_difference
-from qat.models.checkpoint import read_checkpoint
+from qat.models.checkpoint import is_distributed, read_checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP = re.compile(r"step=(\d+)")
@@ -51,7 +52,7 @@ def resolve_ckpt_path(value: str | None, run_dir: Path) -> Path | None:
     if value in (None, ""):
         return None
     path = run_dir / CHECKPOINT_DIR / "last.ckpt" if str(value) == "last" else Path(value)
-    if not path.is_file():
+    if not (path.is_file() or is_distributed(path)):
         hint = " (give the run's directory with hydra.run.dir=DIR)" if str(value) == "last" else ""
         raise FileNotFoundError(f"ckpt_path={value}: no checkpoint at {path}{hint}")
     remove_stale_temporaries(path.parent)
@@ -78,7 +79,7 @@ def check_resume_config(path: Path, run_config: dict[str, Any]) -> None:
     Raises ValueError naming `ckpt_path` and the first differing field of model/quant/prune.
     """
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, tensors=False)
     except ValueError as err:
         raise ValueError(str(err).replace("--ckpt ", "ckpt_path=", 1)) from err
     saved = ckpt.get("qat", {}).get("config", {})
@@ -102,8 +103,5 @@ def last_good_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
         if best is None or step > best[1]:
             best = (path, step)
     if best is not None and best[1] < 0:  # only last.ckpt: read its step
-        import torch
-
-        best = (best[0], int(torch.load(best[0], map_location="cpu", weights_only=True)
-                             .get("global_step", 0)))
+        best = (best[0], int(read_checkpoint(best[0], tensors=False).get("global_step", 0)))
     return best

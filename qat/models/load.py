@@ -54,6 +54,34 @@ def load_model(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     return _from_pretrained(spec.name, spec)
 
 
+def load_skeleton(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model `spec` names with its parameters on the meta device (buffers such as rotary
+    tables computed as usual), and its tokenizer: the frame a run checkpoint's tensors fill,
+    with no weights read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+
+    if spec.path is None and spec.name == "tiny":
+        tokenizer = tiny_tokenizer(spec.vocab_size)
+        tokenizer.model_max_length = spec.max_position_embeddings
+        with init_empty_weights():
+            return tiny_model(spec, tokenizer), tokenizer
+    source = str(model_dir(spec) or spec.name)
+    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    if spec.attn_implementation is not None:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=spec.torch_dtype, **kwargs)
+    try:  # as from_pretrained reads it (the export writes it)
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:
+        pass
+    unfuse(model)
+    return model.eval(), tokenizer
+
+
 def model_dir(spec: ModelSpec) -> Path | None:
     """The local directory of the model's safetensors files (model.path, or the builtin's cache),
     or None when the model has none there (model.name=tiny, a hub id)."""

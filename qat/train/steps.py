@@ -289,7 +289,8 @@ def write_reports(run_dir: Path, specs: Specs, model, report, ptq_report, block_
 
 def export_run(model, tokenizer, eval_ids: torch.Tensor, run_dir: Path, specs: Specs, trainer,
                metrics: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
-    """The export stage on the trained model (FSDP: rebuilt from the gathered checkpoint), its
+    """The export stage on the trained model (FSDP2: rebuilt from the checkpoint, a block at a
+    time: no rank holds the whole float model), its
     perplexity on the protocol (the reloaded export computing on `device`), and the N:M check of
     what it stores."""
     from qat.eval.stage import protocol_ppl
@@ -300,10 +301,11 @@ def export_run(model, tokenizer, eval_ids: torch.Tensor, run_dir: Path, specs: S
         with placement.computing_on(served, device or "cpu"):
             return protocol_ppl(served, eval_ids, data, "export ppl")
 
-    if is_sharded(trainer):
-        from qat.models.checkpoint import model_from_checkpoint
+    if is_sharded(trainer):  # converted a block at a time from the ranks' shards on disk
+        from qat.models.checkpoint import served_from_checkpoint
 
-        model, tokenizer, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        model, tokenizer, _ = served_from_checkpoint(run_dir / "checkpoints" / "last.ckpt",
+                                                     getattr(torch, specs.export.dtype))
     data = specs.data
     card = {"base_model": metrics["model"], "recipe": metrics["recipe"],
             "command": metrics.get("command"), "fp_ppl": metrics.get("fp_ppl"),
