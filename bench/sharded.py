@@ -6,7 +6,7 @@
 A synthetic Llama (hidden 1024, MLP 2816, vocab 512: random weights from transformers' own config
 class, float32, the tiny tokenizer) trained `trainer.max_steps=2` steps of W4 g64 fake
 quantization as `python train.py model.path=DIR recipe=w4g64 data=tiny eval.fp_ppl=false
-export.enabled=false`, end-to-end training of the weights (`optim.trainable=weights`: weights,
+export.evaluate=false` (checkpoint and export written, the export not evaluated), end-to-end training of the weights (`optim.trainable=weights`: weights,
 gradients and AdamW moments) or of the scales alone (`scales`: the codes held, int8), in one
 process and in 2 gloo processes under `trainer=ddp` and `trainer=fsdp2` (half the batch each).
 Every rank runs this script as its entry point (Lightning's launcher starts rank 1 with the same
@@ -32,8 +32,8 @@ RSS_DIR = "QAT_BENCH_RSS_DIR"  # set: this process is a run (a rank), not the be
 WIDTH = dict(hidden_size=1024, intermediate_size=2816, vocab_size=512, num_attention_heads=16,
              num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
 OVERRIDES = ["recipe=w4g64", "data=tiny", "eval.fp_ppl=false", "trainer.max_steps=2",
-             "logger=none", "trainer.enable_progress_bar=false", "export.enabled=false",
-             "data.block_size=128"]
+             "logger=none", "trainer.enable_progress_bar=false", "export.enabled=true",
+             "export.evaluate=false", "data.block_size=128"]
 MODES = {"one process": ["data.batch_size=4"],
          "ddp, 2 processes": ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                               "data.batch_size=2"],
@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         "4 x 128 tokens (2 x 128 per rank), peak RSS of each rank's process (rank 0 / rank 1; "
         "VmHWM, the model files' mapped pages included), for the whole run and for its "
         "end-to-end stage alone (the peak reset at each stage mark of train(cfg), as "
-        "bench/memory.py does). `weights`: weights, gradients and AdamW moments train; "
+        "bench/memory.py does); the checkpoint and the export are written (FSDP2: a "
+        "distributed checkpoint, the export read from it a block at a time), not evaluated; "
+        "under FSDP2 rank 1 builds the model on the meta device and holds only its shards. "
+        "`weights`: weights, gradients and AdamW moments train; "
         "`scales`: only the scales, the codes held as int8. `e2e vs ddp`: the largest rank's "
         "end-to-end peak over DDP's, same training.",
         "",

@@ -86,6 +86,15 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(strategy, tm
     checkpoint and export): the same training of weights as one process."""
     two_processes(strategy, RUN, tmp_path / strategy)
     assert_same_run(one_process(RUN), tmp_path / strategy)
+    if strategy == "fsdp2":  # the export's model, built a block at a time from the shards, is
+        from qat.export.convert import convert, served_from_checkpoint  # the conversion of
+        from qat.models.checkpoint import model_from_checkpoint  # the whole model
+
+        path = tmp_path / strategy / "checkpoints" / "last.ckpt"
+        whole = convert(model_from_checkpoint(path)[0], torch.bfloat16).state_dict()
+        blocks = served_from_checkpoint(path, torch.bfloat16)[0].state_dict()
+        assert whole.keys() == blocks.keys()
+        assert all(torch.equal(whole[k], blocks[k]) for k in whole)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
@@ -108,7 +117,8 @@ def test_multi_device_trainer_configs_compose_and_instantiate():
 
 
 
-KD = ["recipe=w4g64_kd", "quant.init=gptq", "model=tiny", "data=tiny", "logger=none",
+PTQ = ["ptq.calibration_samples=4", "ptq.seq_len=32", "ptq.progress=false"]
+KD = ["recipe=w4g64_kd", "quant.init=gptq", "data=tiny", "logger=none",
       "trainer.enable_progress_bar=false", "trainer.max_steps=3", "optim.scale_lr=1e-3",
       "export.enabled=true", "ptq.calibration_samples=4", "ptq.seq_len=32", "ptq.progress=false",
       "blockwise.samples=4", "blockwise.seq_len=32", "blockwise.epochs=1",
@@ -116,18 +126,29 @@ KD = ["recipe=w4g64_kd", "quant.init=gptq", "model=tiny", "data=tiny", "logger=n
 ONCE = ("float ppl", "ptq", "block stage")  # the stages before training
 
 
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny Llama with files: its teacher is onloaded from them, not copied."""
+    from test_architectures import tiny_model_dir
+
+    return tiny_model_dir("llama", tmp_path_factory.mktemp("llama"))
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_stages_before_training_run_once_and_train_what_one_process_does(strategy, tmp_path,
-                                                                        one_process):
+                                                                        one_process, llama_dir):
     """Rank 0 alone measures the float model, calibrates (GPTQ) and trains the blocks; rank 1
-    takes its calibrated model. The KD run of scales then ends where one process with the same
+    takes its calibrated model (under FSDP2 built on the meta device, only its own shards
+    filled from rank 0's file). The KD run of scales then ends where one process with the same
     global batch ends, data parallel or sharded."""
-    log = two_processes(strategy, KD, tmp_path / strategy, "hydra.verbose=qat.train")
+    args = [*KD, f"model.path={llama_dir}"]
+    log = two_processes(strategy, args, tmp_path / strategy, "hydra.verbose=qat.train")
     for stage in ONCE:
         assert log.count(f"stage: {stage}\n") == 1, (stage, log[-3000:])
-    assert log.count("stage: rank 0's calibrated model\n") == 1
+    taken = "rank 0's calibrated model" + (", own shards" if strategy == "fsdp2" else "")
+    assert log.count(f"stage: {taken}\n") == 1
     assert log.count("stage: end-to-end\n") == 2  # both ranks train
-    assert_same_run(one_process(KD), tmp_path / strategy,
+    assert_same_run(one_process(args), tmp_path / strategy,
                     ("fp_ppl", "block_ppl", "first_loss", "last_loss", "ppl", "export_ppl"))
 
 
@@ -195,14 +216,14 @@ runpy.run_path(%r, run_name="__main__")
 
 def test_fsdp2_killed_mid_run_resumes_exactly(tmp_path):
     """Both ranks SIGKILLed after the step-2 checkpoint (distributed: each rank wrote its own
-    shards), resumed with ckpt_path=last (each rank reads its shards back: weights,
-    moving-average observers, AdamW moments, schedule, data position): the run ends where the
-    uninterrupted one ends, tolerance 0."""
+    shards), resumed with ckpt_path=last (each rank builds the model on the meta device and
+    reads its shards back: weights, GPTQ's grids, moving-average observers, AdamW moments,
+    schedule, data position): the run ends where the uninterrupted one ends, tolerance 0."""
     import signal
     import time
 
     args = [*RUN, "trainer.max_steps=4", "export.enabled=false", "checkpoint.every_n_steps=2",
-            "quant.weight.observer=moving_average"]
+            "quant.weight.observer=moving_average", "quant.init=gptq", *PTQ]
     two_processes("fsdp2", args, tmp_path / "straight")
     script = tmp_path / "slow_train.py"
     script.write_text(SLOW_AFTER_2 % str(ROOT / "train.py"))
@@ -230,6 +251,8 @@ def test_fsdp2_killed_mid_run_resumes_exactly(tmp_path):
                                                                       run_dir))
     assert b["global_step"] == 4 and a["qat"]["loss_history"] == b["qat"]["loss_history"]
     assert any("observer.min_val" in k for k in a["state_dict"])
+    assert any(k.endswith("weight_fake_quant.scale") for k in a["state_dict"])  # GPTQ's grids
+    assert a["state_dict"].keys() == b["state_dict"].keys()
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     metrics = [json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "straight",

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from qat.export.convert import served_from_checkpoint
 from qat.export.spec import ExportSpec
 from qat.export.writer import export_model
 from qat.format.shards import parse_size
-from qat.models.checkpoint import served_from_checkpoint
 
 
 def card_facts(ckpt: str, config: dict) -> dict:

@@ -10,6 +10,8 @@ as the check.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,3 +92,36 @@ def cast_float_tensors(model: nn.Module, dtype: torch.dtype) -> None:
             if buffer is not None and buffer.is_floating_point() \
                     and key not in module._non_persistent_buffers_set:
                 setattr(module, key, buffer.to(dtype))
+
+
+def served_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                           backend: str = "auto") -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(served model, tokenizer, run config): what `convert` makes of model_from_checkpoint's
+    model, built a decoder block at a time: each block's float tensors are read, converted to
+    codes and dropped before the next is read, so the float model is never whole in memory (a
+    distributed checkpoint is read tensor by tensor; a one-file checkpoint is mapped)."""
+    from qat.models.checkpoint import (CheckpointTensors, check_filled, fill, read_checkpoint,
+                                       skeleton)
+    from qat.models.structure import decoder_blocks
+
+    path = Path(path)
+    ckpt = read_checkpoint(path, tensors=False)
+    model, tokenizer = skeleton(ckpt["qat"]["config"])
+    tensors = CheckpointTensors(path, ckpt if "state_dict" in ckpt else None)
+    prefix, blocks = decoder_blocks(model)
+    missing, unexpected = [], []
+    for index, block in enumerate(blocks):
+        found = fill(block, tensors, f"{prefix}.{index}.")
+        missing, unexpected = missing + found[0], unexpected + found[1]
+        if any(isinstance(m, FakeQuantLinear) for m in block.modules()):
+            convert(block, dtype, backend, inplace=True)
+        else:
+            cast_float_tensors(block, dtype)
+    found = fill(model, tensors, "", [n for n in tensors.names()
+                                       if not n.startswith(prefix + ".")])
+    missing += [n for n in found[0] if not n.startswith(prefix + ".")]
+    check_filled(model, path, missing, unexpected + found[1])
+    if any(isinstance(m, FakeQuantLinear) for m in model.modules()):  # a quantized head
+        convert(model, dtype, backend, inplace=True)
+    cast_float_tensors(model, dtype)
+    return model.eval(), tokenizer, ckpt["qat"]["config"]

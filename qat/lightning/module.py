@@ -83,6 +83,8 @@ class QATModule(L.LightningModule):
         self._val_tokens = 0
         self.loss_history: list[float] = []  # per batch, mean over ranks; checkpointed
         self.skip_nonfinite = skip_nonfinite
+        # FSDP2: the other ranks built the model on the meta device; rank 0 sends their shards
+        self.fill_from_rank0 = False
         self.skipped_steps: list[int] = []  # steps whose update a non-finite loss cancelled
         self._skip_update = False
         self._consecutive_skips = 0
@@ -90,10 +92,11 @@ class QATModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under trainer=fsdp2, shard the model block by block (once: a resumed or validated
-        model is sharded already)."""
-        shard = getattr(self.trainer.strategy, "shard", None)
-        if shard is not None and not getattr(self, "_sharded", False):
-            shard(self.model)
+        model is sharded already); ranks that built it on meta get their shards here."""
+        if hasattr(self.trainer.strategy, "shard") and not getattr(self, "_sharded", False):
+            from qat.lightning.strategies import shard_model
+
+            shard_model(self.model, self.trainer.strategy, self.fill_from_rank0)
             self._sharded = True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

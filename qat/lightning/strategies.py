@@ -41,6 +41,60 @@ def shard_blocks(model: nn.Module, mesh, param_dtype: str | None = None,
     return len(blocks)
 
 
+def fill_shards(model: nn.Module, device, full: dict | None = None,
+                from_rank0: bool = False) -> None:
+    """A sharded model's shards made on `device` where they are still on the meta device (the
+    model was built there), and with `from_rank0` filled from rank 0's full state dict `full`
+    (None on the other ranks: every rank calls this, each keeps its own rows of what rank 0
+    sends). Without it, a checkpoint fills them. Buffers computed when the model was built
+    (rotary tables) keep their values."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        built = {name: b for name, b in model.named_buffers() if not b.is_meta}
+        model.to_empty(device=device)
+        for name, buffer in built.items():
+            owner, _, leaf = name.rpartition(".")
+            (model.get_submodule(owner) if owner else model)._buffers[leaf] = buffer.to(device)
+    if from_rank0:
+        set_model_state_dict(model, full or {}, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+
+
+def shard_model(model: nn.Module, strategy, from_rank0: bool = False) -> None:
+    """`strategy.shard(model)` on every rank. `from_rank0`: the other ranks built the model on
+    the meta device; they first take on rank 0's layout (`match_layout`), then receive their
+    own shards of rank 0's tensors (`fill_shards`). A model still on meta without it (a
+    resumed run) gets empty shards for the checkpoint to fill."""
+    full = None
+    if from_rank0:
+        zero = strategy.global_rank == 0
+        full = model.state_dict() if zero else None
+        layout = strategy.broadcast({k: (tuple(v.shape), v.dtype) for k, v in full.items()}
+                                    if zero else None)
+        if not zero:
+            match_layout(model, layout)
+    strategy.shard(model)
+    if from_rank0 or any(p.is_meta for p in model.parameters()):
+        fill_shards(model, strategy.root_device, full, from_rank0)
+
+
+def match_layout(model: nn.Module, layout: dict[str, tuple[tuple[int, ...], Any]],
+                 device="meta") -> None:
+    """`model` takes on the tensors that the model of `layout` (a state dict as name -> (shape,
+    dtype): rank 0's, a checkpoint's) has and it lacks or holds in another shape: the grids a
+    calibration fixed, a moving-average observer's range; made by the layers' own load hooks,
+    empty on `device` (meta: before sharding, so that every rank shards alike)."""
+    import torch
+
+    own = model.state_dict(keep_vars=True)
+    wanted = {name: torch.empty(shape, dtype=dtype, device=device)
+              for name, (shape, dtype) in layout.items()
+              if name not in own or tuple(own[name].shape) != tuple(shape)}
+    if wanted:
+        model.load_state_dict(wanted, strict=False, assign=True)
+
+
 def fsdp2(param_dtype: str | None = None, reduce_dtype: str | None = "float32",
           save_distributed_checkpoint: bool = True, **kwargs: Any):
     """Lightning's ModelParallelStrategy as FSDP2 over every rank (data parallel size = world
@@ -115,14 +169,12 @@ def load_sharded(module: nn.Module, optimizers: list, path: Path) -> dict[str, A
 
     from qat.models.checkpoint import META_FILE, load_distributed, stored_tensors
 
+    # buffers the model makes when it first runs or is calibrated (an observer's range, a
+    # static grid): made here at their stored size, as a one-file checkpoint's load makes them
+    start = "state_dict."
+    match_layout(module, {k[len(start):]: v for k, v in stored_tensors(path).items()
+                          if k.startswith(start)}, device=module.device)
     state = {"state_dict": get_model_state_dict(module)}
-    stored = stored_tensors(path)
-    for key, tensor in state["state_dict"].items():
-        # a buffer the model sizes when it first runs (a moving-average observer's range): read
-        # at its stored size, for the layer's load hook to take (as from a one-file checkpoint)
-        shape, dtype = stored.get(f"state_dict.{key}", (tensor.shape, tensor.dtype))
-        if type(tensor) is torch.Tensor and tensor.shape != shape:
-            state["state_dict"][key] = torch.empty(shape, dtype=dtype, device=tensor.device)
     load_distributed(state, path)
     module.load_state_dict(state["state_dict"], strict=module.strict_loading)
     for index, optimizer in enumerate(optimizers):

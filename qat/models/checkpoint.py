@@ -3,7 +3,8 @@
 A checkpoint is one file (`torch.save`, one process or DDP) or a distributed checkpoint: a
 directory of each rank's shards (FSDP2, torch.distributed.checkpoint) with Lightning's `meta.pt`
 beside them. Both are read here in one process, as data, never code; a distributed one tensor
-by tensor, so a model larger than memory is rebuilt a block at a time (`served_from_checkpoint`).
+by tensor, so a model larger than memory is rebuilt a block at a time
+(`qat.export.convert.served_from_checkpoint`).
 
 Below the trainer: the export and eval commands read runs without importing Lightning.
 """
@@ -158,7 +159,7 @@ class CheckpointTensors:
         return out
 
 
-def _skeleton(config: dict[str, Any]) -> tuple[nn.Module, Any]:
+def skeleton(config: dict[str, Any]) -> tuple[nn.Module, Any]:
     """The run's model as its config builds it (shrunk, linearized, fake-quantized), its
     parameters on the meta device for a checkpoint's tensors to fill."""
     from hydra.utils import instantiate
@@ -187,7 +188,7 @@ def _skeleton(config: dict[str, Any]) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def _fill(module: nn.Module, tensors: CheckpointTensors, prefix: str,
+def fill(module: nn.Module, tensors: CheckpointTensors, prefix: str,
           names: list[str] | None = None) -> tuple[list[str], list[str]]:
     """`module`'s tensors (`prefix`: its name in the model) from the checkpoint's tensors under
     `prefix` (or `names`), assigned as read, with no copy into the meta tensors; the layers'
@@ -205,46 +206,13 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, Any, dict[str, A
     """(fake-quantized model with the trained weights, tokenizer, run config)."""
     path = Path(path)
     ckpt = read_checkpoint(path, tensors=False)
-    model, tokenizer = _skeleton(ckpt["qat"]["config"])
+    model, tokenizer = skeleton(ckpt["qat"]["config"])
     tensors = CheckpointTensors(path, ckpt if "state_dict" in ckpt else None)
-    _check(model, path, *_fill(model, tensors, ""))
+    check_filled(model, path, *fill(model, tensors, ""))
     return model.eval(), tokenizer, ckpt["qat"]["config"]
 
 
-def served_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16,
-                           backend: str = "auto") -> tuple[nn.Module, Any, dict[str, Any]]:
-    """(served model, tokenizer, run config): what `qat.export.convert` makes of
-    model_from_checkpoint's model, built a decoder block at a time: each block's float tensors
-    are read, converted to codes and dropped before the next is read, so the float model is
-    never whole in memory (a distributed checkpoint of a model larger than one machine)."""
-    from qat.export.convert import cast_float_tensors, convert
-    from qat.models.structure import decoder_blocks
-    from qat.quant.modules import FakeQuantLinear
-
-    path = Path(path)
-    ckpt = read_checkpoint(path, tensors=False)
-    model, tokenizer = _skeleton(ckpt["qat"]["config"])
-    tensors = CheckpointTensors(path, ckpt if "state_dict" in ckpt else None)
-    prefix, blocks = decoder_blocks(model)
-    missing, unexpected = [], []
-    for index, block in enumerate(blocks):
-        found = _fill(block, tensors, f"{prefix}.{index}.")
-        missing, unexpected = missing + found[0], unexpected + found[1]
-        if any(isinstance(m, FakeQuantLinear) for m in block.modules()):
-            convert(block, dtype, backend, inplace=True)
-        else:
-            cast_float_tensors(block, dtype)
-    found = _fill(model, tensors, "", [n for n in tensors.names()
-                                       if not n.startswith(prefix + ".")])
-    missing += [n for n in found[0] if not n.startswith(prefix + ".")]
-    _check(model, path, missing, unexpected + found[1])
-    if any(isinstance(m, FakeQuantLinear) for m in model.modules()):  # a quantized head
-        convert(model, dtype, backend, inplace=True)
-    cast_float_tensors(model, dtype)
-    return model.eval(), tokenizer, ckpt["qat"]["config"]
-
-
-def _check(model: nn.Module, path: Path, missing: list[str], unexpected: list[str]) -> None:
+def check_filled(model: nn.Module, path: Path, missing: list[str], unexpected: list[str]) -> None:
     """Tie the head (when the config ties it: a checkpoint may not store it) and refuse a
     checkpoint that does not fill the model its config builds."""
     tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)

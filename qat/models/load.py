@@ -65,7 +65,9 @@ def load_skeleton(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizer
         tokenizer = tiny_tokenizer(spec.vocab_size)
         tokenizer.model_max_length = spec.max_position_embeddings
         with init_empty_weights():
-            return tiny_model(spec, tokenizer), tokenizer
+            model = tiny_model(spec, tokenizer)
+        model.tie_weights()  # init_empty_weights made the tied head a parameter of its own
+        return model, tokenizer
     source = str(model_dir(spec) or spec.name)
     kwargs = {"trust_remote_code": spec.trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -79,6 +81,7 @@ def load_skeleton(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizer
     except OSError:
         pass
     unfuse(model)
+    model.tie_weights()  # init_empty_weights made a tied head a parameter of its own
     return model.eval(), tokenizer
 
 

@@ -5,7 +5,9 @@ when rank 0 reaches `fit`, torchrun and SLURM start every rank at once. Rank 0 a
 float perplexity, calibrates (PTQ) and trains the blocks, then writes the model's state as the
 end-to-end stage starts from it to `<run dir>/prepared/` with the launch it belongs to; the other
 ranks skip those stages, wait for that file (several machines: the run directory must be on a
-file system they share) and load it. Pruning masks and the layer plan are deterministic and cheap
+file system they share) and load it. Under FSDP2 (`lean`) rank 0 writes only the word that it is
+ready: the other ranks built the model on the meta device and receive their own shards from
+rank 0 when the model is sharded. Pruning masks and the layer plan are deterministic and cheap
 beside calibration: every rank makes its own.
 """
 from __future__ import annotations
@@ -49,6 +51,30 @@ def follows(cfg: DictConfig) -> bool:
     return distributed(cfg) and not is_rank_zero()
 
 
+def sharded(cfg: DictConfig) -> bool:
+    """Whether the trainer shards the model across ranks (trainer=fsdp2)."""
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if hasattr(strategy, "get") else str(strategy or "")
+    return distributed(cfg) and str(target).endswith("strategies.fsdp2")
+
+
+def lean(cfg: DictConfig, specs) -> bool:
+    """Whether the ranks other than 0 (and every rank of a resumed run) build the model on the
+    meta device and hold only their own shards of it, filled once the model is sharded
+    (`qat.lightning.strategies.fill_shards`): under FSDP2, when nothing a rank runs before
+    training reads the weights (pruning masks, outlier and bit-budget calibration,
+    teacher-written data and a teacher copied from a model without files do). The same answer
+    on every rank."""
+    from qat.models.load import model_dir
+
+    copied_teacher = specs.distill.enabled and specs.distill.teacher.is_self \
+        and model_dir(specs.model) is None
+    return sharded(cfg) and specs.quant.weight is not None \
+        and not specs.prune.enabled and specs.ptq.outliers == "off" \
+        and specs.quant.budget_bits is None and not specs.data.generated_samples \
+        and not copied_teacher
+
+
 def launch_id() -> str | None:
     """What the processes of one launch share: rank 0's id handed to the ranks it starts, or
     torchrun's / SLURM's own."""
@@ -71,18 +97,34 @@ def begin(cfg: DictConfig, run_dir: Path) -> None:
         (run_dir / PREPARED / name).unlink(missing_ok=True)
 
 
-def share(model: torch.nn.Module, run_dir: Path) -> None:
-    """Rank 0: the model's state as training starts from it, for the other ranks."""
+def share(model: torch.nn.Module, run_dir: Path, state: bool = True) -> None:
+    """Rank 0: the model's state as training starts from it (its trainable part chosen: codes
+    held when the scales alone train), for the other ranks; `state` False: only the word that
+    it is ready (lean ranks receive their shards from rank 0 when the model is sharded)."""
     directory = run_dir / PREPARED
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / "state.pt") as tmp:
-        torch.save(model.state_dict(), tmp)
+    if state:
+        with atomic_path(directory / "state.pt") as tmp:
+            torch.save(model.state_dict(), tmp)
     write_json(directory / "done.json", {"launch": launch_id()})
 
 
 def take(model: torch.nn.Module, run_dir: Path, wait_minutes: float) -> None:
-    """Another rank: wait (at most `wait_minutes`) for rank 0's prepared state of this launch,
-    then load it into `model` (prepared for quantization as rank 0's was).
+    """Another rank: wait for rank 0's prepared state (`wait`), then load it into `model`
+    (prepared for quantization as rank 0's was; built on the meta device: its tensors are
+    assigned, not copied)."""
+    # mapped, not read: the file's pages are copied into the model's tensors, never held twice
+    path = wait(run_dir, wait_minutes)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    meta = any(t.is_meta for t in model.parameters())
+    model.load_state_dict(state, assign=meta)
+    if meta:  # tied parameters were assigned one tensor each: tie them again
+        model.tie_weights()
+
+
+def wait(run_dir: Path, wait_minutes: float) -> Path:
+    """Another rank: wait (at most `wait_minutes`) for rank 0's prepared state of this launch;
+    returns its file.
 
     Raises TimeoutError saying what it waited for."""
     done, state = run_dir / PREPARED / "done.json", run_dir / PREPARED / "state.pt"
@@ -102,5 +144,4 @@ def take(model: torch.nn.Module, run_dir: Path, wait_minutes: float) -> None:
                                f"({done}, launch {launch}); raise launch.stage_wait_minutes "
                                "for a longer calibration, or check rank 0's log")
         time.sleep(1.0)
-    # mapped, not read: the file's pages are copied into the model's tensors, never held twice
-    model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True, mmap=True))
+    return state

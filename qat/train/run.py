@@ -26,7 +26,7 @@ from qat.lightning.callbacks import SQNRCallback, start_pruning
 from qat.lightning.data import TextDataModule
 from qat.lightning.module import QATModule
 from qat.lightning.trainer import build_trainer, fit, save_checkpoint, validate_ppl
-from qat.models.load import model_dir
+from qat.models.load import load_skeleton, model_dir
 from qat.models.placement import computing_on
 from qat.models.structure import decoder_blocks
 from qat.prune.pruner import prune_structured
@@ -55,10 +55,17 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         ranks.begin(cfg, run_dir)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         directory = streamed.streamed_dir(specs, cfg.trainer.max_steps)
-        loaded = streamed.load_student(specs.model, directory) if directory is not None else None
-        model, tokenizer = loaded if loaded is not None else steps.load_checked(specs.model)
         # several processes: this one takes rank 0's calibrated model instead of the stages
-        follower = ranks.follows(cfg) and loaded is None and ckpt_path is None
+        follower = ranks.follows(cfg) and ckpt_path is None
+        # FSDP2: ranks that run no stage on the weights hold only their shards, filled from
+        # rank 0 (or the checkpoint) once sharded; a follower of a streamed run (the model
+        # larger than memory) builds it on meta too, for rank 0's state to fill
+        lean = ranks.lean(cfg, specs)
+        meta = follower and (lean or directory is not None) or lean and ckpt_path is not None
+        loaded = streamed.load_student(specs.model, directory) \
+            if directory is not None and not meta else None
+        model, tokenizer = load_skeleton(specs.model) if meta else loaded if loaded is not None \
+            else steps.load_checked(specs.model)
         plan(model, specs.quant) if specs.quant.weight is not None else None  # patterns, groups
         steps.check_architecture(model, specs)
         check_positions(specs.data, getattr(model.config, "max_position_embeddings", None))
@@ -114,7 +121,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             print(report)
         if store is not None and ckpt_path is None and not resume_blocks and not follower:
             store.clear()  # a new run: blocks of an earlier run in this directory do not count
-        if follower:
+        if follower and lean:  # its shards are sent by rank 0 once sharded
+            steps.stage("rank 0's calibrated model, own shards")
+            ranks.wait(run_dir, specs.launch.stage_wait_minutes)
+        elif follower:
             steps.stage("rank 0's calibrated model")
             ranks.take(model, run_dir, specs.launch.stage_wait_minutes)
         elif loaded is not None:  # the blocks come from the files one at a time, held as codes
@@ -151,9 +161,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         elif store is not None and store.exists() and not follower:  # resumed after the blocks
             block_report = store.report()
             stage_metrics = dict(store.init_info() or {})
-        if ranks.distributed(cfg) and is_rank_zero() and ckpt_path is None and loaded is None:
-            ranks.share(model, run_dir)
         set_trainable(model, specs.optim.trainable)
+        if ranks.distributed(cfg) and is_rank_zero() and ckpt_path is None:
+            ranks.share(model, run_dir, state=not lean)
     if shrunk:  # the checkpoint rebuilds the smaller model from these config changes
         run_config["model_shrink"] = shrunk["config"]
 
@@ -170,6 +180,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         steps.checkpoint_activations(model)
     module = QATModule(model, specs.optim, specs.quant.start_step, run_config, distiller,
                        skip_nonfinite=specs.guard.skip_nonfinite)
+    module.fill_from_rank0 = lean and ckpt_path is None
     data = TextDataModule.from_tokens(specs.data, tokens)
     trainer = build_trainer(cfg, specs.checkpoint, run_dir,
                             ([pruner] if pruner is not None else [])

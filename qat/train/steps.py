@@ -302,7 +302,7 @@ def export_run(model, tokenizer, eval_ids: torch.Tensor, run_dir: Path, specs: S
             return protocol_ppl(served, eval_ids, data, "export ppl")
 
     if is_sharded(trainer):  # converted a block at a time from the ranks' shards on disk
-        from qat.models.checkpoint import served_from_checkpoint
+        from qat.export.convert import served_from_checkpoint
 
         model, tokenizer, _ = served_from_checkpoint(run_dir / "checkpoints" / "last.ckpt",
                                                      getattr(torch, specs.export.dtype))
