@@ -1,14 +1,16 @@
 """Per-rank peak memory of FSDP2 against DDP and one process (issue 32).
 
-    python bench/sharded.py                    # 24-block synthetic Llama (~310M), weights and scales
+    python bench/sharded.py                    # 24-block synthetic Llama (~310M), every training
     python bench/sharded.py --layers 4 --dry-run
 
 A synthetic Llama (hidden 1024, MLP 2816, vocab 512: random weights from transformers' own config
 class, float32, the tiny tokenizer) trained `trainer.max_steps=2` steps of W4 g64 fake
 quantization as `python train.py model.path=DIR recipe=w4g64 data=tiny eval.fp_ppl=false
-export.evaluate=false` (checkpoint and export written, the export not evaluated), end-to-end training of the weights (`optim.trainable=weights`: weights,
-gradients and AdamW moments) or of the scales alone (`scales`: the codes held, int8), in one
-process and in 2 gloo processes under `trainer=ddp` and `trainer=fsdp2` (half the batch each).
+export.evaluate=false` (checkpoint and export written, the export not evaluated), end-to-end
+training of the weights (`optim.trainable=weights`: weights, gradients and AdamW moments), of the
+scales alone (`scales`: the codes held, int8) or of the weights distilled from the float model
+(`distill=kd`, the teacher onloaded), in one process and in 2 gloo processes under `trainer=ddp`
+and `trainer=fsdp2` (half the batch each).
 Every rank runs this script as its entry point (Lightning's launcher starts rank 1 with the same
 command), which writes the process's peak RSS (VmHWM, mapped file pages included) when it exits.
 2 processes on 2 cores measure memory and correctness, not speed. Writes
@@ -41,6 +43,13 @@ MODES = {"one process": ["data.batch_size=4"],
                                 "data.batch_size=2"]}
 
 
+# what trains end to end: the weights (with their gradients and AdamW moments), the scales alone
+# (codes held), or the weights distilled from the float model (the teacher onloaded from the
+# model's files a block at a time on every rank)
+TRAININGS = {"weights": ["optim.trainable=weights"], "scales": ["optim.trainable=scales"],
+             "weights, KD": ["optim.trainable=weights", "distill=kd"]}
+
+
 def as_rank() -> None:
     """Run train.py here, and write this process's peak RSS at exit, named by its rank."""
     rank = os.environ.get("LOCAL_RANK", "0")
@@ -68,14 +77,14 @@ def as_rank() -> None:
     main()
 
 
-def run(model_dir: Path, mode: list[str], trainable: str, work: Path) -> list[dict]:
+def run(model_dir: Path, mode: list[str], training: list[str], work: Path) -> list[dict]:
     """Each rank's peak RSS, whole run and per stage, rank order."""
     rss_dir = Path(tempfile.mkdtemp(dir=work))
     run_dir = work / f"run-{rss_dir.name}"
     env = {**os.environ, RSS_DIR: str(rss_dir), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, os.path.abspath(__file__), f"model.path={model_dir}", *OVERRIDES,
-               f"optim.trainable={trainable}", *mode, f"hydra.run.dir={run_dir}"]
+               *training, *mode, f"hydra.run.dir={run_dir}"]
     out = subprocess.run(command, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
@@ -98,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, stages = [], []
     try:
         params = build_model(args.layers, work / "model", WIDTH)
-        for trainable in ("weights", "scales"):
+        for trainable, training in TRAININGS.items():
             for name, mode in MODES.items():
-                ranks = run(work / "model", mode, trainable, work)
+                ranks = run(work / "model", mode, training, work)
 
                 def per_rank(values, unit):
                     return " / ".join(unit(v) for v in values)
@@ -143,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         "distributed checkpoint, the export read from it a block at a time), not evaluated; "
         "under FSDP2 rank 1 builds the model on the meta device and holds only its shards. "
         "`weights`: weights, gradients and AdamW moments train; "
-        "`scales`: only the scales, the codes held as int8. `e2e vs ddp`: the largest rank's "
+        "`scales`: only the scales, the codes held as int8; `weights, KD`: the weights, "
+        "distilled from the float model (`distill=kd`: the teacher onloaded from the model's "
+        "files a block at a time on every rank). `e2e vs ddp`: the largest rank's "
         "end-to-end peak over DDP's, same training.",
         "",
         markdown_table(rows, list(rows[0])),

@@ -214,21 +214,24 @@ runpy.run_path(%r, run_name="__main__")
 """
 
 
-def test_fsdp2_killed_mid_run_resumes_exactly(tmp_path):
-    """Both ranks SIGKILLed after the step-2 checkpoint (distributed: each rank wrote its own
-    shards), resumed with ckpt_path=last (each rank builds the model on the meta device and
-    reads its shards back: weights, GPTQ's grids, moving-average observers, AdamW moments,
-    schedule, data position): the run ends where the uninterrupted one ends, tolerance 0."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_killed_mid_run_resumes_exactly(strategy, tmp_path):
+    """Both ranks SIGKILLed after the step-2 checkpoint (DDP: one file by rank 0; FSDP2:
+    distributed, each rank wrote its own shards), resumed with ckpt_path=last (FSDP2: each rank
+    builds the model on the meta device and reads its shards back): weights, GPTQ's grids,
+    moving-average observers, AdamW moments, schedule and data position come back, and the run
+    ends where the uninterrupted one ends, tolerance 0."""
     import signal
     import time
 
     args = [*RUN, "trainer.max_steps=4", "export.enabled=false", "checkpoint.every_n_steps=2",
             "quant.weight.observer=moving_average", "quant.init=gptq", *PTQ]
-    two_processes("fsdp2", args, tmp_path / "straight")
+    two_processes(strategy, args, tmp_path / "straight")
     script = tmp_path / "slow_train.py"
     script.write_text(SLOW_AFTER_2 % str(ROOT / "train.py"))
     run_dir = tmp_path / "killed"
-    extra = ["trainer=fsdp2", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=2"]
+    extra = [f"trainer={strategy}", "trainer.accelerator=cpu", "trainer.devices=2",
+             "data.batch_size=2"]
     proc = subprocess.Popen([sys.executable, str(script), *args, *extra,
                              f"hydra.run.dir={run_dir}"], cwd=ROOT, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
@@ -242,10 +245,11 @@ def test_fsdp2_killed_mid_run_resumes_exactly(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # both ranks, inside the sleep before step 3
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (run_dir / "metrics.json").exists()
-    assert sorted(p.name for p in step2.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    if strategy == "fsdp2":
+        assert sorted(p.name for p in step2.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     # a write cut short leaves only a hidden temporary; plant one: the resume removes it
     (run_dir / "checkpoints" / ".last.ckpt.tmp").mkdir()
-    two_processes("fsdp2", args, run_dir, "ckpt_path=last")
+    two_processes(strategy, args, run_dir, "ckpt_path=last")
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
     a, b = (read_checkpoint(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "straight",
                                                                       run_dir))

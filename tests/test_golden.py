@@ -24,6 +24,9 @@ import golden  # noqa: E402
 RECORDED = json.loads((ROOT / "tests" / "golden" / "7c5188a.json").read_text())["runs"]
 RTOL = 1e-4  # perplexities and losses: float32 rounding differences between CPUs
 BLOCK_RTOL = 1e-2  # the block stage's mean squared errors (about 1e-4 each)
+# GPTQ's per-layer error goes through a Cholesky solve: 1e-3 apart between an AVX-512 and an
+# AVX2 EPYC (gptq_w3g64, model.layers.1.mlp.gate_proj), where perplexities stay within RTOL
+CALIBRATION_RTOL = 1e-2
 EXACT_EVERYWHERE = "rtn_0steps"  # no training, no calibration: every tensor and byte exact
 # report fields added since 7c5188a, which recorded none of them: the calibration tokens each
 # layer saw (ptq_report.json, issue 31: an MoE expert may see none)
@@ -43,7 +46,8 @@ def differences(old, new, path="", rtol=RTOL) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = [f"{path}: keys {sorted(set(old) ^ set(new))}"] if set(old) != set(new) else []
         for key in sorted(set(old) & set(new)):
-            tol = BLOCK_RTOL if "loss_before" in key or "loss_after" in key else rtol
+            tol = BLOCK_RTOL if "loss_before" in key or "loss_after" in key else \
+                CALIBRATION_RTOL if key == "error" and ".ptq_report.json." in path + "." else rtol
             out += differences(old[key], new[key], f"{path}.{key}", tol)
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
@@ -61,7 +65,7 @@ def test_recipe_reproduces_7c5188a(name, tmp_path, monkeypatch):
             for key in keys:
                 layer.pop(key, None)
     found = differences(old["metrics"], new["metrics"], "metrics") \
-        + differences(old["reports"], new["reports"], "reports")
+        + differences(by_layer(old["reports"]), by_layer(new["reports"]), "reports")
     assert not found, "\n".join(found[:10])
     # the same state, key for key, but that a scales-only layer now holds its codes and two sums
     # per group (FakeQuantLinear.hold_codes) where 7c5188a kept its float weight beside the codes
@@ -69,6 +73,15 @@ def test_recipe_reproduces_7c5188a(name, tmp_path, monkeypatch):
     assert sorted(new["export"]) == sorted(old["export"])
     if name == EXACT_EVERYWHERE:
         assert new["tensors"] == old["tensors"] and new["export"] == old["export"]
+
+
+def by_layer(reports: dict) -> dict:
+    """sqnr.json lists layers worst first: two within float rounding of each other may swap
+    places on another CPU; compared by name, each value still to RTOL."""
+    sqnr = reports.get("sqnr.json")
+    if not sqnr or not isinstance(sqnr.get("layers"), list):
+        return reports
+    return {**reports, "sqnr.json": {**sqnr, "layers": {e["layer"]: e for e in sqnr["layers"]}}}
 
 
 def codes_held(old: dict, new: dict) -> list[str]:
