@@ -1,0 +1,104 @@
+"""Distance of a quantized model's next-token distributions to the float model's (issue 33): the
+KL divergence KL(P_float || P_quantized) in nats per predicted token, and top-1 agreement.
+
+The float model's distribution at each position is kept as its top-k log-probabilities plus the
+rest of its mass as one bucket, so the float side is computed once and cached small. Merging the
+tokens outside the top k into one bucket can only lower the divergence (the log-sum inequality):
+
+    KL_full = KL_topk + p_rest * KL(P_rest || Q_rest)        (P_rest, Q_rest: renormalised rests)
+
+so the top-k value is a lower bound of the full one, equal to it when k covers the vocabulary;
+`rest_gap` gives the exact difference when both full distributions are at hand (the tests' bound).
+Everything is computed in float32 from log-softmax, positions 1..T-1 of each window (those the
+perplexity protocol scores).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The reference distributions at N positions: top-k log-probs and token ids (N, k), and the
+    log of the mass outside them (N,) (-inf when the top k hold all of it)."""
+
+    logprobs: torch.Tensor
+    ids: torch.Tensor
+    rest: torch.Tensor
+
+
+def top_k(logits: torch.Tensor, k: int) -> TopK:
+    """The (N, V) logits' distributions as TopK (k capped at V)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    rest = values.new_full(values.shape[:-1], -torch.inf) if k >= logprobs.shape[-1] \
+        else _log_rest(values)  # the whole vocabulary: no rest, not float32's 1e-7 of one
+    return TopK(values, ids, rest)
+
+
+def _log_rest(logprobs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(logprobs))) per row, computed as log(-expm1(logsumexp)): exact near 0."""
+    kept = torch.logsumexp(logprobs, dim=-1).clamp(max=0.0)
+    return torch.log(-torch.expm1(kept))
+
+
+def kl_per_token(reference: TopK, logits: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per position (N,), nats: P the reference's top k and rest bucket, Q the (N, V)
+    `logits`' distributions bucketed alike."""
+    q = torch.log_softmax(logits.float(), dim=-1)
+    q_top = q.gather(-1, reference.ids)
+    p_top = reference.logprobs
+    kl = (p_top.exp() * (p_top - q_top)).sum(-1)
+    p_rest, q_rest = reference.rest, _log_rest(q_top)
+    rest = torch.where(torch.isneginf(p_rest), torch.zeros_like(p_rest),
+                       p_rest.exp() * (p_rest - q_rest))
+    return (kl + rest).clamp(min=0.0)  # rounding can leave -1e-9 where P == Q
+
+
+def top1_agreement(reference: TopK, logits: torch.Tensor) -> torch.Tensor:
+    """Per position (N,): whether `logits` put their highest probability on the reference's."""
+    return logits.float().argmax(-1) == reference.ids[:, 0]
+
+
+def rest_gap(p_logits: torch.Tensor, q_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """KL_full - KL_topk per position (N,), exactly: p_rest * KL(P_rest || Q_rest), the
+    divergence inside the bucket that top-k merges (>= 0)."""
+    p = torch.log_softmax(p_logits.float(), dim=-1)
+    q = torch.log_softmax(q_logits.float(), dim=-1)
+    ids = p.topk(min(k, p.shape[-1]), dim=-1).indices
+    outside = torch.ones_like(p, dtype=torch.bool).scatter_(-1, ids, False)
+    p_rest = torch.where(outside, p, torch.full_like(p, -torch.inf))
+    q_rest = torch.where(outside, q, torch.full_like(q, -torch.inf))
+    p_mass, q_mass = torch.logsumexp(p_rest, -1, keepdim=True), torch.logsumexp(q_rest, -1,
+                                                                                  keepdim=True)
+    inside = torch.where(outside, p_rest.exp() * ((p_rest - p_mass) - (q_rest - q_mass)),
+                         torch.zeros_like(p))
+    return inside.sum(-1).clamp(min=0.0)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """KL(P_float || P_quantized) over the scored positions, and top-1 agreement."""
+
+    kl_mean: float  # nats per predicted token
+    kl_p99: float
+    kl_max: float
+    top1: float  # fraction of positions whose top-1 token is the reference's
+    n_tokens: int
+    k: int  # the reference's top-k (exact when k >= the vocabulary)
+
+    def to_dict(self) -> dict:
+        return {"kl_mean": self.kl_mean, "kl_p99": self.kl_p99, "kl_max": self.kl_max,
+                "top1": self.top1, "n_tokens": self.n_tokens, "kl_top_k": self.k}
+
+
+def summarize(kl: torch.Tensor, agree: torch.Tensor, k: int) -> Divergence:
+    """Mean, 99th percentile and maximum of per-position KLs, and the agreement fraction."""
+    if kl.numel() == 0:
+        raise ValueError("divergence: no predicted positions to compare")
+    kl = kl.double()
+    return Divergence(kl_mean=float(kl.mean()), kl_p99=float(torch.quantile(kl, 0.99)),
+                      kl_max=float(kl.max()), top1=float(agree.double().mean()),
+                      n_tokens=int(kl.numel()), k=k)

@@ -1,0 +1,74 @@
+"""KL(P_float || P_quantized) from the float model's top-k, and top-1 agreement (issue 33)."""
+import copy
+
+import pytest
+import torch
+
+from qat.eval.divergence import kl_per_token, rest_gap, summarize, top1_agreement, top_k
+
+V = 512  # the tiny model's vocabulary
+
+
+def full_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    p, q = (torch.log_softmax(t.double(), -1) for t in (p_logits, q_logits))
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def logit_pair(n: int = 64, scale: float = 0.3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(n, V, generator=g) * 3
+    return p, p + scale * torch.randn(n, V, generator=g)
+
+
+def test_top_k_at_the_whole_vocabulary_is_the_full_kl():
+    p, q = logit_pair()
+    ref = top_k(p, V)
+    assert torch.isneginf(ref.rest).all()  # nothing outside the top k
+    torch.testing.assert_close(kl_per_token(ref, q).double(), full_kl(p, q), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 8, 64, 256])
+def test_top_k_is_the_full_kl_less_the_divergence_inside_its_rest_bucket(k):
+    """KL_full = KL_topk + p_rest * KL(P_rest || Q_rest): the top-k value is a lower bound, and
+    its gap is exactly the divergence the bucket merges."""
+    p, q = logit_pair(seed=k)
+    topk, full, gap = kl_per_token(top_k(p, k), q).double(), full_kl(p, q), rest_gap(p, q, k)
+    assert (topk <= full + 1e-5).all() and (gap >= 0).all()
+    torch.testing.assert_close(topk + gap.double(), full, rtol=1e-4, atol=1e-5)
+
+
+def test_a_distribution_against_itself_is_at_distance_0_and_agrees_everywhere():
+    p, _ = logit_pair()
+    for k in (1, 16, V):
+        ref = top_k(p, k)
+        assert kl_per_token(ref, p).abs().max() < 1e-5
+        assert top1_agreement(ref, p).all()
+
+
+def test_the_distance_grows_with_the_perturbation_of_a_model():
+    """The tiny model against copies whose weights are perturbed more and more: KL grows, top-1
+    agreement does not."""
+    from qat.models import ModelSpec, load_model
+
+    model, _ = load_model(ModelSpec(name="tiny"))
+    ids = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = top_k(model(ids).logits[:, :-1].reshape(-1, V), 64)
+        stats = []
+        for noise in (0.0, 0.01, 0.05, 0.2):
+            other = copy.deepcopy(model)
+            g = torch.Generator().manual_seed(2)
+            for param in other.parameters():
+                param.add_(noise * param.std() * torch.randn(param.shape, generator=g))
+            logits = other(ids).logits[:, :-1].reshape(-1, V)
+            stats.append(summarize(kl_per_token(reference, logits),
+                                   top1_agreement(reference, logits), 64))
+    assert stats[0].kl_max < 1e-5 and stats[0].top1 == 1.0
+    assert all(a.kl_mean < b.kl_mean for a, b in zip(stats, stats[1:]))
+    assert stats[-1].top1 < 1.0 and all(s.kl_mean <= s.kl_p99 <= s.kl_max for s in stats)
+    assert stats[-1].n_tokens == 4 * 31
+
+
+def test_no_positions_is_an_error():
+    with pytest.raises(ValueError, match="no predicted positions"):
+        summarize(torch.empty(0), torch.empty(0, dtype=torch.bool), 8)
