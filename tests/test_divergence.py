@@ -72,3 +72,41 @@ def test_the_distance_grows_with_the_perturbation_of_a_model():
 def test_no_positions_is_an_error():
     with pytest.raises(ValueError, match="no predicted positions"):
         summarize(torch.empty(0), torch.empty(0, dtype=torch.bool), 8)
+
+
+def test_the_float_reference_is_computed_once_and_never_served_stale(tmp_path, monkeypatch):
+    """Cached under the float model, the protocol's windows and k: the same three read the cache
+    (shown by tampering with it), another protocol, model or k compute afresh."""
+    from safetensors.torch import load_file, save_file
+
+    from qat.data import DataSpec
+    from qat.eval.divergence import divergence
+    from qat.eval.stage import float_top_k
+    from qat.models import ModelSpec, load_model
+
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path))
+    model, _ = load_model(ModelSpec(name="tiny"))
+    ids = torch.randint(0, V, (600,), generator=torch.Generator().manual_seed(3))
+    spec = DataSpec(name="tiny", eval_window=32, eval_windows=4, eval_batch_size=2)
+    reference, windows = float_top_k(model, ids, ids, spec, 16)
+    assert windows.shape == (4, 32) and reference.ids.shape == (4 * 31, 16)
+    same = divergence(model, reference, windows, 16)
+    assert same.kl_max < 1e-5 and same.top1 == 1.0 and same.n_tokens == 4 * 31
+    [path] = (tmp_path / "kl_reference").glob("*.safetensors")
+    stored = load_file(str(path))
+    save_file({**stored, "logprobs": stored["logprobs"] - 1.0}, str(path))  # tampered
+    assert torch.equal(float_top_k(model, ids, ids, spec, 16)[0].logprobs,
+                       reference.logprobs - 1.0)  # the cache is what was read
+    fresh = [float_top_k(model, ids, ids, DataSpec(name="tiny", eval_window=32, eval_windows=3,
+                                                   eval_batch_size=2), 16)[0],
+             float_top_k(model, ids, ids, spec, 8)[0]]
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.1)
+    fresh.append(float_top_k(other, ids, ids, spec, 16)[0])
+    assert torch.equal(fresh[0].logprobs, reference.logprobs[:3 * 31])  # not the tampered one
+    assert torch.equal(fresh[1].logprobs, reference.logprobs[:, :8])
+    assert not torch.equal(fresh[2].logprobs, reference.logprobs)
+    assert len(list((tmp_path / "kl_reference").glob("*.safetensors"))) == 4
+    with pytest.raises(ValueError, match="other windows"):
+        divergence(model, fresh[0], windows, 16)

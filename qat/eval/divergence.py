@@ -102,3 +102,55 @@ def summarize(kl: torch.Tensor, agree: torch.Tensor, k: int) -> Divergence:
     return Divergence(kl_mean=float(kl.mean()), kl_p99=float(torch.quantile(kl, 0.99)),
                       kl_max=float(kl.max()), top1=float(agree.double().mean()),
                       n_tokens=int(kl.numel()), k=k)
+
+
+def _positions(logits: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits -> (B*(T-1), V): the positions the perplexity protocol scores."""
+    return logits[:, :-1].reshape(-1, logits.shape[-1])
+
+
+@torch.no_grad()
+def reference_top_k(model: torch.nn.Module, windows: torch.Tensor, k: int,
+                    batch_size: int = 4) -> TopK:
+    """The float model's TopK at every scored position of the (W, T) protocol `windows`."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        for b in range(0, windows.shape[0], batch_size):
+            logits = model(input_ids=windows[b:b + batch_size].to(device), use_cache=False).logits
+            part = top_k(_positions(logits), k)
+            parts.append(TopK(part.logprobs.cpu(), part.ids.to(torch.int32).cpu(),
+                              part.rest.cpu()))
+    finally:
+        model.train(was_training)
+    return TopK(torch.cat([p.logprobs for p in parts]), torch.cat([p.ids for p in parts]),
+                torch.cat([p.rest for p in parts]))
+
+
+@torch.no_grad()
+def divergence(model: torch.nn.Module, reference: TopK, windows: torch.Tensor, k: int,
+               batch_size: int = 4) -> Divergence:
+    """`model`'s distance to the reference over the same (W, T) `windows` it was made on."""
+    device = next(model.parameters()).device
+    expected = windows.shape[0] * (windows.shape[1] - 1)
+    if reference.ids.shape[0] != expected:
+        raise ValueError(f"divergence: the reference holds {reference.ids.shape[0]} positions, "
+                         f"the windows score {expected}: made on other windows")
+    was_training = model.training
+    model.eval()
+    kls, agree, start = [], [], 0
+    try:
+        for b in range(0, windows.shape[0], batch_size):
+            logits = _positions(model(input_ids=windows[b:b + batch_size].to(device),
+                                      use_cache=False).logits).cpu()
+            n = logits.shape[0]
+            part = TopK(reference.logprobs[start:start + n], reference.ids[start:start + n].long(),
+                        reference.rest[start:start + n])
+            kls.append(kl_per_token(part, logits))
+            agree.append(top1_agreement(part, logits))
+            start += n
+    finally:
+        model.train(was_training)
+    return summarize(torch.cat(kls), torch.cat(agree), k)
