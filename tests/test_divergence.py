@@ -79,7 +79,7 @@ def test_the_float_reference_is_computed_once_and_never_served_stale(tmp_path, m
     (shown by tampering with it), another protocol, model or k compute afresh."""
     from safetensors.torch import load_file, save_file
 
-    from qat.data import DataSpec
+    from qat.data.protocol import eval_windows
     from qat.eval.divergence import divergence
     from qat.eval.stage import float_top_k
     from qat.models import ModelSpec, load_model
@@ -87,23 +87,21 @@ def test_the_float_reference_is_computed_once_and_never_served_stale(tmp_path, m
     monkeypatch.setenv("QAT_CACHE", str(tmp_path))
     model, _ = load_model(ModelSpec(name="tiny"))
     ids = torch.randint(0, V, (600,), generator=torch.Generator().manual_seed(3))
-    spec = DataSpec(name="tiny", eval_window=32, eval_windows=4, eval_batch_size=2)
-    reference, windows = float_top_k(model, ids, ids, spec, 16)
-    assert windows.shape == (4, 32) and reference.ids.shape == (4 * 31, 16)
+    windows = eval_windows(ids, 32, 4)
+    reference = float_top_k(model, windows, 16, batch_size=2)
+    assert reference.ids.shape == (4 * 31, 16)
     same = divergence(model, reference, windows, 16)
     assert same.kl_max < 1e-5 and same.top1 == 1.0 and same.n_tokens == 4 * 31
     [path] = (tmp_path / "kl_reference").glob("*.safetensors")
     stored = load_file(str(path))
     save_file({**stored, "logprobs": stored["logprobs"] - 1.0}, str(path))  # tampered
-    assert torch.equal(float_top_k(model, ids, ids, spec, 16)[0].logprobs,
+    assert torch.equal(float_top_k(model, windows, 16).logprobs,
                        reference.logprobs - 1.0)  # the cache is what was read
-    fresh = [float_top_k(model, ids, ids, DataSpec(name="tiny", eval_window=32, eval_windows=3,
-                                                   eval_batch_size=2), 16)[0],
-             float_top_k(model, ids, ids, spec, 8)[0]]
+    fresh = [float_top_k(model, eval_windows(ids, 32, 3), 16), float_top_k(model, windows, 8)]
     other = copy.deepcopy(model)
     with torch.no_grad():
         next(other.parameters()).add_(0.1)
-    fresh.append(float_top_k(other, ids, ids, spec, 16)[0])
+    fresh.append(float_top_k(other, windows, 16))
     assert torch.equal(fresh[0].logprobs, reference.logprobs[:3 * 31])  # not the tampered one
     assert torch.equal(fresh[1].logprobs, reference.logprobs[:, :8])
     assert not torch.equal(fresh[2].logprobs, reference.logprobs)

@@ -99,3 +99,33 @@ def test_report_reads_a_real_run(tiny_run):
     assert (row.run, row.recipe, row.ppl) == (".", metrics["recipe"], metrics["ppl"])
     # W4 g128 sym; the run exported (export.enabled is on by default): its size is measured
     assert row.bits_per_weight == 4.125 and row.size_source == "export"
+
+
+def test_a_run_and_its_export_are_as_far_from_the_float_model(tiny_run, tmp_path, monkeypatch,
+                                                                capsys):
+    """--reference: KL to the float model and top-1 agreement next to perplexity; the run (fake
+    quantization) and its export (packed codes, exact float32 kernels) give the same numbers,
+    the float model itself 0 and 1."""
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path / "cache"))
+    run_dir, _ = tiny_run
+    ref = ["--reference", "tiny", "--kl-top-k", "64", "--backend", "reference"]
+    run = run_cli([str(run_dir)] + TINY_SETS + ref, tmp_path)
+    export = run_cli([str(run_dir / "export")] + TINY_SETS + ref, tmp_path)
+    same = run_cli(["tiny"] + TINY_SETS + ref, tmp_path)
+    assert "KL mean" in capsys.readouterr().out
+    for name in ("eval", "ood"):
+        a, b, c = (out["results"][name] for out in (run, export, same))
+        assert c["kl_max"] < 1e-5 and c["top1"] == 1.0 and c["kl_top_k"] == 64
+        assert a["kl_mean"] > 1e-4 and a["kl_mean"] <= a["kl_p99"] <= a["kl_max"]
+        assert a["n_tokens"] == b["n_tokens"] == c["n_tokens"]
+        for key in ("kl_mean", "kl_p99", "kl_max"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3), (name, key)
+        assert abs(b["top1"] - a["top1"]) <= 2 / a["n_tokens"]  # a near-tie may flip
+
+
+def test_kl_needs_a_float_reference_and_a_positive_top_k(tiny_run, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    assert main([str(run_dir), *TINY_SETS, "--reference", str(run_dir)]) == 2
+    assert "--reference" in capsys.readouterr().err
+    assert main([str(run_dir), *TINY_SETS, "--reference", "tiny", "--kl-top-k", "0"]) == 2
+    assert "--kl-top-k 0" in capsys.readouterr().err

@@ -5,6 +5,8 @@ Shakespeare: last 5% of plays, 32 windows) for SOURCE, which is any of:
   a run directory (checkpoints/last.ckpt) or a .ckpt file: the trained fake-quantized model;
   an export directory (config.json with quantization_config): packed weights, fused kernels;
   a float model: a Hugging Face model dir or a builtin name (smollm2-135m, tiny) or a hub id.
+--reference FLOAT adds the distance to that float model: KL per token (mean, p99, max) and top-1
+agreement on the same windows.
 """
 from __future__ import annotations
 
@@ -19,11 +21,15 @@ from qat.eval.tables import text_table
 
 
 def format_results(out: dict) -> str:
+    kl = any("kl_mean" in r for r in out["results"].values())
     rows = [(name, r["corpus"], r["n_windows"], f"{r['n_tokens']:,}", f"{r['ppl']:.4f}",
+             *((f"{r['kl_mean']:.5f}", f"{r['kl_p99']:.4f}", f"{r['top1']:.4f}") if kl else ()),
              f"{r['seconds']:.1f}")
             for name, r in out["results"].items()]
     head = f"{out['source']} ({out['kind']}), windows of {out['window']} tokens"
-    return head + "\n" + text_table(("set", "corpus", "windows", "tokens", "ppl", "seconds"), rows)
+    columns = ("set", "corpus", "windows", "tokens", "ppl",
+               *(("KL mean", "KL p99", "top-1") if kl else ()), "seconds")
+    return head + "\n" + text_table(columns, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,16 +53,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the model computes: auto (the first CUDA device when one is "
                              "visible, else cpu) | cpu | cuda | cuda:N; a model larger than the "
                              "device's memory runs there one decoder block at a time")
+    parser.add_argument("--reference", default=None,
+                        help="the float model to compare with (model dir, builtin name or hub "
+                             "id): KL(P_float || P_model) per token (mean, p99, max) and top-1 "
+                             "agreement on the same windows")
+    parser.add_argument("--kl-top-k", type=int, default=256,
+                        help="the reference's log-probs kept per position (the rest as one "
+                             "bucket: a lower bound of the full KL, exact at the vocabulary)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no bar over the windows of each set")
     args = parser.parse_args(argv)
+    if args.kl_top_k < 1:
+        print(f"error: --kl-top-k {args.kl_top_k}: must be >= 1", file=sys.stderr)
+        return 2
     sets = protocol_sets(args.data, None if args.ood.lower() == "none" else args.ood, args.windows,
                          args.ood_windows, args.fraction, args.ood_fraction)
     try:
         out = evaluate(args.source, sets, window=args.window, batch_size=args.batch_size,
                        backend=args.backend, progress=args.progress,
-                       embedding_bits=args.embedding_bits, device=args.device)
+                       embedding_bits=args.embedding_bits, device=args.device,
+                       reference=args.reference, kl_top_k=args.kl_top_k)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -76,23 +76,58 @@ def load_for_eval(source: str | Path, backend: str = "auto",
 
 def evaluate(source: str | Path, sets: list[EvalSet], window: int = 512, batch_size: int = 4,
              backend: str = "auto", progress: bool = False,
-             embedding_bits: int | None = None, device: str = "auto") -> dict[str, Any]:
+             embedding_bits: int | None = None, device: str = "auto",
+             reference: str | Path | None = None, kl_top_k: int = 256) -> dict[str, Any]:
     """Perplexity of `source` on every set, computed on `device` (qat.models.placement: auto,
-    cpu, cuda, cuda:N; one block at a time when the model does not fit there).
+    cpu, cuda, cuda:N; one block at a time when the model does not fit there); with a float
+    `reference` model, also the divergence of its next-token distributions from the
+    reference's on the same positions (`qat.eval.divergence`, the reference's top `kl_top_k`
+    cached).
 
     Returns:
         {"source", "kind", "window", "results": {set name: {"corpus", "ppl", "nll_sum",
-        "n_tokens", "n_windows", "seconds"}}}: JSON-ready.
+        "n_tokens", "n_windows", "seconds"[, "kl_mean", "kl_p99", "kl_max", "top1",
+        "kl_top_k"]}}}: JSON-ready.
     """
+    from qat.data.protocol import eval_windows
+
     where = stage_device(device, field="--device")  # checked before the model loads
     model, tokenizer, context, kind = load_for_eval(source, backend, embedding_bits)
+    ids = {s.name: held_out_ids(tokenizer, s) for s in sets}
+    references = reference_top_ks(reference, {name: eval_windows(t, window, s.windows)
+                                              for (name, t), s in zip(ids.items(), sets)},
+                                  kl_top_k, batch_size, where) if reference else {}
     out: dict[str, Any] = {"source": str(source), "kind": kind, "window": window, "results": {}}
     with context, computing_on(model, where):
         for eval_set in sets:
-            ids = held_out_ids(tokenizer, eval_set)
-            result: PerplexityResult = perplexity(model, ids, window=window,
+            result: PerplexityResult = perplexity(model, ids[eval_set.name], window=window,
                                                   max_windows=eval_set.windows,
                                                   batch_size=batch_size,
                                                   progress=progress and f"ppl {eval_set.name}")
             out["results"][eval_set.name] = {"corpus": eval_set.corpus, **asdict(result)}
+            if eval_set.name in references:
+                from qat.eval.divergence import divergence
+
+                top, windows = references[eval_set.name]
+                out["results"][eval_set.name].update(
+                    divergence(model, top, windows, kl_top_k, batch_size).to_dict())
     return out
+
+
+def reference_top_ks(reference: str | Path, windows: dict[str, torch.Tensor], k: int,
+                     batch_size: int, where) -> dict[str, tuple[Any, torch.Tensor]]:
+    """The float `reference` model's top-k on each set's windows (cached), the model freed
+    before the evaluated one computes. Raises ValueError naming --reference when it is not a
+    float model."""
+    from qat.eval.stage import float_top_k
+
+    try:
+        kind = source_kind(reference)
+    except FileNotFoundError as err:
+        raise ValueError(f"--reference {reference}: {err}") from err
+    if kind != "float":
+        raise ValueError(f"--reference {reference}: a {kind}; the reference is the float model "
+                         "(a Hugging Face model dir, a builtin name or a hub id)")
+    model = load_for_eval(reference)[0]
+    with computing_on(model, where):
+        return {name: (float_top_k(model, w, k, batch_size), w) for name, w in windows.items()}

@@ -88,29 +88,26 @@ def quantized_ppl(model: torch.nn.Module, eval_ids: torch.Tensor, spec: DataSpec
     return value
 
 
-def float_top_k(model: torch.nn.Module, eval_ids: torch.Tensor, eval_blocks: torch.Tensor,
-                spec: DataSpec, k: int, cached: bool = True):
-    """The float model's top-k log-probs on the protocol windows of `eval_ids` (the reference of
-    `qat.eval.divergence`), computed once: cached under the float model's files (`fingerprint`),
-    the windows themselves and k, so another model, protocol or k never reads a stale one.
-    Returns (TopK, the (W, T) windows it covers)."""
+def float_top_k(model: torch.nn.Module, windows: torch.Tensor, k: int, batch_size: int = 4,
+                cached: bool = True):
+    """The float model's top-k log-probs at every scored position of the (W, T) protocol
+    `windows` (the reference of `qat.eval.divergence`), computed once: cached under the float
+    model's files (`fingerprint`), the windows themselves and k, so another model, protocol or
+    k never reads a stale one."""
     from safetensors.torch import load_file, save_file
 
-    from qat.data.protocol import eval_windows
     from qat.eval.divergence import TopK, reference_top_k
     from qat.io import atomic_path
 
-    windows = eval_windows(eval_ids, spec.eval_window, spec.eval_windows)
-    digest = hashlib.sha256(f"{fingerprint(model, eval_blocks)} k={k}".encode())
-    digest.update(windows.cpu().contiguous().numpy().tobytes())
-    path = cache_dir() / "kl_reference" / f"{digest.hexdigest()[:32]}.safetensors"
+    windows = windows.cpu().contiguous()
+    key = hashlib.sha256(f"{fingerprint(model, windows)} k={k}".encode()).hexdigest()[:32]
+    path = cache_dir() / "kl_reference" / f"{key}.safetensors"
     if cached and path.is_file():
         stored = load_file(str(path))
-        return TopK(stored["logprobs"], stored["ids"], stored["rest"]), windows
-    reference = reference_top_k(model, windows, k, spec.eval_batch_size)
+        return TopK(stored["logprobs"], stored["ids"], stored["rest"])
+    reference = reference_top_k(model, windows, k, batch_size)
     if cached and is_rank_zero():
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file({"logprobs": reference.logprobs.contiguous(), "ids": reference.ids,
                        "rest": reference.rest}, str(tmp))
-    return reference, windows
+    return reference
