@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from qat.eval.divergence import kl_per_token, rest_gap, summarize, top1_agreement, top_k
+from qat.eval.divergence import kl_per_token, summarize, top1_agreement, top_k
 
 V = 512  # the tiny model's vocabulary
 
@@ -12,6 +12,22 @@ V = 512  # the tiny model's vocabulary
 def full_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     p, q = (torch.log_softmax(t.double(), -1) for t in (p_logits, q_logits))
     return (p.exp() * (p - q)).sum(-1)
+
+
+def rest_gap(p_logits: torch.Tensor, q_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """KL_full - KL_topk per position (N,), exactly: p_rest * KL(P_rest || Q_rest), the
+    divergence inside the bucket that top-k merges (>= 0)."""
+    p = torch.log_softmax(p_logits.float(), dim=-1)
+    q = torch.log_softmax(q_logits.float(), dim=-1)
+    ids = p.topk(min(k, p.shape[-1]), dim=-1).indices
+    outside = torch.ones_like(p, dtype=torch.bool).scatter_(-1, ids, False)
+    p_rest = torch.where(outside, p, torch.full_like(p, -torch.inf))
+    q_rest = torch.where(outside, q, torch.full_like(q, -torch.inf))
+    p_mass, q_mass = torch.logsumexp(p_rest, -1, keepdim=True), torch.logsumexp(q_rest, -1,
+                                                                                  keepdim=True)
+    inside = torch.where(outside, p_rest.exp() * ((p_rest - p_mass) - (q_rest - q_mass)),
+                         torch.zeros_like(p))
+    return inside.sum(-1).clamp(min=0.0)
 
 
 def logit_pair(n: int = 64, scale: float = 0.3, seed: int = 0):

@@ -7,8 +7,8 @@ tokens outside the top k into one bucket can only lower the divergence (the log-
 
     KL_full = KL_topk + p_rest * KL(P_rest || Q_rest)        (P_rest, Q_rest: renormalised rests)
 
-so the top-k value is a lower bound of the full one, equal to it when k covers the vocabulary;
-`rest_gap` gives the exact difference when both full distributions are at hand (the tests' bound).
+so the top-k value is a lower bound of the full one, equal to it when k covers the vocabulary
+(tests/test_divergence.py checks the identity).
 Everything is computed in float32 from log-softmax, positions 1..T-1 of each window (those the
 perplexity protocol scores).
 """
@@ -62,22 +62,6 @@ def top1_agreement(reference: TopK, logits: torch.Tensor) -> torch.Tensor:
     return logits.float().argmax(-1) == reference.ids[:, 0]
 
 
-def rest_gap(p_logits: torch.Tensor, q_logits: torch.Tensor, k: int) -> torch.Tensor:
-    """KL_full - KL_topk per position (N,), exactly: p_rest * KL(P_rest || Q_rest), the
-    divergence inside the bucket that top-k merges (>= 0)."""
-    p = torch.log_softmax(p_logits.float(), dim=-1)
-    q = torch.log_softmax(q_logits.float(), dim=-1)
-    ids = p.topk(min(k, p.shape[-1]), dim=-1).indices
-    outside = torch.ones_like(p, dtype=torch.bool).scatter_(-1, ids, False)
-    p_rest = torch.where(outside, p, torch.full_like(p, -torch.inf))
-    q_rest = torch.where(outside, q, torch.full_like(q, -torch.inf))
-    p_mass, q_mass = torch.logsumexp(p_rest, -1, keepdim=True), torch.logsumexp(q_rest, -1,
-                                                                                  keepdim=True)
-    inside = torch.where(outside, p_rest.exp() * ((p_rest - p_mass) - (q_rest - q_mass)),
-                         torch.zeros_like(p))
-    return inside.sum(-1).clamp(min=0.0)
-
-
 @dataclass(frozen=True)
 class Divergence:
     """KL(P_float || P_quantized) over the scored positions, and top-1 agreement."""
@@ -104,28 +88,27 @@ def summarize(kl: torch.Tensor, agree: torch.Tensor, k: int) -> Divergence:
                       n_tokens=int(kl.numel()), k=k)
 
 
-def _positions(logits: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits -> (B*(T-1), V): the positions the perplexity protocol scores."""
-    return logits[:, :-1].reshape(-1, logits.shape[-1])
+def _scored_logits(model: torch.nn.Module, windows: torch.Tensor, batch_size: int):
+    """(N_b, V) logits of each batch of the (W, T) `windows`, at the positions the perplexity
+    protocol scores (1..T-1 of each row), on the CPU; eval mode, restored after."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, windows.shape[0], batch_size):
+            logits = model(input_ids=windows[b:b + batch_size].to(device), use_cache=False).logits
+            yield logits[:, :-1].reshape(-1, logits.shape[-1]).cpu()
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
 def reference_top_k(model: torch.nn.Module, windows: torch.Tensor, k: int,
                     batch_size: int = 4) -> TopK:
     """The float model's TopK at every scored position of the (W, T) protocol `windows`."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    parts = []
-    try:
-        for b in range(0, windows.shape[0], batch_size):
-            logits = model(input_ids=windows[b:b + batch_size].to(device), use_cache=False).logits
-            part = top_k(_positions(logits), k)
-            parts.append(TopK(part.logprobs.cpu(), part.ids.to(torch.int32).cpu(),
-                              part.rest.cpu()))
-    finally:
-        model.train(was_training)
-    return TopK(torch.cat([p.logprobs for p in parts]), torch.cat([p.ids for p in parts]),
+    parts = [top_k(logits, k) for logits in _scored_logits(model, windows, batch_size)]
+    return TopK(torch.cat([p.logprobs for p in parts]),
+                torch.cat([p.ids.to(torch.int32) for p in parts]),
                 torch.cat([p.rest for p in parts]))
 
 
@@ -133,24 +116,16 @@ def reference_top_k(model: torch.nn.Module, windows: torch.Tensor, k: int,
 def divergence(model: torch.nn.Module, reference: TopK, windows: torch.Tensor, k: int,
                batch_size: int = 4) -> Divergence:
     """`model`'s distance to the reference over the same (W, T) `windows` it was made on."""
-    device = next(model.parameters()).device
     expected = windows.shape[0] * (windows.shape[1] - 1)
     if reference.ids.shape[0] != expected:
         raise ValueError(f"divergence: the reference holds {reference.ids.shape[0]} positions, "
                          f"the windows score {expected}: made on other windows")
-    was_training = model.training
-    model.eval()
     kls, agree, start = [], [], 0
-    try:
-        for b in range(0, windows.shape[0], batch_size):
-            logits = _positions(model(input_ids=windows[b:b + batch_size].to(device),
-                                      use_cache=False).logits).cpu()
-            n = logits.shape[0]
-            part = TopK(reference.logprobs[start:start + n], reference.ids[start:start + n].long(),
-                        reference.rest[start:start + n])
-            kls.append(kl_per_token(part, logits))
-            agree.append(top1_agreement(part, logits))
-            start += n
-    finally:
-        model.train(was_training)
+    for logits in _scored_logits(model, windows, batch_size):
+        n = logits.shape[0]
+        part = TopK(reference.logprobs[start:start + n], reference.ids[start:start + n].long(),
+                    reference.rest[start:start + n])
+        kls.append(kl_per_token(part, logits))
+        agree.append(top1_agreement(part, logits))
+        start += n
     return summarize(torch.cat(kls), torch.cat(agree), k)

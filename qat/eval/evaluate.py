@@ -94,8 +94,8 @@ def evaluate(source: str | Path, sets: list[EvalSet], window: int = 512, batch_s
     where = stage_device(device, field="--device")  # checked before the model loads
     model, tokenizer, context, kind = load_for_eval(source, backend, embedding_bits)
     ids = {s.name: held_out_ids(tokenizer, s) for s in sets}
-    references = reference_top_ks(reference, {name: eval_windows(t, window, s.windows)
-                                              for (name, t), s in zip(ids.items(), sets)},
+    references = reference_top_ks(reference, {s.name: eval_windows(ids[s.name], window, s.windows)
+                                              for s in sets},
                                   kl_top_k, batch_size, where) if reference else {}
     out: dict[str, Any] = {"source": str(source), "kind": kind, "window": window, "results": {}}
     with context, computing_on(model, where):
