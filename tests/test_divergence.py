@@ -93,31 +93,39 @@ def test_no_positions_is_an_error():
 def test_the_float_reference_is_computed_once_and_never_served_stale(tmp_path, monkeypatch):
     """Cached under the float model, the protocol's windows and k: the same three read the cache
     (shown by tampering with it), another protocol, model or k compute afresh."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from qat.data.protocol import eval_windows
     from qat.eval.divergence import divergence
-    from qat.eval.stage import float_top_k
+    from qat.eval.perplexity import perplexity
+    from qat.eval.stage import float_reference
     from qat.models import ModelSpec, load_model
 
     monkeypatch.setenv("QAT_CACHE", str(tmp_path))
     model, _ = load_model(ModelSpec(name="tiny"))
     ids = torch.randint(0, V, (600,), generator=torch.Generator().manual_seed(3))
     windows = eval_windows(ids, 32, 4)
-    reference = float_top_k(model, windows, 16, batch_size=2)
+    first = float_reference(model, windows, 16, batch_size=2)
+    reference = first.top
     assert reference.ids.shape == (4 * 31, 16)
+    # the same forward pass gave the float perplexity
+    assert first.ppl.ppl == pytest.approx(perplexity(model, ids, 32, 4).ppl, rel=1e-6)
     same = divergence(model, reference, windows, 16)
     assert same.kl_max < 1e-5 and same.top1 == 1.0 and same.n_tokens == 4 * 31
     [path] = (tmp_path / "kl_reference").glob("*.safetensors")
-    stored = load_file(str(path))
-    save_file({**stored, "logprobs": stored["logprobs"] - 1.0}, str(path))  # tampered
-    assert torch.equal(float_top_k(model, windows, 16).logprobs,
-                       reference.logprobs - 1.0)  # the cache is what was read
-    fresh = [float_top_k(model, eval_windows(ids, 32, 3), 16), float_top_k(model, windows, 8)]
+    with safe_open(str(path), "pt") as f:
+        stored, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file({**stored, "logprobs": stored["logprobs"] - 1.0}, str(path), metadata)  # tampered
+    again = float_reference(model, windows, 16)
+    assert torch.equal(again.top.logprobs, reference.logprobs - 1.0)  # the cache is what was read
+    assert again.ppl == first.ppl
+    fresh = [float_reference(model, eval_windows(ids, 32, 3), 16).top,
+             float_reference(model, windows, 8).top]
     other = copy.deepcopy(model)
     with torch.no_grad():
         next(other.parameters()).add_(0.1)
-    fresh.append(float_top_k(other, windows, 16))
+    fresh.append(float_reference(other, windows, 16).top)
     assert torch.equal(fresh[0].logprobs, reference.logprobs[:3 * 31])  # not the tampered one
     assert torch.equal(fresh[1].logprobs, reference.logprobs[:, :8])
     assert not torch.equal(fresh[2].logprobs, reference.logprobs)

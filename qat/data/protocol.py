@@ -69,11 +69,16 @@ def protocol_sets(data: str = "wiki", ood: str | None = "shakespeare", windows: 
     return sets
 
 
-def held_out_ids(tokenizer, eval_set: EvalSet) -> torch.Tensor:
-    """(N,) ids of the held-out entries joined by blank lines, as a run builds them (qat.data.tokens)."""
+def held_out_texts(eval_set: EvalSet) -> list[str]:
+    """The held-out entries of `eval_set`'s corpus, in order."""
     texts = load_texts(eval_set.corpus, eval_set.text_field, f"{eval_set.name} corpus", hub=True)
     _, held_out = split_entries(texts, eval_set.fraction)
     if not held_out:
         raise ValueError(f"{eval_set.name} corpus {eval_set.corpus!r}: {len(texts)} entries leave "
                          f"nothing to hold out at fraction {eval_set.fraction}")
-    return tokenize(tokenizer, held_out)
+    return held_out
+
+
+def held_out_ids(tokenizer, eval_set: EvalSet) -> torch.Tensor:
+    """(N,) ids of the held-out entries joined by blank lines, as a run builds them (qat.data.tokens)."""
+    return tokenize(tokenizer, held_out_texts(eval_set))

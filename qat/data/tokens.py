@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Tokens:
     """train_blocks (N, block_size); eval_ids (M,) and eval_blocks (eval_windows, eval_window);
-    ood_ids / ood_blocks when data.ood is set (else None)."""
+    ood_ids / ood_blocks when data.ood is set (else None); eval_texts: the held-out entries."""
 
     train_blocks: torch.Tensor
     eval_ids: torch.Tensor
@@ -28,6 +28,7 @@ class Tokens:
     ood_blocks: torch.Tensor | None = None
     n_train_entries: int = 0
     n_eval_entries: int = 0
+    eval_texts: list[str] | None = None  # the held-out entries (the cloze task's source)
 
 
 def check_positions(spec: DataSpec, max_positions: int | None) -> None:
@@ -57,7 +58,7 @@ def load_tokens(spec: DataSpec, tokenizer) -> Tokens:
     eval_ids = tokenize(tokenizer, held_out)
     out = Tokens(train_ids[: n_blocks * s.block_size].view(n_blocks, s.block_size), eval_ids,
                  _windows(eval_ids, s, s.eval_windows, where),
-                 n_train_entries=len(train), n_eval_entries=len(held_out))
+                 n_train_entries=len(train), n_eval_entries=len(held_out), eval_texts=held_out)
     if s.ood is not None:
         _, ood_texts = split_entries(load_texts(s.ood, s.text_field, "data.ood"), s.ood_fraction)
         out.ood_ids = tokenize(tokenizer, ood_texts)

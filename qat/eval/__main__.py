@@ -1,35 +1,65 @@
-"""python -m qat.eval SOURCE [--data wiki] [--ood shakespeare|none] [--json PATH]
+"""python -m qat.eval SOURCE [--data wiki] [--ood shakespeare|none] [--out eval.json]
 
 Perplexity on the protocol of eval-protocol.md (wiki: last 5% of entries, 64 windows of 512 tokens;
 Shakespeare: last 5% of plays, 32 windows) for SOURCE, which is any of:
   a run directory (checkpoints/last.ckpt) or a .ckpt file: the trained fake-quantized model;
   an export directory (config.json with quantization_config): packed weights, fused kernels;
   a float model: a Hugging Face model dir or a builtin name (smollm2-135m, tiny) or a hub id.
---reference FLOAT adds the distance to that float model: KL per token (mean, p99, max) and top-1
-agreement on the same windows.
+Next to it, the distance to the float model (--reference; by default the one the run or export
+was made from): KL per token (mean, p99, max) and top-1 agreement on the same windows; and a
+LAMBADA-style cloze accuracy on each set's held-out text (--cloze items), the float model's too.
+The results go to eval.json beside what was evaluated (a run or export dir, a .ckpt's dir, a
+model dir) or to --out.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from qat.data.protocol import protocol_sets
-from qat.eval.evaluate import evaluate
+from qat.eval.cloze import ITEMS
+from qat.eval.evaluate import evaluate, source_kind
 from qat.eval.tables import text_table
+from qat.io import check_writable, write_json
+
+EVAL_FILE = "eval.json"
 
 
 def format_results(out: dict) -> str:
-    kl = any("kl_mean" in r for r in out["results"].values())
+    results = out["results"].values()
+    kl = any("kl_mean" in r for r in results)
+    cloze = any("cloze_acc" in r for r in results)
+    reference = (out.get("reference") or {}).get("results", {})
+
+    def percent(value):
+        return "" if value is None else f"{100 * value:.1f}%"
+
     rows = [(name, r["corpus"], r["n_windows"], f"{r['n_tokens']:,}", f"{r['ppl']:.4f}",
              *((f"{r['kl_mean']:.5f}", f"{r['kl_p99']:.4f}", f"{r['top1']:.4f}") if kl else ()),
+             *((percent(r.get("cloze_acc")),) if cloze else ()),
              f"{r['seconds']:.1f}")
             for name, r in out["results"].items()]
     head = f"{out['source']} ({out['kind']}), windows of {out['window']} tokens"
     columns = ("set", "corpus", "windows", "tokens", "ppl",
-               *(("KL mean", "KL p99", "top-1") if kl else ()), "seconds")
-    return head + "\n" + text_table(columns, rows)
+               *(("KL mean", "KL p99", "top-1") if kl else ()), *(("cloze",) if cloze else ()),
+               "seconds")
+    lines = [head, text_table(columns, rows)]
+    if reference:
+        lines.append(f"float reference {out['reference']['source']}: " + "; ".join(
+            f"{name} ppl {r['ppl']:.4f}" + (f", cloze {percent(r['cloze_acc'])}"
+                                             if "cloze_acc" in r else "")
+            for name, r in reference.items()))
+    return "\n".join(lines)
+
+
+def default_out(source: str) -> Path | None:
+    """eval.json beside what is evaluated: in a run, export or model dir, beside a .ckpt; None
+    for a builtin name or hub id (nothing on disk to sit beside)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.parent / EVAL_FILE
+    return path / EVAL_FILE if path.is_dir() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,14 +83,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the model computes: auto (the first CUDA device when one is "
                              "visible, else cpu) | cpu | cuda | cuda:N; a model larger than the "
                              "device's memory runs there one decoder block at a time")
-    parser.add_argument("--reference", default=None,
+    parser.add_argument("--reference", default="auto",
                         help="the float model to compare with (model dir, builtin name or hub "
                              "id): KL(P_float || P_model) per token (mean, p99, max) and top-1 "
-                             "agreement on the same windows")
+                             "agreement on the same windows; auto (default): the model the run "
+                             "or export was made from, when it is here; none: no comparison")
     parser.add_argument("--kl-top-k", type=int, default=256,
                         help="the reference's log-probs kept per position (the rest as one "
                              "bucket: a lower bound of the full KL, exact at the vocabulary)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--cloze", type=int, default=ITEMS,
+                        help="LAMBADA-style items (last word of a held-out sentence, greedy) "
+                             "per set; 0: none")
+    parser.add_argument("--out", "--json", dest="out",
+                        help=f"where the results go (default: {EVAL_FILE} beside SOURCE)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no bar over the windows of each set")
     args = parser.parse_args(argv)
@@ -69,17 +104,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sets = protocol_sets(args.data, None if args.ood.lower() == "none" else args.ood, args.windows,
                          args.ood_windows, args.fraction, args.ood_fraction)
+    reference = None if args.reference.lower() == "none" else args.reference
     try:
+        source_kind(args.source)
+        out_path = Path(args.out) if args.out else default_out(args.source)
+        try:  # refused before the evaluation, not after it
+            check_writable(out_path.parent, "--out") if out_path is not None else None
+        except PermissionError as err:
+            if args.out:
+                raise
+            print(f"note: {err}; the results are printed only (--out names another place)",
+                  file=sys.stderr)
+            out_path = None
         out = evaluate(args.source, sets, window=args.window, batch_size=args.batch_size,
                        backend=args.backend, progress=args.progress,
                        embedding_bits=args.embedding_bits, device=args.device,
-                       reference=args.reference, kl_top_k=args.kl_top_k)
+                       reference=reference, kl_top_k=args.kl_top_k, cloze=args.cloze)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_results(out))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if out_path is not None:
+        write_json(out_path, out)
+        print(f"results: {out_path}")
     return 0
 
 

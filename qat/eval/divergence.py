@@ -88,16 +88,60 @@ def summarize(kl: torch.Tensor, agree: torch.Tensor, k: int) -> Divergence:
                       n_tokens=int(kl.numel()), k=k)
 
 
-def _scored_logits(model: torch.nn.Module, windows: torch.Tensor, batch_size: int):
-    """(N_b, V) logits of each batch of the (W, T) `windows`, at the positions the perplexity
-    protocol scores (1..T-1 of each row), on the CPU; eval mode, restored after."""
+def scored(logits: torch.Tensor) -> torch.Tensor:
+    """(B*(T-1), V) rows of (B, T, V) `logits` at the positions the perplexity protocol scores
+    (1..T-1 of each window), on the CPU."""
+    return logits[:, :-1].reshape(-1, logits.shape[-1]).cpu()
+
+
+class TopKCollector:
+    """The float model's TopK gathered batch by batch: `add` is perplexity()'s `on_logits`, so
+    the reference costs no pass of its own."""
+
+    def __init__(self, k: int):
+        self.k, self.parts = k, []
+
+    def add(self, batch: torch.Tensor, logits: torch.Tensor) -> None:
+        self.parts.append(top_k(scored(logits), self.k))
+
+    def result(self) -> TopK:
+        return TopK(torch.cat([p.logprobs for p in self.parts]),
+                    torch.cat([p.ids.to(torch.int32) for p in self.parts]),
+                    torch.cat([p.rest for p in self.parts]))
+
+
+class DivergenceMeter:
+    """A model's KL to `reference` and top-1 agreement, batch by batch over the windows the
+    reference was made on (in the same order): `add` is perplexity()'s `on_logits`."""
+
+    def __init__(self, reference: TopK, k: int, windows: torch.Tensor):
+        expected = windows.shape[0] * (windows.shape[1] - 1)
+        if reference.ids.shape[0] != expected:
+            raise ValueError(f"divergence: the reference holds {reference.ids.shape[0]} "
+                             f"positions, the windows score {expected}: made on other windows")
+        self.reference, self.k, self.start, self.kls, self.agree = reference, k, 0, [], []
+
+    def add(self, batch: torch.Tensor, logits: torch.Tensor) -> None:
+        rows = scored(logits)
+        n, ref, at = rows.shape[0], self.reference, self.start
+        part = TopK(ref.logprobs[at:at + n], ref.ids[at:at + n].long(), ref.rest[at:at + n])
+        self.kls.append(kl_per_token(part, rows))
+        self.agree.append(top1_agreement(part, rows))
+        self.start += n
+
+    def result(self) -> Divergence:
+        return summarize(torch.cat(self.kls), torch.cat(self.agree), self.k)
+
+
+def _each_batch(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, each) -> None:
+    """`each(batch, logits)` over the (W, T) `windows` in eval mode (restored after)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         for b in range(0, windows.shape[0], batch_size):
-            logits = model(input_ids=windows[b:b + batch_size].to(device), use_cache=False).logits
-            yield logits[:, :-1].reshape(-1, logits.shape[-1]).cpu()
+            batch = windows[b:b + batch_size].to(device)
+            each(batch, model(input_ids=batch, use_cache=False).logits)
     finally:
         model.train(was_training)
 
@@ -106,26 +150,15 @@ def _scored_logits(model: torch.nn.Module, windows: torch.Tensor, batch_size: in
 def reference_top_k(model: torch.nn.Module, windows: torch.Tensor, k: int,
                     batch_size: int = 4) -> TopK:
     """The float model's TopK at every scored position of the (W, T) protocol `windows`."""
-    parts = [top_k(logits, k) for logits in _scored_logits(model, windows, batch_size)]
-    return TopK(torch.cat([p.logprobs for p in parts]),
-                torch.cat([p.ids.to(torch.int32) for p in parts]),
-                torch.cat([p.rest for p in parts]))
+    collector = TopKCollector(k)
+    _each_batch(model, windows, batch_size, collector.add)
+    return collector.result()
 
 
 @torch.no_grad()
 def divergence(model: torch.nn.Module, reference: TopK, windows: torch.Tensor, k: int,
                batch_size: int = 4) -> Divergence:
     """`model`'s distance to the reference over the same (W, T) `windows` it was made on."""
-    expected = windows.shape[0] * (windows.shape[1] - 1)
-    if reference.ids.shape[0] != expected:
-        raise ValueError(f"divergence: the reference holds {reference.ids.shape[0]} positions, "
-                         f"the windows score {expected}: made on other windows")
-    kls, agree, start = [], [], 0
-    for logits in _scored_logits(model, windows, batch_size):
-        n = logits.shape[0]
-        part = TopK(reference.logprobs[start:start + n], reference.ids[start:start + n].long(),
-                    reference.rest[start:start + n])
-        kls.append(kl_per_token(part, logits))
-        agree.append(top1_agreement(part, logits))
-        start += n
-    return summarize(torch.cat(kls), torch.cat(agree), k)
+    meter = DivergenceMeter(reference, k, windows)
+    _each_batch(model, windows, batch_size, meter.add)
+    return meter.result()

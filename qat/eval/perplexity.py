@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,9 @@ def _bar(total: int, progress: bool | str):
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512,
                max_windows: int | None = 64, batch_size: int = 4,
-               progress: bool | str = False) -> PerplexityResult:
+               progress: bool | str = False,
+               on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+               ) -> PerplexityResult:
     """Perplexity of `model` on the first `max_windows` non-overlapping windows of `ids`.
 
     Runs in eval mode and restores the model's training mode afterwards. `batch_size` windows share a
@@ -86,6 +89,8 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512,
         max_windows: score at most this many windows (protocol: 64 wiki, 32 Shakespeare).
         batch_size: windows per forward pass.
         progress: a bar over windows with the running perplexity (a string labels it).
+        on_logits: also called with each (B, T) batch and its (B, T, V) logits, so a measure of
+            the same positions (qat.eval.divergence) shares this forward pass.
 
     Returns:
         A `PerplexityResult`.
@@ -99,6 +104,11 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512,
     nll, count, start = 0.0, 0, time.perf_counter()
     bar = _bar(windows.shape[0], progress)
 
+    def each(batch: torch.Tensor, logits: torch.Tensor) -> None:
+        if on_logits is not None:
+            on_logits(batch, logits)
+        add(*logits_nll(logits, batch), batch.shape[0])
+
     def add(batch_nll: torch.Tensor, n: int, rows: int) -> None:
         nonlocal nll, count
         nll += float(batch_nll)  # accumulate across batches in float64
@@ -109,13 +119,11 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int = 512,
 
     try:
         if reads_blocks(model):  # each block read from the files once, not once per batch
-            forward_block_by_block(model, windows.to(device), batch_size,
-                                   lambda batch, logits: add(*logits_nll(logits, batch),
-                                                             batch.shape[0]))
+            forward_block_by_block(model, windows.to(device), batch_size, each)
         else:
             for b in range(0, windows.shape[0], batch_size):
                 batch = windows[b : b + batch_size].to(device)
-                add(*window_nll(model, batch), batch.shape[0])
+                each(batch, model(input_ids=batch, use_cache=False).logits)
     finally:
         model.train(was_training)
         if bar is not None:

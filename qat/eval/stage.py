@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
 from qat.assets import cache_dir
 from qat.data import DataSpec
-from qat.eval.perplexity import perplexity
+from qat.eval.perplexity import PerplexityResult, perplexity
 from qat.io import is_rank_zero, write_json
 
 
@@ -88,26 +90,123 @@ def quantized_ppl(model: torch.nn.Module, eval_ids: torch.Tensor, spec: DataSpec
     return value
 
 
-def float_top_k(model: torch.nn.Module, windows: torch.Tensor, k: int, batch_size: int = 4,
-                cached: bool = True):
-    """The float model's top-k log-probs at every scored position of the (W, T) protocol
-    `windows` (the reference of `qat.eval.divergence`), computed once: cached under the float
-    model's files (`fingerprint`), the windows themselves and k, so another model, protocol or
-    k never reads a stale one."""
-    from safetensors.torch import load_file, save_file
+@dataclass(frozen=True)
+class FloatReference:
+    """The float model on the (W, T) protocol `windows`: its TopK at every scored position (what
+    `qat.eval.divergence` compares with) and its perplexity, from one forward pass."""
 
-    from qat.eval.divergence import TopK, reference_top_k
+    top: Any  # qat.eval.divergence.TopK
+    ppl: PerplexityResult
+    windows: torch.Tensor
+    k: int
+
+
+def float_reference(model: torch.nn.Module, windows: torch.Tensor, k: int, batch_size: int = 4,
+                    cached: bool = True, progress: bool | str = False) -> FloatReference:
+    """The float model's perplexity and top-k log-probs on the protocol `windows`, computed
+    once: cached under the float model's files (`fingerprint`), the windows themselves and k, so
+    another model, protocol or k never reads a stale one."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qat.eval.divergence import TopK, TopKCollector
     from qat.io import atomic_path
 
     windows = windows.cpu().contiguous()
     key = hashlib.sha256(f"{fingerprint(model, windows)} k={k}".encode()).hexdigest()[:32]
     path = cache_dir() / "kl_reference" / f"{key}.safetensors"
     if cached and path.is_file():
-        stored = load_file(str(path))
-        return TopK(stored["logprobs"], stored["ids"], stored["rest"])
-    reference = reference_top_k(model, windows, k, batch_size)
+        with safe_open(str(path), "pt") as stored:
+            top = TopK(*(stored.get_tensor(n) for n in ("logprobs", "ids", "rest")))
+            ppl = PerplexityResult(**json.loads(stored.metadata()["ppl"]))
+        return FloatReference(top, ppl, windows, k)
+    collector = TopKCollector(k)
+    ppl = perplexity(model, windows.reshape(-1), window=windows.shape[1],
+                     max_windows=windows.shape[0], batch_size=batch_size, progress=progress,
+                     on_logits=collector.add)
+    top = collector.result()
     if cached and is_rank_zero():
         with atomic_path(path) as tmp:
-            save_file({"logprobs": reference.logprobs.contiguous(), "ids": reference.ids,
-                       "rest": reference.rest}, str(tmp))
-    return reference
+            save_file({"logprobs": top.logprobs.contiguous(), "ids": top.ids, "rest": top.rest},
+                      str(tmp), metadata={"ppl": json.dumps(asdict(ppl))})
+    return FloatReference(top, ppl, windows, k)
+
+
+def float_cloze(model: torch.nn.Module, tokenizer, items: list, cached: bool = True,
+                batch_size: int = 8):
+    """The float model's `qat.eval.cloze` result on `items`, cached like its perplexity (keyed
+    on the model's files and the items' tokens)."""
+    from qat.eval.cloze import ClozeResult, cloze_accuracy, encode
+
+    tokens = torch.tensor([t for item in items for part in encode(tokenizer, item)
+                           for t in [*part, -1]])
+    path = cache_dir() / "cloze" / f"{fingerprint(model, tokens)}.json"
+    if cached and path.is_file():
+        return ClozeResult(**json.loads(path.read_text()))
+    result = cloze_accuracy(model, tokenizer, items, batch_size)
+    if cached and is_rank_zero():
+        write_json(path, asdict(result))
+    return result
+
+
+@dataclass
+class FloatBaseline:
+    """What a run measures of its float model before anything changes it: the perplexity, the
+    top-k reference the final model's KL is taken against (None: eval.kl off), and the cloze
+    items with the float model's result on them (none: eval.cloze_items=0 or no item found)."""
+
+    ppl: float
+    reference: FloatReference | None = None
+    items: list = field(default_factory=list)
+    cloze: Any = None  # qat.eval.cloze.ClozeResult
+
+    def metrics(self) -> dict[str, Any]:
+        return {"fp_ppl": self.ppl,
+                **({"fp_cloze_acc": self.cloze.accuracy} if self.cloze is not None else {})}
+
+
+def float_baseline(model: torch.nn.Module, tokenizer, eval_ids: torch.Tensor,
+                   eval_blocks: torch.Tensor, eval_texts: list[str] | None, data: DataSpec,
+                   spec) -> FloatBaseline:
+    """The float model's perplexity (with eval.kl its top-k from the same pass) and its cloze
+    accuracy, each cached under `spec.cache_fp_ppl` (qat.eval.spec.EvalSpec)."""
+    from qat.eval.cloze import cloze_items
+
+    cached = spec.cache_fp_ppl
+    if spec.kl:
+        reference = float_reference(model, eval_blocks, spec.kl_top_k, data.eval_batch_size,
+                                    cached, progress=is_rank_zero() and "float ppl")
+        out = FloatBaseline(reference.ppl.ppl, reference)
+    else:
+        out = FloatBaseline(float_ppl(model, eval_ids, eval_blocks, data, cached))
+    if spec.cloze_items and eval_texts:
+        out.items = cloze_items(eval_texts, spec.cloze_items)
+        out.cloze = float_cloze(model, tokenizer, out.items, cached) if out.items else None
+    return out
+
+
+def final_quality(model: torch.nn.Module, tokenizer, baseline: FloatBaseline, dtype: str,
+                  batch_size: int = 4) -> dict[str, Any]:
+    """The distance of the model as exported (the rest rounded to `dtype`) to the float model
+    (kl_mean, kl_p99, kl_max, top1, kl_top_k) and its cloze result (cloze_acc, cloze_nll,
+    cloze_items), on what `baseline` measured the float model on."""
+    from contextlib import nullcontext
+
+    from qat.eval.cloze import cloze_accuracy
+    from qat.eval.divergence import DivergenceMeter
+    from qat.export.compressed_tensors import as_exported
+    from qat.quant import fake_quant_modules
+
+    out: dict[str, Any] = {}
+    quantized = any(True for _ in fake_quant_modules(model))
+    with as_exported(model, getattr(torch, dtype)) if quantized else nullcontext():
+        reference = baseline.reference
+        if reference is not None:
+            meter = DivergenceMeter(reference.top, reference.k, reference.windows)
+            perplexity(model, reference.windows.reshape(-1), window=reference.windows.shape[1],
+                       max_windows=reference.windows.shape[0], batch_size=batch_size,
+                       progress=is_rank_zero() and "KL to float", on_logits=meter.add)
+            out.update(meter.result().to_dict())
+        if baseline.items:
+            out.update(cloze_accuracy(model, tokenizer, baseline.items).to_dict())
+    return out

@@ -46,6 +46,22 @@ def _ppl(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "not measured"
 
 
+def _quality_rows(run: dict[str, Any]) -> list[str]:
+    """The distance to the float model and the cloze accuracy, where the run measured them."""
+    rows = []
+    if run.get("kl_mean") is not None:
+        rows += [f"| KL to the float model, nats per token (mean / p99) | 0 | "
+                 f"{run['kl_mean']:.4f} / {run['kl_p99']:.3f} |",
+                 f"| top-1 token agreement with the float model | 100% | "
+                 f"{100 * run['top1']:.1f}% |"]
+    if run.get("cloze_acc") is not None:
+        float_acc = run.get("fp_cloze_acc")
+        rows.append(f"| cloze accuracy ({run.get('cloze_items', '?')} held-out sentences' last "
+                    f"word, greedy) | {'not measured' if float_acc is None else f'{100 * float_acc:.1f}%'}"
+                    f" | {100 * run['cloze_acc']:.1f}% |")
+    return rows
+
+
 def model_card(layers, tensors: dict[str, torch.Tensor], report: dict[str, dict[str, Any]],
                ignore: list[str], run: dict[str, Any] | None = None) -> str:
     """The card's markdown. `run`: what the run knows (base_model, recipe, command, fp_ppl, ppl)."""
@@ -55,6 +71,8 @@ def model_card(layers, tensors: dict[str, torch.Tensor], report: dict[str, dict[
     lines = ["---"]
     if base and "/" in str(base) and not str(base).startswith(("/", ".", "~")):  # a hub id
         lines.append(f"base_model: {base}")
+    if base:  # as the run named it (a path, a builtin name): qat-eval's default reference
+        lines.append(f"qat_base_model: {base}")
     lines += ["library_name: transformers", "tags:", "- qat", "- compressed-tensors",
               "- quantized", "---", "",
               f"# {str(base or 'model').rstrip('/').rsplit('/', 1)[-1]}, {' + '.join(schemes)}", "",
@@ -70,6 +88,7 @@ def model_card(layers, tensors: dict[str, torch.Tensor], report: dict[str, dict[
     lines += ["| | float | quantized |", "|---|---|---|",
               f"| perplexity ({run.get('eval', 'eval protocol of the run')}) | "
               f"{_ppl(run.get('fp_ppl'))} | {_ppl(run.get('ppl'))} |",
+              *_quality_rows(run),
               f"| bits per quantized weight (scales and zero points included) | 16 | "
               f"{size['bits_per_weight']:.3f} |",
               f"| weights on disk | {size['bf16_bytes'] / MB:.1f} MB (bf16) | "

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from qat.blockwise import BlockStore, train_blocks
 from qat.data.tokens import calibration_ids, check_positions, load_tokens
 from qat.distill import Distiller, build_teacher
-from qat.eval.stage import float_ppl, quantized_ppl
+from qat.eval.stage import float_baseline, quantized_ppl
 from qat.io import check_writable, is_rank_zero, write_json
 from qat.lightning.callbacks import SQNRCallback, start_pruning
 from qat.lightning.data import TextDataModule
@@ -79,11 +79,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
             tokens.train_blocks = teacher_written(teacher, model, tokenizer, specs.data)
         # 2. the float baseline, before pruning and PTQ change the weights
+        baseline = None
         if specs.eval.fp_ppl and not follower:
             steps.stage("float ppl")
             with computing_on(model, device):
-                metrics["fp_ppl"] = float_ppl(model, tokens.eval_ids, tokens.eval_blocks,
-                                              specs.data, cached=specs.eval.cache_fp_ppl)
+                baseline = float_baseline(model, tokenizer, tokens.eval_ids, tokens.eval_blocks,
+                                          tokens.eval_texts, specs.data, specs.eval)
+            metrics.update(baseline.metrics())
         # 3. pruning due at step 0 (structured: the model shrinks once, here)
         pruner = shrunk = None
         if specs.prune.enabled:
@@ -205,6 +207,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     steps.drop_optimizer(trainer)
     if not trainer.is_global_zero:  # reports, export and metrics are rank zero's to write
         return metrics
+    if baseline is not None:
+        steps.stage("distance to float")
+        metrics.update(steps.final_quality(model, tokenizer, baseline, specs, trainer, device))
     metrics.update(steps.write_reports(run_dir, specs, model, report, ptq_report, block_report,
                                        shrunk))
     if specs.export.enabled and report is not None:

@@ -239,6 +239,21 @@ def final_ppl(trainer, module, data, specs: Specs, quantized: bool) -> float:
         return validate_ppl(trainer, module, data, "val", quantized=True)
 
 
+def final_quality(model, tokenizer, baseline, specs: Specs, trainer, device) -> dict[str, Any]:
+    """The trained model's KL to the float model, top-1 agreement and cloze accuracy, as
+    exported (`qat.eval.stage.final_quality`), on rank zero; a sharded (FSDP2) model is not
+    whole on any rank: skipped, said."""
+    from qat.eval.stage import final_quality as measure
+    from qat.lightning.trainer import is_sharded
+
+    if is_sharded(trainer):
+        print("distance to float: not measured under FSDP2 (no rank holds the model whole); "
+              "qat-eval RUN_DIR/export --reference MODEL measures it")
+        return {}
+    with placement.computing_on(model, device):
+        return measure(model, tokenizer, baseline, specs.export.dtype, specs.data.eval_batch_size)
+
+
 def training_facts(cfg: DictConfig, specs: Specs, trainer, module, train_seconds: float,
                    ckpt_path: Path | None) -> dict[str, Any]:
     """What end-to-end training did and cost."""
@@ -287,6 +302,10 @@ def write_reports(run_dir: Path, specs: Specs, model, report, ptq_report, block_
     return out
 
 
+# what the model card reports of the distance to the float model (qat.eval.stage.final_quality)
+QUALITY_KEYS = ("kl_mean", "kl_p99", "top1", "fp_cloze_acc", "cloze_acc", "cloze_items")
+
+
 def export_run(model, tokenizer, eval_ids: torch.Tensor, run_dir: Path, specs: Specs, trainer,
                metrics: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
     """The export stage on the trained model (FSDP2: rebuilt from the checkpoint, a block at a
@@ -310,7 +329,8 @@ def export_run(model, tokenizer, eval_ids: torch.Tensor, run_dir: Path, specs: S
     card = {"base_model": metrics["model"], "recipe": metrics["recipe"],
             "command": metrics.get("command"), "fp_ppl": metrics.get("fp_ppl"),
             "ppl": metrics["ppl"],
-            "eval": f"{data.path or data.name}, {data.eval_windows} x {data.eval_window}-token windows"}
+            "eval": f"{data.path or data.name}, {data.eval_windows} x {data.eval_window}-token windows",
+            **{k: metrics[k] for k in QUALITY_KEYS if k in metrics}}
     # the run's last use of its model: converted in place, no copy
     out = export(model, tokenizer, run_dir / "export", specs.export, card,
                  measure=measure,

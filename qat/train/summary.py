@@ -16,8 +16,7 @@ def run_facts(cfg: DictConfig, specs, report: PrepareReport | None, measured: di
                            "scheme": scheme(report)}
     if command := command_line():
         out["command"] = command
-    if "fp_ppl" in measured:
-        out["fp_ppl"] = measured["fp_ppl"]
+    out.update({k: measured[k] for k in ("fp_ppl", "fp_cloze_acc") if k in measured})
     out.update({k: v for k, v in stage_metrics.items() if k in ("ptq_ppl", "block_ppl")})
     if block_report is not None:
         out["blockwise"] = dict(block_report.summary(), ppl=stage_metrics.get("block_ppl"))
@@ -40,6 +39,14 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
             rows.append((label, f"{metrics[key]:.3f}"))
     if "fp_ppl" in metrics:
         rows.append(("vs float", f"{100 * (metrics['ppl'] / metrics['fp_ppl'] - 1):+.1f}%"))
+    if "kl_mean" in metrics:
+        rows.append(("KL to float", f"{metrics['kl_mean']:.4f} nats/token mean, "
+                     f"{metrics['kl_p99']:.3f} p99, {metrics['kl_max']:.2f} max"))
+        rows.append(("top-1 vs float", f"{100 * metrics['top1']:.1f}% of tokens"))
+    if "cloze_acc" in metrics:
+        rows.append(("cloze accuracy", (f"{100 * metrics['fp_cloze_acc']:.1f}% float -> "
+                                        if "fp_cloze_acc" in metrics else "")
+                     + f"{100 * metrics['cloze_acc']:.1f}% ({metrics['cloze_items']} items)"))
     if "sparsity" in metrics:
         rows.append(("sparsity", f"{100 * metrics['sparsity']:.1f}% of pruned layers' weights"
                      + (", N:M kept in export" if metrics.get("export_nm_ok") else "")))
