@@ -28,8 +28,10 @@ def tiny_run(tmp_path_factory):
     with initialize_config_dir(config_dir=str(ROOT / "qat" / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
             "model=tiny", "data=tiny", "logger=none", "trainer.max_steps=2",
-            "trainer.enable_progress_bar=false", "recipe=w4g128", "eval.fp_ppl=false"])
-    return run_dir, train(cfg, run_dir=run_dir)
+            "trainer.enable_progress_bar=false", "recipe=w4g128", "eval.kl_top_k=64"])
+    with pytest.MonkeyPatch.context() as patch:  # module scope: before the autouse cache fixture
+        patch.setenv("QAT_CACHE", str(tmp_path_factory.getbasetemp() / "qat-cache"))
+        return run_dir, train(cfg, run_dir=run_dir)
 
 
 def by_hand_ppl(model, ids, window, n_windows):
@@ -129,3 +131,44 @@ def test_kl_needs_a_float_reference_and_a_positive_top_k(tiny_run, tmp_path, cap
     assert "--reference" in capsys.readouterr().err
     assert main([str(run_dir), *TINY_SETS, "--reference", "tiny", "--kl-top-k", "0"]) == 2
     assert "--kl-top-k 0" in capsys.readouterr().err
+
+
+def test_by_default_the_distance_is_to_the_model_the_run_was_made_from(tiny_run, capsys):
+    """No --reference: a run compares with its model spec's float model, its export with the
+    one its card names; eval.json lands beside each, and the run's own final evaluation (KL,
+    top-1, cloze, measured on the model as exported) is what qat-eval finds for the run."""
+    run_dir, metrics = tiny_run
+    args = ["--data", "tiny", "--ood", "none", "--window", "64", "--windows", "8",
+            "--kl-top-k", "64", "--backend", "reference"]
+    assert main([str(run_dir), *args]) == 0
+    assert main([str(run_dir / "export"), *args]) == 0
+    run = json.loads((run_dir / "eval.json").read_text())
+    export = json.loads((run_dir / "export" / "eval.json").read_text())
+    assert str(run_dir / "eval.json") in capsys.readouterr().out
+    for out in (run, export):
+        assert out["reference"]["source"] == "tiny"
+        assert out["reference"]["results"]["eval"]["ppl"] == pytest.approx(metrics["fp_ppl"],
+                                                                            rel=1e-6)
+    a, b = run["results"]["eval"], export["results"]["eval"]
+    for key in ("kl_mean", "kl_p99", "kl_max"):
+        assert a[key] == pytest.approx(metrics[key], rel=1e-5), key
+        assert b[key] == pytest.approx(metrics[key], rel=1e-3), key
+    assert a["top1"] == metrics["top1"] and abs(b["top1"] - a["top1"]) <= 2 / a["n_tokens"]
+    assert a["cloze_acc"] == metrics["cloze_acc"] and a["cloze_items"] == metrics["cloze_items"]
+    assert run["reference"]["results"]["eval"]["cloze_acc"] == metrics["fp_cloze_acc"]
+    card = (run_dir / "export" / "README.md").read_text()
+    assert f"{metrics['kl_mean']:.4f}" in card and "top-1 token agreement" in card
+
+
+def test_no_reference_no_distance_and_a_bad_out_is_refused_first(tiny_run, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    out = run_cli([str(run_dir), *TINY_SETS, "--reference", "none", "--cloze", "0"], tmp_path)
+    assert "reference" not in out
+    assert not any(k.startswith(("kl_", "top1", "cloze")) for r in out["results"].values()
+                   for k in r)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main([str(run_dir), *TINY_SETS, "--out", str(blocked / "eval.json")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main([str(run_dir), *TINY_SETS, "--cloze", "-1"]) == 2
+    assert "--cloze -1" in capsys.readouterr().err
