@@ -3,8 +3,8 @@
 The layers, bottom up: the integer format and the native C code have no qat dependencies but io;
 data (corpora, tokens, the eval protocol) and models (structure, decoder blocks and their inputs,
 loading, run checkpoints) below quant and kernels; the distillation losses and teacher; then the
-stages, siblings that never import each other (PTQ, the block stage, pruning, export); evaluation
-(which reads exports) and serving; Lightning, the end-to-end stage; `train(cfg)` and the commands
+stages, siblings that never import each other (PTQ, the block stage, pruning, export); serving;
+evaluation (which reads exports and generates through serve); Lightning, the end-to-end stage; `train(cfg)` and the commands
 on top, `qat-footprint` above them (it reads a recipe as train.py does). A new upward or sideways import (a cycle in waiting) fails here with the module that made it.
 """
 import ast
@@ -21,7 +21,8 @@ LAYERS = [
     {"quant", "kernels"},
     {"distill"},
     {"ptq", "blockwise", "prune", "export"},  # the stages: siblings
-    {"eval", "serve"},
+    {"serve"},  # serving an export: its loader, the decode loop
+    {"eval"},  # evaluation reads exports and generates through serve (the harness's tasks)
     {"lightning"},
     {"train", "report", "__init__", "conf"},
     {"footprint"},  # a run's footprint reads the recipe as train.py would (train.specs, streamed)

@@ -24,6 +24,7 @@ from qat.eval.tables import text_table
 from qat.io import check_writable, write_json
 
 EVAL_FILE = "eval.json"
+HARNESS_FILE = "lm_eval.json"  # the harness's own results, beside eval.json
 
 
 def format_results(out: dict) -> str:
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qat-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="run dir, .ckpt, export dir, model dir or builtin name")
-    parser.add_argument("--data", default="wiki", help="in-domain corpus (builtin, file or hub id)")
+    parser.add_argument("--data", default="wiki",
+                        help="in-domain corpus (builtin, file or hub id); none: no perplexity "
+                             "(the harness's tasks alone)")
     parser.add_argument("--ood", default="shakespeare", help="out-of-domain corpus, or 'none'")
     parser.add_argument("--window", type=int, default=512, help="tokens per window")
     parser.add_argument("--windows", type=int, default=64, help="in-domain windows scored")
@@ -94,6 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cloze", type=int, default=ITEMS,
                         help="LAMBADA-style items (last word of a held-out sentence, greedy) "
                              "per set; 0: none")
+    parser.add_argument("--tasks", default=None,
+                        help="lm-evaluation-harness tasks on the model as loaded here: names "
+                             "(hellaswag,arc_easy,piqa,winogrande,mmlu,gsm8k,...) or a directory "
+                             "of task YAMLs over local files (offline; DIR:name,... picks some); "
+                             "results in lm_eval.json beside eval.json. Needs the .[eval] extra")
+    parser.add_argument("--num-fewshot", type=int, default=None,
+                        help="harness: few-shot examples per prompt (default: each task's)")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="harness: at most this many examples per task (< 1: a fraction)")
+    parser.add_argument("--task-batch-size", type=int, default=8,
+                        help="harness: requests per forward pass")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="harness: keep every request and the model's answer in lm_eval.json")
     parser.add_argument("--out", "--json", dest="out",
                         help=f"where the results go (default: {EVAL_FILE} beside SOURCE)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
@@ -102,10 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.kl_top_k < 1:
         print(f"error: --kl-top-k {args.kl_top_k}: must be >= 1", file=sys.stderr)
         return 2
-    sets = protocol_sets(args.data, None if args.ood.lower() == "none" else args.ood, args.windows,
-                         args.ood_windows, args.fraction, args.ood_fraction)
+    sets = [] if args.data.lower() == "none" else protocol_sets(
+        args.data, None if args.ood.lower() == "none" else args.ood, args.windows,
+        args.ood_windows, args.fraction, args.ood_fraction)
     reference = None if args.reference.lower() == "none" else args.reference
+    then = None
     try:
+        if args.tasks:  # unknown tasks are refused before any model loads
+            from qat.eval.harness import select_tasks
+
+            then = harness_stage(args, select_tasks(args.tasks))
         source_kind(args.source)
         out_path = Path(args.out) if args.out else default_out(args.source)
         try:  # refused before the evaluation, not after it
@@ -119,15 +141,35 @@ def main(argv: list[str] | None = None) -> int:
         out = evaluate(args.source, sets, window=args.window, batch_size=args.batch_size,
                        backend=args.backend, progress=args.progress,
                        embedding_bits=args.embedding_bits, device=args.device,
-                       reference=reference, kl_top_k=args.kl_top_k, cloze=args.cloze)
-    except (FileNotFoundError, ValueError, OSError) as err:
+                       reference=reference, kl_top_k=args.kl_top_k, cloze=args.cloze,
+                       then=then)
+    except (FileNotFoundError, ValueError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_results(out))
+    harness = out.pop("then", None)
+    if sets:
+        print(format_results(out))
+    if harness is not None:
+        from qat.eval.harness import summary_rows
+
+        print(text_table(("task", "metric", "value", "stderr"), summary_rows(harness)))
     if out_path is not None:
+        if harness is not None:
+            write_json(out_path.parent / HARNESS_FILE, harness)
+            out["lm_eval"] = {"file": HARNESS_FILE, "results": harness.get("results", {})}
         write_json(out_path, out)
         print(f"results: {out_path}")
     return 0
+
+
+def harness_stage(args, tasks):
+    """What evaluate runs last on the loaded model: the harness's `tasks` (select_tasks)."""
+    from qat.eval.harness import run_tasks
+
+    def run(loaded):
+        return run_tasks(loaded.model, loaded.tokenizer, tasks, args.num_fewshot,
+                         args.limit, args.task_batch_size, args.log_samples)
+    return run
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def evaluate(source: str | Path, sets: list[EvalSet], window: int = 512, batch_s
     if reference == "auto":
         reference = default_reference(source)
     refs = {}
-    if reference:
+    if reference and sets:
         refs = float_references(reference, texts, items, window, {s.name: s.windows for s in sets},
                                 kl_top_k, batch_size, where)
     loaded = load_for_eval(source, backend, embedding_bits)

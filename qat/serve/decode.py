@@ -14,6 +14,7 @@ torch loop's to float32 rounding (tests/test_decode.py); the call runs on csrc/t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -149,12 +150,14 @@ def _layers(model, h: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tenso
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, max_new_tokens: int,
            eos_token_id: int | None = None, native: bool = True,
-           threads: int | None = None) -> torch.Tensor:
+           threads: int | None = None,
+           stop: Callable[[list[int]], bool] | None = None) -> torch.Tensor:
     """Greedy continuation of `ids` (1, T): returns the new token ids, (n,) with n <= max_new_tokens
     (fewer when `eos_token_id` is produced; it is included). `native=False` keeps every step in
     torch even where the one-call native step applies. `threads`: our kernels' team size per step
     (None: all cores where a token is one native call, else chosen from the measured step
-    times, see qat.kernels.threads)."""
+    times, see qat.kernels.threads). `stop(new ids so far)`: True ends the decoding there
+    (a task's stop strings)."""
     _check(model, ids.shape[0])
     inner = model.model
     h = inner.embed_tokens(ids)
@@ -180,7 +183,8 @@ def greedy(model, ids: torch.Tensor, max_new_tokens: int,
                     token = model.lm_head(inner.norm(h[:, -1:]))[0, -1].argmax()
             pos += length
             out.append(token)
-            if eos_token_id is not None and int(token) == eos_token_id:
+            if eos_token_id is not None and int(token) == eos_token_id or \
+                    stop is not None and stop([int(t) for t in out]):
                 break
             h = inner.embed_tokens(token.view(1, 1))
     finally:

@@ -68,3 +68,39 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, sample: bool, t
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
     return tokenizer.decode(new, skip_special_tokens=True), new.numel(), seconds
+
+
+@torch.no_grad()
+def continue_text(model, tokenizer, ids: torch.Tensor, max_new_tokens: int,
+                  until: list[str] = (), sample: bool = False, temperature: float = 1.0,
+                  top_p: float = 1.0, seed: int = 0) -> str:
+    """The text `model` writes after the (1, T) `ids`, ended before the first of the `until`
+    strings (lm-evaluation-harness's generate_until): greedy decoding of a Llama-style model by
+    the lean loop, which stops as soon as a stop string is written; otherwise Hugging Face's
+    generate with the same stop strings."""
+    from qat.serve.decode import SUPPORTED, greedy
+
+    until = [u for u in until if u]
+
+    def written(tokens) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    torch.manual_seed(seed)
+    if not sample and getattr(model.config, "model_type", None) in SUPPORTED:
+        new = greedy(model, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                     stop=(lambda tokens: any(u in written(tokens) for u in until))
+                     if until else None).tolist()
+    else:
+        kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens,
+                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                      attention_mask=torch.ones_like(ids))
+        if sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        if until:
+            kwargs.update(stop_strings=until, tokenizer=tokenizer)
+        new = model.generate(ids.to(next(model.parameters()).device), **kwargs)[0, ids.shape[1]:]
+        new = new.tolist()
+    text = written(new)
+    for u in until:
+        text = text.split(u, 1)[0]
+    return text
