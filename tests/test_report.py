@@ -67,7 +67,7 @@ def test_report_numbers(sweep, capsys):
     assert w2["size_bytes"] == 123_456 and w2["size_source"] == "export dir"
     md = (sweep / "report.md").read_text()
     assert "| 2_w4g64a | w4g64a | 14 x W4 g64 asym | 4.312 |" in md and "70%" in md
-    assert "+15.0%" in md and "![perplexity vs size](report.png)" in md
+    assert "+15.0%" in md and "![ppl vs size](report.png)" in md
     assert "report.png" in capsys.readouterr().out
 
 
@@ -84,3 +84,35 @@ def test_report_png_is_a_readable_image(sweep):
 def test_empty_sweep_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_quality_metrics_come_from_the_run_or_its_evaluation_and_can_be_plotted(sweep, capsys):
+    """KL, top-1 and cloze columns: from metrics.json (the run's final evaluation), else from a
+    qat-eval of the run's export (export/eval.json); --metric plots one of them against size."""
+    from matplotlib.image import imread
+
+    w4 = sweep / "2_w4g64a" / "metrics.json"
+    w4.write_text(json.dumps({**json.loads(w4.read_text()), "kl_mean": 0.25, "kl_p99": 1.5,
+                              "top1": 0.8, "cloze_acc": 0.4, "fp_cloze_acc": 0.6}))
+    (sweep / "10_w2g64" / "export").mkdir()
+    (sweep / "10_w2g64" / "export" / "eval.json").write_text(json.dumps({
+        "results": {"eval": {"ppl": 500.0, "kl_mean": 2.0, "kl_p99": 9.0, "top1": 0.3,
+                             "cloze_acc": 0.1}, "ood": {"kl_mean": 7.0}},
+        "reference": {"results": {"eval": {"ppl": 20.0, "cloze_acc": 0.5}}}}))
+    assert main([str(sweep), "--metric", "kl_mean"]) == 0
+    runs = {r["run"]: r for r in json.loads((sweep / "report.json").read_text())["runs"]}
+    assert (runs["2_w4g64a"]["kl_mean"], runs["2_w4g64a"]["top1"]) == (0.25, 0.8)
+    assert (runs["10_w2g64"]["kl_mean"], runs["10_w2g64"]["cloze_acc"]) == (2.0, 0.1)  # in-domain
+    assert runs["10_w2g64"]["fp_cloze_acc"] == 0.5 and runs["1_w8"]["kl_mean"] is None
+    md = (sweep / "report.md").read_text()
+    assert "| KL mean | KL p99 | top-1 | cloze |" in md and "| 0.2500 | 1.5000 | 80.0% | 40.0% |" in md
+    assert "![kl_mean vs size](report_kl_mean.png)" in md
+    image = imread(sweep / "report_kl_mean.png")
+    assert image.shape[0] > 300 and image.std() > 0
+    assert main([str(sweep), "--metric", "bleu"]) == 2
+    assert "--metric bleu: one of ppl, kl_mean" in capsys.readouterr().err
+    (sweep / "10_w2g64" / "export" / "eval.json").unlink()
+    w4.write_text(json.dumps({k: v for k, v in json.loads(w4.read_text()).items()
+                              if k != "cloze_acc"}))
+    assert main([str(sweep), "--metric", "cloze_acc"]) == 2
+    assert "no run under" in capsys.readouterr().err

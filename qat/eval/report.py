@@ -37,6 +37,16 @@ class RunRow:
     bits_per_weight: float | None = None  # over the quantized Linears, scales and zero points in
     size_bytes: float | None = None
     size_source: str = "-"  # export (safetensors tensors) | export dir | predicted | -
+    # the distance to the float model and the cloze task (the run's final evaluation, else a
+    # qat-eval of the run or its export): None where not measured
+    kl_mean: float | None = None
+    kl_p99: float | None = None
+    top1: float | None = None
+    cloze_acc: float | None = None
+    fp_cloze_acc: float | None = None
+
+    def metric(self, name: str) -> float | None:
+        return getattr(self, name)
 
     @property
     def vs_float(self) -> float | None:
@@ -135,6 +145,33 @@ def _size(run_dir: Path, metrics: dict, specs: dict[str, WeightSpec],
     return float(model_bytes(shapes, specs)["total"]), "predicted"
 
 
+# what qat-report can plot against size: the metric, its axis label, whether higher is better
+METRICS = {
+    "ppl": ("perplexity on the eval set (lower is better)", False),
+    "kl_mean": ("mean KL to the float model, nats per token (lower is better)", False),
+    "kl_p99": ("99th percentile of the KL to the float model (lower is better)", False),
+    "top1": ("top-1 agreement with the float model (higher is better)", True),
+    "cloze_acc": ("cloze accuracy, last word of held-out sentences (higher is better)", True),
+}
+QUALITY = ("kl_mean", "kl_p99", "top1", "cloze_acc")
+
+
+def quality_of(run_dir: Path, metrics: dict[str, Any]) -> dict[str, float]:
+    """The run's KL, top-1 and cloze numbers: its metrics.json's, else those of a qat-eval of
+    the run or its export (eval.json, the in-domain set), with the reference's cloze."""
+    found = {k: metrics[k] for k in (*QUALITY, "fp_cloze_acc") if metrics.get(k) is not None}
+    for path in (run_dir / "eval.json", run_dir / "export" / "eval.json"):
+        if len(found) > len(QUALITY) or not path.is_file():
+            continue
+        evaluated = json.loads(path.read_text())
+        result = evaluated.get("results", {}).get("eval", {})
+        reference = evaluated.get("reference", {}).get("results", {}).get("eval", {})
+        found = {**{k: result[k] for k in QUALITY if k in result},
+                 **({"fp_cloze_acc": reference["cloze_acc"]} if "cloze_acc" in reference else {}),
+                 **found}
+    return found
+
+
 def run_row(run_dir: Path, sweep_dir: Path, shapes_cache: _Shapes) -> RunRow:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     specs = _layer_specs(run_dir)
@@ -146,14 +183,18 @@ def run_row(run_dir: Path, sweep_dir: Path, shapes_cache: _Shapes) -> RunRow:
                   recipe=str(metrics.get("recipe", "?")), scheme=str(metrics.get("scheme", "?")),
                   ppl=float(metrics["ppl"]), fp_ppl=metrics.get("fp_ppl"),
                   ptq_ppl=metrics.get("ptq_ppl"), bits_per_weight=bits, size_bytes=size,
-                  size_source=source)
+                  size_source=source, **quality_of(run_dir, metrics))
 
 
 def float_baseline(rows: list[RunRow], shapes: ModelShapes | None) -> dict[str, float | None]:
     """The float model's ppl (median of the runs' fp_ppl, else a float run's ppl) and bf16 size."""
     values = [r.fp_ppl for r in rows if r.fp_ppl] or [r.ppl for r in rows if r.scheme == "float"]
+    cloze = [r.fp_cloze_acc for r in rows if r.fp_cloze_acc is not None]
     return {"ppl": statistics.median(values) if values else None,
-            "bf16_bytes": float(shapes.total_params * 2) if shapes else None}
+            "bf16_bytes": float(shapes.total_params * 2) if shapes else None,
+            # the float model against itself: KL 0, agreement 1 (where any run measured them)
+            "kl_mean": 0.0, "kl_p99": 0.0, "top1": 1.0,
+            "cloze_acc": statistics.median(cloze) if cloze else None}
 
 
 def _fmt(value, spec: str, none: str = "-") -> str:
@@ -165,20 +206,29 @@ def _fmt_ppl(value: float | None) -> str:
     return "-" if value is None else format(value, ".3f" if value < 1e4 else ".3e")
 
 
-def markdown(rows: list[RunRow], baseline: dict, sweep_dir: Path) -> str:
+def plot_name(metric: str) -> str:
+    return "report.png" if metric == "ppl" else f"report_{metric}.png"
+
+
+def markdown(rows: list[RunRow], baseline: dict, sweep_dir: Path, metric: str = "ppl") -> str:
     headers = ("run", "recipe", "scheme", "bits/weight", "size (MB)", "size from", "ppl",
                "vs float", "PTQ ppl", "PTQ gap recovered")
+    quality = [k for k in QUALITY if any(r.metric(k) is not None for r in rows)]
+    headers += tuple({"kl_mean": "KL mean", "kl_p99": "KL p99", "top1": "top-1",
+                      "cloze_acc": "cloze"}[k] for k in quality)
     table = [(r.run, r.recipe, r.scheme, _fmt(r.bits_per_weight, ".3f"),
               _fmt(None if r.size_bytes is None else r.size_bytes / MB, ",.2f"), r.size_source,
               _fmt_ppl(r.ppl), _fmt(r.vs_float, "+.1f") + ("%" if r.vs_float is not None else ""),
-              _fmt_ppl(r.ptq_ppl), _fmt(r.recovered, ".0%")) for r in rows]
+              _fmt_ppl(r.ptq_ppl), _fmt(r.recovered, ".0%"),
+              *(_fmt(r.metric(k), ".4f" if k.startswith("kl") else ".1%") for k in quality))
+             for r in rows]
     lines = [f"# Sweep report: {sweep_dir.name}", "",
              f"Float model: ppl {_fmt(baseline['ppl'], '.3f')}, bf16 size "
              f"{_fmt(None if baseline['bf16_bytes'] is None else baseline['bf16_bytes'] / MB, ',.2f')}"
              " MB. MB = 10^6 bytes. bits/weight counts the quantized Linears with their scales and "
              "zero points; size is the whole model (embeddings, lm_head and norms in bf16). "
              "PTQ gap recovered = (PTQ ppl - ppl) / (PTQ ppl - float ppl).", "",
-             markdown_table(headers, table), "", "![perplexity vs size](report.png)", ""]
+             markdown_table(headers, table), "", f"![{metric} vs size]({plot_name(metric)})", ""]
     return "\n".join(lines)
 
 
@@ -198,16 +248,26 @@ def build_report(sweep_dir: str | Path) -> tuple[list[RunRow], dict]:
     return rows, float_baseline(rows, shapes)
 
 
-def write_report(sweep_dir: str | Path) -> tuple[Path, Path]:
-    """Write report.md, report.png and report.json into `sweep_dir`; returns (md, png) paths."""
+def write_report(sweep_dir: str | Path, metric: str = "ppl") -> tuple[Path, Path]:
+    """Write report.md, the plot of `metric` against size (report.png for ppl, else
+    report_<metric>.png) and report.json into `sweep_dir`; returns (md, png) paths.
+
+    Raises ValueError naming --metric for one it cannot plot, or that no run measured."""
     from qat.eval.plot import plot_sweep
     from qat.io import write_json, write_text
 
+    if metric not in METRICS:
+        raise ValueError(f"--metric {metric}: one of {', '.join(METRICS)}")
     sweep_dir = Path(sweep_dir)
     rows, baseline = build_report(sweep_dir)
-    md, png = sweep_dir / "report.md", sweep_dir / "report.png"
-    write_text(md, markdown(rows, baseline, sweep_dir))
-    plot_sweep(rows, baseline, png, title=f"Perplexity vs weight size: {sweep_dir.name}")
+    if not any(r.metric(metric) is not None for r in rows):
+        raise ValueError(f"--metric {metric}: no run under {sweep_dir} measured it (a run's final "
+                         "evaluation with eval.kl / eval.cloze_items, or qat-eval RUN_DIR)")
+    md, png = sweep_dir / "report.md", sweep_dir / plot_name(metric)
+    write_text(md, markdown(rows, baseline, sweep_dir, metric))
+    label, _ = METRICS[metric]
+    plot_sweep(rows, baseline, png, title=f"{label.split(' (')[0].capitalize()} vs weight size: "
+               f"{sweep_dir.name}", metric=metric, ylabel=label)
     write_json(sweep_dir / "report.json", {"baseline": baseline, "runs": [
         {**asdict(r), "vs_float_pct": r.vs_float, "recovered": r.recovered} for r in rows]})
     return md, png

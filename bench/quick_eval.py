@@ -1,0 +1,117 @@
+"""The quick eval of issue 33 on the default model: perplexity, KL to the float model (mean, p99),
+top-1 agreement and cloze accuracy, on the wiki protocol and the Shakespeare set, for the best
+W4 / W3 / W2 rows of the quality table and the PTQ baselines.
+
+python bench/quick_eval.py RUNS_DIR          # evaluate every RUNS_DIR/<row>/export not yet measured
+python bench/quick_eval.py --table           # rebuild the section from bench/results/quick_eval.json
+
+Each row is `qat-eval RUNS_DIR/<row>/export --reference smollm2-135m` (export kernels, backend
+auto) after `python train.py <the row's command> hydra.run.dir=RUNS_DIR/<row>`; the rows are
+bench/quality.py's (same names, same commands), trained again here with the export on. The float
+row is `qat-eval smollm2-135m` (its cloze accuracy; KL 0, agreement 1 by definition).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, machine, markdown_table, update_section, write_json  # noqa: E402
+from quality import ROWS  # noqa: E402
+
+RESULT_FILE = RESULTS / "quick_eval.json"
+# the table's rows: the PTQ baselines and the best QAT row measured at each width
+NAMES = [f"{m}_w{b}g64" for b in (4, 3, 2) for m in ("rtn", "gptq", "awq")] + [
+    "block_qat_kd_w4g64_lr1e-3", "block_qat_kd_w3g64_awq", "block_qat_kd_w2g64_lr1e-3"]
+REFERENCE = "smollm2-135m"
+
+
+def evaluate(source: str, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "qat.eval", source, "--reference", REFERENCE, "--no-progress",
+           "--out", str(out)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+        raise SystemExit(f"{source}: qat-eval exited {done.returncode}")
+    print(done.stdout, flush=True)
+    return dict(json.loads(out.read_text()), eval_seconds=round(time.perf_counter() - start))
+
+
+def row_of(name: str, run_dir: Path | None, result: dict) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if run_dir else {}
+    method, bits, overrides = ROWS[name] if name in ROWS else ("float", 16, [])
+    return {"name": name, "method": method, "bits": bits, "scheme": metrics.get("scheme", ""),
+            "command": ("python train.py " + " ".join(overrides)) if overrides else
+            f"python -m qat.eval {REFERENCE}", "eval": result}
+
+
+def known() -> dict[str, dict]:
+    return {r["name"]: r for r in json.loads(RESULT_FILE.read_text())} \
+        if RESULT_FILE.is_file() else {}
+
+
+def main(argv: list[str]) -> None:
+    rows = known()
+    if argv != ["--table"]:
+        runs = Path(argv[0])
+        if "float" not in rows:
+            rows["float"] = row_of("float", None, evaluate(REFERENCE, runs / "float_eval.json"))
+        for name in NAMES:
+            export = runs / name / "export"
+            if name in rows or not export.is_dir():
+                continue
+            print(f"== {name}", flush=True)
+            rows[name] = row_of(name, runs / name, evaluate(str(export), export / "eval.json"))
+            write_json(RESULT_FILE, [rows[n] for n in ["float", *NAMES] if n in rows])
+    write_json(RESULT_FILE, [rows[n] for n in ["float", *NAMES] if n in rows])
+    update_section("quick_eval", section(rows))
+
+
+def cells(result: dict, name: str) -> dict:
+    r = result["results"][name]
+    fp = result.get("reference", {}).get("results", {}).get(name, {})
+    return {"ppl": f"{r['ppl']:.3f}", "KL mean": f"{r.get('kl_mean', 0.0):.4f}",
+            "KL p99": f"{r.get('kl_p99', 0.0):.3f}", "top-1": f"{100 * r.get('top1', 1.0):.1f}%",
+            "cloze": f"{100 * r['cloze_acc']:.1f}%" if "cloze_acc" in r else "",
+            "float cloze": f"{100 * fp['cloze_acc']:.1f}%" if "cloze_acc" in fp else ""}
+
+
+def section(rows: dict[str, dict]) -> str:
+    table = []
+    for name in ["float", *NAMES]:
+        if name not in rows:
+            continue
+        r = rows[name]
+        wiki, ood = cells(r["eval"], "eval"), cells(r["eval"], "ood")
+        table.append({"method": r["method"], "bits": r["bits"], "wiki ppl": wiki["ppl"],
+                      "wiki KL mean": wiki["KL mean"], "wiki KL p99": wiki["KL p99"],
+                      "wiki top-1": wiki["top-1"], "wiki cloze": wiki["cloze"],
+                      "Shakesp. ppl": ood["ppl"], "Shakesp. KL mean": ood["KL mean"],
+                      "Shakesp. KL p99": ood["KL p99"], "Shakesp. top-1": ood["top-1"],
+                      "Shakesp. cloze": ood["cloze"], "command": f"`{r['command']}`"})
+    any_row = next(iter(rows.values()))["eval"]["results"]
+    items = {k: v.get("cloze_items") for k, v in any_row.items()}
+    return ("## Distance to the float model and cloze accuracy (issue 33)\n\n"
+            f"`python bench/quick_eval.py RUNS_DIR` on {machine()}. Default model (SmolLM2-135M); "
+            "each row's export evaluated by `qat-eval EXPORT --reference smollm2-135m` (packed "
+            "weights, the export's kernels): perplexity on the protocol (wiki 64 x 512, "
+            "Shakespeare 32 x 512), KL(P_float || P_quantized) in nats per predicted token over "
+            "the same positions (the float model's top 256 log-probs and the rest as one bucket: "
+            "a lower bound of the full KL), top-1 agreement with the float model, and the "
+            "LAMBADA-style cloze accuracy (`qat.eval.cloze`: the last word of a held-out "
+            f"sentence that occurred earlier in its entry, greedy; {items.get('eval')} wiki and "
+            f"{items.get('ood')} Shakespeare items). Rows are bench/quality.py's commands, "
+            "trained again with the export on; the float row's ppl and cloze are the reference's. "
+            "Quality numbers do not depend on the machine's load; no wall times here.\n\n"
+            + markdown_table(table, ["method", "bits", "wiki ppl", "wiki KL mean", "wiki KL p99",
+                                     "wiki top-1", "wiki cloze", "Shakesp. ppl",
+                                     "Shakesp. KL mean", "Shakesp. KL p99", "Shakesp. top-1",
+                                     "Shakesp. cloze", "command"]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
