@@ -119,6 +119,7 @@ ORDER = ([n for n in ROWS if n.startswith("rtn")] + ["gptq_w3g64", "qat_kd_w3g64
          + ["prune2of4_qat_kd_w4g64", "qat_kd_w3g64_awq_lr1e-4", "qat_kd_w4g64_awq_lr1e-4"]
          + [f"{m}_w{b}g64" for b in (4, 3, 2) for m in ("block_qat_kd", "kd_same_time")])
 RESULT_FILE = RESULTS / "quality.json"
+QUICK_EVAL = RESULTS / "quick_eval.json"  # bench/quick_eval.py: KL, top-1, cloze of the exports
 
 
 def block_stage_row(name: str, full: dict) -> dict:
@@ -187,10 +188,25 @@ def table(rows: dict[str, dict]) -> str:
         out.append({"method": method, "bits": bits, "scheme": r.get("scheme", ""),
                     "bits/weight": _bpw(dict(r, bits=bits)), "ppl": f"{r['ppl']:.3f}",
                     "vs float": f"{100 * (r['ppl'] / fp - 1):+.1f}%" if fp else "",
-                    "recovered vs RTN": recovered, "budget": budget,
+                    "recovered vs RTN": recovered, **quality_cells(name, r), "budget": budget,
                     "command": f"`{r['command']}`"})
     return markdown_table(out, ["method", "bits", "scheme", "bits/weight", "ppl", "vs float",
-                                "recovered vs RTN", "budget", "command"])
+                                "recovered vs RTN", "KL mean", "top-1", "cloze", "budget",
+                                "command"])
+
+
+def quality_cells(name: str, row: dict) -> dict:
+    """KL to the float model, top-1 agreement and cloze accuracy on the wiki protocol: the
+    run's own final evaluation (metrics.json, runs since issue 33), else bench/quick_eval.py's
+    evaluation of the same command's export."""
+    found = {k: row[k] for k in ("kl_mean", "top1", "cloze_acc") if row.get(k) is not None}
+    if not found and QUICK_EVAL.exists():
+        quick = {r["name"]: r for r in json.loads(QUICK_EVAL.read_text())}
+        if name in quick:
+            found = quick[name]["eval"]["results"]["eval"]
+    return {"KL mean": f"{found['kl_mean']:.4f}" if "kl_mean" in found else "",
+            "top-1": f"{100 * found['top1']:.1f}%" if "top1" in found else "",
+            "cloze": f"{100 * found['cloze_acc']:.1f}%" if "cloze_acc" in found else ""}
 
 
 def record_resumed(name: str, run_dir: str, seconds: int) -> None:
@@ -211,7 +227,9 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--record"]:  # --record NAME RUN_DIR SECONDS
         record_resumed(argv[1], argv[2], int(argv[3]))
         return
+    global STAMP
     if argv != ["--table"]:
+        STAMP = machine()
         known = _known()
         todo = argv or [n for n in ORDER if n not in known]
         for name in todo:
@@ -240,13 +258,27 @@ def _locked():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _previous_stamp() -> str | None:
+    """The machine and date the section names now: a --table rebuild keeps them."""
+    import re
+
+    from common import section
+
+    found = re.search(r"`python bench/quality.py` on (.*?)\. Default model", section("quality") or "")
+    return found.group(1) if found else None
+
+
+STAMP = _previous_stamp()
+
+
 def _write(rows: dict[str, dict]) -> None:
     for name, r in rows.items():
         r.setdefault("method", ROWS[name][0])
         r.setdefault("bits", ROWS[name][1])
     write_json(RESULT_FILE, [rows[n] for n in ROWS if n in rows])
     update_section("quality", "## Quality table\n\n"
-                   f"`python bench/quality.py` on {machine()}. Default model (SmolLM2-135M), eval "
+                   f"`python bench/quality.py` on {STAMP or machine()}. Default model "
+                   "(SmolLM2-135M), eval "
                    "protocol of `../shared/reference/eval-protocol.md` (wiki, 64 windows of 512); "
                    "QAT budget = optimizer steps x batch x sequence length and the training wall "
                    "time (the GPTQ start adds ~5 min of calibration, more while other jobs "
@@ -273,7 +305,11 @@ def _write(rows: dict[str, dict]) -> None:
                    "(AVX-512) machine, the rows before them on a 2-core AMD EPYC. GPTQ "
                    "rows dated before 2026-12-02 ran with ptq.act_order=false "
                    "(the default since then is true). The W4 `block_qat_kd (block lr 1e-3)` row "
-                   "(2026-12-03) ran alone (load average 0.0 at its start).\n\n" + table(rows))
+                   "(2026-12-03) ran alone (load average 0.0 at its start). KL mean (nats per "
+                   "token, to the float model), top-1 agreement and cloze accuracy (wiki): the "
+                   "run's final evaluation, else bench/quick_eval.py's evaluation of an export "
+                   "of the same command, trained again (section \"Distance to the float model\", "
+                   "where its own ppl is); blank where neither measured it.\n\n" + table(rows))
 
 
 if __name__ == "__main__":
