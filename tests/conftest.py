@@ -29,6 +29,20 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("QAT_CACHE", str(cache))
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(run dir, metrics) of a 2-step W4 g128 run of the tiny model on the tiny corpus, exported,
+    with the final evaluation's distance to the float model (top 64)."""
+    from qat.train import train
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_train(["model=tiny", "data=tiny", "logger=none", "trainer.max_steps=2",
+                         "trainer.enable_progress_bar=false", "recipe=w4g128", "eval.kl_top_k=64"])
+    with pytest.MonkeyPatch.context() as patch:  # session scope: before the autouse cache fixture
+        patch.setenv("QAT_CACHE", str(tmp_path_factory.getbasetemp() / "qat-cache"))
+        return run_dir, train(cfg, run_dir=run_dir)
+
+
 def compose_train(overrides=()):
     """The train config composed from conf/ with `overrides`, as `python train.py ...` would."""
     from hydra import compose, initialize_config_dir

@@ -1,15 +1,12 @@
 """`python -m qat.eval` on a float model, a training run and its export (tiny model, tiny corpus)."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from qat.eval.__main__ import main
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_SETS = ["--data", "tiny", "--ood", "tiny", "--ood-fraction", "0.1", "--window", "64",
              "--windows", "8", "--ood-windows", "4"]
 
@@ -18,20 +15,6 @@ def run_cli(args, tmp_path):
     out = tmp_path / "eval.json"
     assert main(list(args) + ["--json", str(out)]) == 0
     return json.loads(out.read_text())
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from qat.train import train
-
-    run_dir = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(config_dir=str(ROOT / "qat" / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            "model=tiny", "data=tiny", "logger=none", "trainer.max_steps=2",
-            "trainer.enable_progress_bar=false", "recipe=w4g128", "eval.kl_top_k=64"])
-    with pytest.MonkeyPatch.context() as patch:  # module scope: before the autouse cache fixture
-        patch.setenv("QAT_CACHE", str(tmp_path_factory.getbasetemp() / "qat-cache"))
-        return run_dir, train(cfg, run_dir=run_dir)
 
 
 def by_hand_ppl(model, ids, window, n_windows):

@@ -6,29 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from qat.eval.__main__ import main
 
-ROOT = Path(__file__).resolve().parents[1]
 MC_TASK = "qat_test_mc"
 GEN_TASK = "qat_test_gen"
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    """A 2-step W4 run of the tiny model and its export."""
-    from qat.train import train
-
-    run_dir = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(config_dir=str(ROOT / "qat" / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            "model=tiny", "data=tiny", "logger=none", "trainer.max_steps=2",
-            "trainer.enable_progress_bar=false", "recipe=w4g128", "eval.fp_ppl=false"])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QAT_CACHE", str(tmp_path_factory.getbasetemp() / "qat-cache"))
-        train(cfg, run_dir=run_dir)
-    return run_dir / "export"
+@pytest.fixture
+def tiny_export(tiny_run):
+    return tiny_run[0] / "export"
 
 
 def write_task(directory: Path, name: str, rows: list[dict], body: str) -> None:
