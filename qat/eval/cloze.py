@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 ITEMS = 200  # enough for a standard error of ~3 points at 50% accuracy, ~20 s on 2 cores at 135M
-MAX_CONTEXT_TOKENS = 256  # longer contexts keep their last tokens
+MAX_CONTEXT_TOKENS = 128  # longer contexts keep their last tokens (LAMBADA: ~80 on average)
 MIN_CONTEXT_WORDS = 20
-SEARCHED_WORDS = 150  # the target must occur in the context's last words (~200 tokens)
+SEARCHED_WORDS = 80  # the target must occur in the context's last words (~110 tokens)
 MIN_TARGET_LETTERS = 4
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
