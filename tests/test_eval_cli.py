@@ -155,3 +155,26 @@ def test_no_reference_no_distance_and_a_bad_out_is_refused_first(tiny_run, tmp_p
     assert "--out" in capsys.readouterr().err
     assert main([str(run_dir), *TINY_SETS, "--cloze", "-1"]) == 2
     assert "--cloze -1" in capsys.readouterr().err
+
+
+def test_a_run_with_an_ood_set_measures_it_as_qat_eval_does(tmp_path, monkeypatch):
+    """data.ood: the run's final evaluation adds the out-of-domain perplexity, KL, top-1 and
+    cloze of the model as exported, and the float model's, equal to qat-eval's on that set."""
+    from conftest import compose_train
+
+    from qat.train import train
+
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path / "cache"))
+    metrics = train(compose_train(["model=tiny", "data=tiny", "logger=none",
+                                   "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+                                   "recipe=w4g128", "eval.kl_top_k=64", "data.ood=tiny",
+                                   "data.ood_fraction=0.1", "data.ood_windows=4"]),
+                    run_dir=tmp_path / "run")
+    out = run_cli([str(tmp_path / "run"), *TINY_SETS, "--kl-top-k", "64"], tmp_path)
+    ood, fp = out["results"]["ood"], out["reference"]["results"]["ood"]
+    assert metrics["ood_ppl"] == pytest.approx(ood["ppl"], rel=1e-5)
+    assert metrics["fp_ood_ppl"] == pytest.approx(fp["ppl"], rel=1e-6)
+    assert metrics["ood_ppl"] != pytest.approx(metrics["ppl"])  # another set
+    for key in ("kl_mean", "kl_p99", "top1", "cloze_acc"):
+        assert metrics[f"ood_{key}"] == pytest.approx(ood[key], rel=1e-5), key
+    assert metrics["fp_ood_cloze_acc"] == fp["cloze_acc"]

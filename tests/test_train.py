@@ -112,19 +112,25 @@ def test_train_py_runs_from_the_command_line(tmp_path):
 
 
 def test_float_ppl_is_cached_per_weights_and_tokens(tmp_path):
+    """eval.kl=false: the float perplexity alone, cached in fp_ppl/ (with eval.kl it comes from
+    the cached top-k reference's pass: tests/test_divergence.py)."""
     import os
 
     cache = Path(os.environ["QAT_CACHE"]) / "fp_ppl"
-    first = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=7"]), run_dir=tmp_path / "a")
+    first = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=7", "eval.kl=false"]),
+                  run_dir=tmp_path / "a")
     entries = {p: json.loads(p.read_text()) for p in cache.glob("*.json")}
     ours = [p for p, v in entries.items() if v["fp_ppl"] == first["fp_ppl"]]
     assert len(ours) == 1
     ours[0].write_text(json.dumps({"fp_ppl": 123.0}))  # the next run must read, not recompute
-    again = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=7"]), run_dir=tmp_path / "b")
+    again = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=7", "eval.kl=false"]),
+                  run_dir=tmp_path / "b")
     assert again["fp_ppl"] == 123.0
-    other = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=8"]), run_dir=tmp_path / "c")
+    other = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=8", "eval.kl=false"]),
+                  run_dir=tmp_path / "c")
     assert other["fp_ppl"] != 123.0  # other weights, other entry
-    fresh = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=7", "eval.cache_fp_ppl=false"]),
+    fresh = train(compose_train(TINY + ["trainer.max_steps=0", "model.seed=7", "eval.cache_fp_ppl=false",
+                                        "eval.kl=false"]),
                   run_dir=tmp_path / "d")
     assert fresh["fp_ppl"] == pytest.approx(first["fp_ppl"])
 

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Tokens:
     """train_blocks (N, block_size); eval_ids (M,) and eval_blocks (eval_windows, eval_window);
-    ood_ids / ood_blocks when data.ood is set (else None); eval_texts: the held-out entries."""
+    ood_ids / ood_blocks / ood_texts when data.ood is set (else None); eval_texts: the held-out
+    entries."""
 
     train_blocks: torch.Tensor
     eval_ids: torch.Tensor
@@ -29,6 +30,7 @@ class Tokens:
     n_train_entries: int = 0
     n_eval_entries: int = 0
     eval_texts: list[str] | None = None  # the held-out entries (the cloze task's source)
+    ood_texts: list[str] | None = None
 
 
 def check_positions(spec: DataSpec, max_positions: int | None) -> None:
@@ -61,7 +63,7 @@ def load_tokens(spec: DataSpec, tokenizer) -> Tokens:
                  n_train_entries=len(train), n_eval_entries=len(held_out), eval_texts=held_out)
     if s.ood is not None:
         _, ood_texts = split_entries(load_texts(s.ood, s.text_field, "data.ood"), s.ood_fraction)
-        out.ood_ids = tokenize(tokenizer, ood_texts)
+        out.ood_ids, out.ood_texts = tokenize(tokenizer, ood_texts), ood_texts
         out.ood_blocks = _windows(out.ood_ids, s, s.ood_windows, "data.ood")
     log.info("data: %d train blocks of %d; eval %d tokens -> %d windows of %d",
              n_blocks, s.block_size, eval_ids.numel(), out.eval_blocks.shape[0], s.eval_window)

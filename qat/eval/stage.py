@@ -150,46 +150,84 @@ def float_cloze(model: torch.nn.Module, tokenizer, items: list, cached: bool = T
 
 
 @dataclass
-class FloatBaseline:
-    """What a run measures of its float model before anything changes it: the perplexity, the
+class SetBaseline:
+    """The float model on one eval set of a run, before anything changes it: its perplexity, the
     top-k reference the final model's KL is taken against (None: eval.kl off), and the cloze
     items with the float model's result on them (none: eval.cloze_items=0 or no item found)."""
 
     ppl: float
+    blocks: torch.Tensor  # the set's (W, T) windows
     reference: FloatReference | None = None
     items: list = field(default_factory=list)
     cloze: Any = None  # qat.eval.cloze.ClozeResult
 
+
+# metrics.json's prefix per eval set: the in-domain windows ("fp_ppl", "kl_mean", ...) and
+# data.ood's ("fp_ood_ppl", "ood_ppl", "ood_kl_mean", ...)
+SET_PREFIXES = {"eval": "", "ood": "ood_"}
+
+
+@dataclass
+class FloatBaseline:
+    """What a run measured of its float model, per eval set (SET_PREFIXES)."""
+
+    sets: dict[str, SetBaseline]
+
     def metrics(self) -> dict[str, Any]:
-        return {"fp_ppl": self.ppl,
-                **({"fp_cloze_acc": self.cloze.accuracy} if self.cloze is not None else {})}
+        out: dict[str, Any] = {}
+        for name, found in self.sets.items():
+            prefix = SET_PREFIXES[name]
+            out[f"fp_{prefix}ppl"] = found.ppl
+            if found.cloze is not None:
+                out[f"fp_{prefix}cloze_acc"] = found.cloze.accuracy
+        return out
 
 
-def float_baseline(model: torch.nn.Module, tokenizer, eval_ids: torch.Tensor,
-                   eval_blocks: torch.Tensor, eval_texts: list[str] | None, data: DataSpec,
+def float_baseline(model: torch.nn.Module, tokenizer, tokens, data: DataSpec,
                    spec) -> FloatBaseline:
-    """The float model's perplexity (with eval.kl its top-k from the same pass) and its cloze
-    accuracy, each cached under `spec.cache_fp_ppl` (qat.eval.spec.EvalSpec)."""
+    """The float model's perplexity on the run's eval windows and, with data.ood, on the
+    out-of-domain ones (with eval.kl its top-k from the same pass), and its cloze accuracy on
+    items of each set's held-out text, each cached under `spec.cache_fp_ppl`
+    (`tokens`: qat.data.tokens.Tokens; `spec`: qat.eval.spec.EvalSpec)."""
     from qat.eval.cloze import cloze_items
 
     cached = spec.cache_fp_ppl
-    if spec.kl:
-        reference = float_reference(model, eval_blocks, spec.kl_top_k, data.eval_batch_size,
-                                    cached, progress=is_rank_zero() and "float ppl")
-        out = FloatBaseline(reference.ppl.ppl, reference)
-    else:
-        out = FloatBaseline(float_ppl(model, eval_ids, eval_blocks, data, cached))
-    if spec.cloze_items and eval_texts:
-        out.items = cloze_items(eval_texts, spec.cloze_items)
-        out.cloze = float_cloze(model, tokenizer, out.items, cached) if out.items else None
+    sets = {"eval": (tokens.eval_ids, tokens.eval_blocks, tokens.eval_texts)}
+    if tokens.ood_blocks is not None:
+        sets["ood"] = (tokens.ood_ids, tokens.ood_blocks, tokens.ood_texts)
+    out = FloatBaseline({})
+    for name, (ids, blocks, texts) in sets.items():
+        label = is_rank_zero() and f"float ppl{' (' + name + ')' if name != 'eval' else ''}"
+        if spec.kl:
+            reference = float_reference(model, blocks, spec.kl_top_k, data.eval_batch_size,
+                                        cached, progress=label)
+            found = SetBaseline(reference.ppl.ppl, blocks, reference)
+        elif name == "eval":
+            found = SetBaseline(float_ppl(model, ids, blocks, data, cached), blocks)
+        else:
+            found = SetBaseline(windows_ppl(model, blocks, data.eval_batch_size, label), blocks)
+        if spec.cloze_items and texts:
+            found.items = cloze_items(texts, spec.cloze_items)
+            found.cloze = float_cloze(model, tokenizer, found.items, cached) \
+                if found.items else None
+        out.sets[name] = found
     return out
+
+
+def windows_ppl(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int,
+                progress: bool | str = False, on_logits=None) -> float:
+    """Perplexity of `model` on the (W, T) windows `blocks`."""
+    return perplexity(model, blocks.reshape(-1), window=blocks.shape[1],
+                      max_windows=blocks.shape[0], batch_size=batch_size, progress=progress,
+                      on_logits=on_logits).ppl
 
 
 def final_quality(model: torch.nn.Module, tokenizer, baseline: FloatBaseline, dtype: str,
                   batch_size: int = 4) -> dict[str, Any]:
-    """The distance of the model as exported (the rest rounded to `dtype`) to the float model
-    (kl_mean, kl_p99, kl_max, top1, kl_top_k) and its cloze result (cloze_acc, cloze_nll,
-    cloze_items), on what `baseline` measured the float model on."""
+    """The model as exported (the rest rounded to `dtype`) on what `baseline` measured the float
+    model on, per set (SET_PREFIXES): its distance to the float model (kl_mean, kl_p99, kl_max,
+    top1, kl_top_k), its cloze result (cloze_acc, cloze_nll, cloze_items), and for the
+    out-of-domain set its perplexity (ood_ppl; the in-domain one is the run's `ppl`)."""
     from contextlib import nullcontext
 
     from qat.eval.cloze import cloze_accuracy
@@ -200,13 +238,20 @@ def final_quality(model: torch.nn.Module, tokenizer, baseline: FloatBaseline, dt
     out: dict[str, Any] = {}
     quantized = any(True for _ in fake_quant_modules(model))
     with as_exported(model, getattr(torch, dtype)) if quantized else nullcontext():
-        reference = baseline.reference
-        if reference is not None:
-            meter = DivergenceMeter(reference.top, reference.k, reference.windows)
-            perplexity(model, reference.windows.reshape(-1), window=reference.windows.shape[1],
-                       max_windows=reference.windows.shape[0], batch_size=batch_size,
-                       progress=is_rank_zero() and "KL to float", on_logits=meter.add)
-            out.update(meter.result().to_dict())
-        if baseline.items:
-            out.update(cloze_accuracy(model, tokenizer, baseline.items).to_dict())
+        for name, found in baseline.sets.items():
+            prefix = SET_PREFIXES[name]
+            reference = found.reference
+            meter = DivergenceMeter(reference.top, reference.k, reference.windows) \
+                if reference is not None else None
+            if meter is not None or name != "eval":
+                ppl = windows_ppl(model, found.blocks, batch_size, is_rank_zero() and (
+                    f"KL to float ({name})" if meter else f"ppl ({name})"),
+                    meter.add if meter else None)
+                if name != "eval":
+                    out[f"{prefix}ppl"] = ppl
+            if meter is not None:
+                out.update({prefix + k: v for k, v in meter.result().to_dict().items()})
+            if found.items:
+                out.update({prefix + k: v for k, v in
+                            cloze_accuracy(model, tokenizer, found.items).to_dict().items()})
     return out

@@ -83,8 +83,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if specs.eval.fp_ppl and not follower:
             steps.stage("float ppl")
             with computing_on(model, device):
-                baseline = float_baseline(model, tokenizer, tokens.eval_ids, tokens.eval_blocks,
-                                          tokens.eval_texts, specs.data, specs.eval)
+                baseline = float_baseline(model, tokenizer, tokens, specs.data, specs.eval)
             metrics.update(baseline.metrics())
         # 3. pruning due at step 0 (structured: the model shrinks once, here)
         pruner = shrunk = None

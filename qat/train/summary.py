@@ -16,7 +16,7 @@ def run_facts(cfg: DictConfig, specs, report: PrepareReport | None, measured: di
                            "scheme": scheme(report)}
     if command := command_line():
         out["command"] = command
-    out.update({k: measured[k] for k in ("fp_ppl", "fp_cloze_acc") if k in measured})
+    out.update({k: v for k, v in measured.items() if k.startswith("fp_")})
     out.update({k: v for k, v in stage_metrics.items() if k in ("ptq_ppl", "block_ppl")})
     if block_report is not None:
         out["blockwise"] = dict(block_report.summary(), ppl=stage_metrics.get("block_ppl"))
@@ -39,10 +39,18 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
             rows.append((label, f"{metrics[key]:.3f}"))
     if "fp_ppl" in metrics:
         rows.append(("vs float", f"{100 * (metrics['ppl'] / metrics['fp_ppl'] - 1):+.1f}%"))
+    if "ood_ppl" in metrics:
+        rows.append(("out-of-domain ppl", f"{metrics['ood_ppl']:.3f}" + (
+            f" (float {metrics['fp_ood_ppl']:.3f}, "
+            f"{100 * (metrics['ood_ppl'] / metrics['fp_ood_ppl'] - 1):+.1f}%)"
+            if metrics.get("fp_ood_ppl") else "")))
     if "kl_mean" in metrics:
         rows.append(("KL to float", f"{metrics['kl_mean']:.4f} nats/token mean, "
                      f"{metrics['kl_p99']:.3f} p99, {metrics['kl_max']:.2f} max"))
         rows.append(("top-1 vs float", f"{100 * metrics['top1']:.1f}% of tokens"))
+    if "ood_kl_mean" in metrics:
+        rows.append(("out-of-domain", f"KL {metrics['ood_kl_mean']:.4f} mean, "
+                     f"{metrics['ood_kl_p99']:.3f} p99; top-1 {100 * metrics['ood_top1']:.1f}%"))
     if "cloze_acc" in metrics:
         rows.append(("cloze accuracy", (f"{100 * metrics['fp_cloze_acc']:.1f}% float -> "
                                         if "fp_cloze_acc" in metrics else "")
