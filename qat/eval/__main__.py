@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     harness = out.pop("then", None)
     if sets:
         print(format_results(out))
+        if reference == "auto" and "reference" not in out and out["kind"] != "float":
+            print("note: no KL to the float model: the model this was made from is not here "
+                  "(--reference MODEL names it)", file=sys.stderr)
     if harness is not None:
         from qat.eval.harness import summary_rows
 
