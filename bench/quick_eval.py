@@ -5,8 +5,9 @@ W4 / W3 / W2 rows of the quality table and the PTQ baselines.
 python bench/quick_eval.py RUNS_DIR          # evaluate every RUNS_DIR/<row>/export not yet measured
 python bench/quick_eval.py --table           # rebuild the section from bench/results/quick_eval.json
 
-Each row is `qat-eval RUNS_DIR/<row>/export --reference smollm2-135m` (export kernels, backend
-auto) after `python train.py <the row's command> hydra.run.dir=RUNS_DIR/<row>`; the rows are
+Each row is `qat-eval RUNS_DIR/<row> --reference smollm2-135m` (the run's fake-quantized model as
+exported: its export gives the same numbers to 1e-3, tests/test_eval_cli.py) after
+`python train.py <the row's command> hydra.run.dir=RUNS_DIR/<row>`; the rows are
 bench/quality.py's (same names, same commands), trained again here with the export on. The float
 row is `qat-eval smollm2-135m` (its cloze accuracy; KL 0, agreement 1 by definition).
 """
@@ -30,6 +31,10 @@ REFERENCE = "smollm2-135m"
 
 
 def evaluate(source: str, out: Path) -> dict:
+    """qat-eval's result for `source`, written to `out` (read back when a run of this script
+    that stopped had written it already)."""
+    if out.is_file():
+        return json.loads(out.read_text())
     cmd = [sys.executable, "-m", "qat.eval", source, "--reference", REFERENCE, "--no-progress",
            "--out", str(out)]
     start = time.perf_counter()
@@ -61,11 +66,11 @@ def main(argv: list[str]) -> None:
         if "float" not in rows:
             rows["float"] = row_of("float", None, evaluate(REFERENCE, runs / "float_eval.json"))
         for name in NAMES:
-            export = runs / name / "export"
-            if name in rows or not export.is_dir():
+            run_dir = runs / name
+            if name in rows or not (run_dir / "metrics.json").is_file():
                 continue
             print(f"== {name}", flush=True)
-            rows[name] = row_of(name, runs / name, evaluate(str(export), export / "eval.json"))
+            rows[name] = row_of(name, run_dir, evaluate(str(run_dir), run_dir / "eval.json"))
             write_json(RESULT_FILE, [rows[n] for n in ["float", *NAMES] if n in rows])
     write_json(RESULT_FILE, [rows[n] for n in ["float", *NAMES] if n in rows])
     update_section("quick_eval", section(rows))
@@ -97,8 +102,9 @@ def section(rows: dict[str, dict]) -> str:
     items = {k: v.get("cloze_items") for k, v in any_row.items()}
     return ("## Distance to the float model and cloze accuracy (issue 33)\n\n"
             f"`python bench/quick_eval.py RUNS_DIR` on {machine()}. Default model (SmolLM2-135M); "
-            "each row's export evaluated by `qat-eval EXPORT --reference smollm2-135m` (packed "
-            "weights, the export's kernels): perplexity on the protocol (wiki 64 x 512, "
+            "each row's run evaluated by `qat-eval RUN_DIR --reference smollm2-135m` (the "
+            "fake-quantized model as exported; its export gives the same numbers to 1e-3): "
+            "perplexity on the protocol (wiki 64 x 512, "
             "Shakespeare 32 x 512), KL(P_float || P_quantized) in nats per predicted token over "
             "the same positions (the float model's top 256 log-probs and the rest as one bucket: "
             "a lower bound of the full KL), top-1 agreement with the float model, and the "
