@@ -2,7 +2,8 @@
 top-1 agreement and cloze accuracy, on the wiki protocol and the Shakespeare set, for the best
 W4 / W3 / W2 rows of the quality table and the PTQ baselines.
 
-python bench/quick_eval.py RUNS_DIR          # evaluate every RUNS_DIR/<row>/export not yet measured
+python bench/quick_eval.py RUNS_DIR          # evaluate every RUNS_DIR/<row> not yet measured
+python bench/quick_eval.py RUNS_DIR --train  # first train the rows RUNS_DIR lacks (hours on 2 cores)
 python bench/quick_eval.py --table           # rebuild the section from bench/results/quick_eval.json
 
 Each row is `qat-eval RUNS_DIR/<row> --reference smollm2-135m` (the run's fake-quantized model as
@@ -14,6 +15,7 @@ row is `qat-eval smollm2-135m` (its cloze accuracy; KL 0, agreement 1 by definit
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -59,10 +61,26 @@ def known() -> dict[str, dict]:
         if RESULT_FILE.is_file() else {}
 
 
+def train(name: str, runs: Path) -> None:
+    """The row's command (bench/quality.py's) into RUNS_DIR/<row>, export on."""
+    cmd = [sys.executable, "train.py", *ROWS[name][2], "logger=none",
+           "trainer.enable_progress_bar=false", f"hydra.run.dir={runs / name}"]
+    print(f"== train {name}: {' '.join(cmd[1:])}", flush=True)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    if done.returncode:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+        raise SystemExit(f"{name}: train.py exited {done.returncode}")
+
+
 def main(argv: list[str]) -> None:
     rows = known()
     if argv != ["--table"]:
         runs = Path(argv[0])
+        if "--train" in argv:
+            for name in NAMES:
+                if name not in rows and not (runs / name / "metrics.json").is_file():
+                    train(name, runs)
         if "float" not in rows:
             rows["float"] = row_of("float", None, evaluate(REFERENCE, runs / "float_eval.json"))
         for name in NAMES:
