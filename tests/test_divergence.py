@@ -53,6 +53,24 @@ def test_top_k_is_the_full_kl_less_the_divergence_inside_its_rest_bucket(k):
     torch.testing.assert_close(topk + gap.double(), full, rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_sure_of_a_top_k_token_is_at_a_finite_distance():
+    """Q puts all but ~1e-30 of its mass on one of P's top k: 1 - (Q's top-k mass) is 0 in
+    float32, yet Q's rest is not, and the bucketed KL is the float64 one on the same buckets."""
+    p, _ = logit_pair(n=8)
+    q = torch.zeros(8, V)
+    q[:, 0] = 80.0  # token 0 takes all but e^-80 of each row's mass
+    ref = top_k(p, 4)
+    kl = kl_per_token(ref, q)
+    assert torch.isfinite(kl).all()
+    # the same buckets in float64: P's top 4 and rest, Q's mass on those 4 ids and the rest
+    lq = torch.log_softmax(q.double(), -1)
+    lq_top = lq.gather(-1, ref.ids)
+    lq_rest = torch.logsumexp(lq.scatter(-1, ref.ids, -torch.inf), -1)
+    lp_top, lp_rest = ref.logprobs.double(), ref.rest.double()
+    want = (lp_top.exp() * (lp_top - lq_top)).sum(-1) + lp_rest.exp() * (lp_rest - lq_rest)
+    torch.testing.assert_close(kl.double(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_a_distribution_against_itself_is_at_distance_0_and_agrees_everywhere():
     p, _ = logit_pair()
     for k in (1, 16, V):

@@ -51,7 +51,10 @@ def kl_per_token(reference: TopK, logits: torch.Tensor) -> torch.Tensor:
     q_top = q.gather(-1, reference.ids)
     p_top = reference.logprobs
     kl = (p_top.exp() * (p_top - q_top)).sum(-1)
-    p_rest, q_rest = reference.rest, _log_rest(q_top)
+    # Q's mass outside P's top k, summed where it is (not 1 - the top k's: a model sure of a
+    # top-k token leaves a rest below float32's resolution of 1, which would read as 0 and make
+    # the divergence infinite)
+    p_rest, q_rest = reference.rest, torch.logsumexp(q.scatter(-1, reference.ids, -torch.inf), -1)
     rest = torch.where(torch.isneginf(p_rest), torch.zeros_like(p_rest),
                        p_rest.exp() * (p_rest - q_rest))
     return (kl + rest).clamp(min=0.0)  # rounding can leave -1e-9 where P == Q
