@@ -30,6 +30,14 @@ RESULT_FILE = RESULTS / "quick_eval.json"
 NAMES = [f"{m}_w{b}g64" for b in (4, 3, 2) for m in ("rtn", "gptq", "awq")] + [
     "block_qat_kd_w4g64_lr1e-3", "block_qat_kd_w3g64_awq", "block_qat_kd_w2g64_lr1e-3"]
 REFERENCE = "smollm2-135m"
+# what the rows in bench/results/quick_eval.json need said about how they were made
+NOTES = ("The RTN rows were evaluated before the fix of Q's rest bucket (a3c4d7b: a model sure of "
+         "a top-k token read as infinitely far); re-measured after it, RTN W4 gives wiki KL mean "
+         "0.43709 (0.43710 before), Shakespeare 0.45869 (0.45870), p99 and top-1 unchanged. The "
+         "reruns' perplexities differ from the quality table's where its rows ran on another "
+         "machine or an older recipe (W4 block row: 14.346 here, 14.244 there on the AVX-512 "
+         "Xeon; W3: 16.901 vs 16.921). Not measured yet (time): the W2 best row, GPTQ and AWQ: "
+         "`python bench/quick_eval.py RUNS_DIR --train` trains and evaluates them.")
 
 
 def evaluate(source: str, out: Path) -> dict:
@@ -130,7 +138,8 @@ def section(rows: dict[str, dict]) -> str:
             f"sentence that occurred earlier in its entry, greedy; {items.get('eval')} wiki and "
             f"{items.get('ood')} Shakespeare items). Rows are bench/quality.py's commands, "
             "trained again with the export on; the float row's ppl and cloze are the reference's. "
-            "Quality numbers do not depend on the machine's load; no wall times here.\n\n"
+            "Quality numbers do not depend on the machine's load; no wall times here. "
+            + NOTES + "\n\n"
             + markdown_table(table, ["method", "bits", "wiki ppl", "wiki KL mean", "wiki KL p99",
                                      "wiki top-1", "wiki cloze", "Shakesp. ppl",
                                      "Shakesp. KL mean", "Shakesp. KL p99", "Shakesp. top-1",
