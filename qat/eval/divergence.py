@@ -78,7 +78,7 @@ class Divergence:
 
     def to_dict(self) -> dict:
         return {"kl_mean": self.kl_mean, "kl_p99": self.kl_p99, "kl_max": self.kl_max,
-                "top1": self.top1, "n_tokens": self.n_tokens, "kl_top_k": self.k}
+                "top1": self.top1, "kl_top_k": self.k}  # n_tokens: the perplexity's
 
 
 def summarize(kl: torch.Tensor, agree: torch.Tensor, k: int) -> Divergence:

@@ -41,14 +41,13 @@ def source_kind(source: str | Path) -> str:
 
 @dataclass
 class Loaded:
-    """A source ready to evaluate: the model, its tokenizer, the context to evaluate it under,
-    its kind, and the float model it was made from when it names one (None for a float model)."""
+    """A source ready to evaluate: the model, its tokenizer, the context to evaluate it under
+    and its kind."""
 
     model: nn.Module
     tokenizer: Any
     context: Any
     kind: str
-    base: str | None = None
 
 
 def load_for_eval(source: str | Path, backend: str = "auto",
@@ -71,8 +70,7 @@ def load_for_eval(source: str | Path, backend: str = "auto",
         dtype = (config.get("export") or {}).get("dtype", "bfloat16")
         quantized = any(True for _ in fake_quant_modules(model))
         context = as_exported(model, getattr(torch, dtype)) if quantized else nullcontext()
-        spec = config.get("model") or {}
-        return Loaded(model, tokenizer, context, kind, spec.get("path") or spec.get("name"))
+        return Loaded(model, tokenizer, context, kind)
     if kind == "export":
         from transformers import AutoTokenizer
 
@@ -80,8 +78,7 @@ def load_for_eval(source: str | Path, backend: str = "auto",
 
         model = load_quantized(path, dtype=torch.float32, backend=backend,
                                embedding_bits=embedding_bits)
-        return Loaded(model, AutoTokenizer.from_pretrained(str(path)), nullcontext(), kind,
-                      export_base(path))
+        return Loaded(model, AutoTokenizer.from_pretrained(str(path)), nullcontext(), kind)
     from qat.models import ModelSpec, load_model
 
     name = {"smollm2": "smollm2-135m"}.get(str(source), str(source))
