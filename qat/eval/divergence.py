@@ -137,16 +137,12 @@ class DivergenceMeter:
 
 
 def _each_batch(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, each) -> None:
-    """`each(batch, logits)` over the (W, T) `windows` in eval mode (restored after)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for b in range(0, windows.shape[0], batch_size):
-            batch = windows[b:b + batch_size].to(device)
-            each(batch, model(input_ids=batch, use_cache=False).logits)
-    finally:
-        model.train(was_training)
+    """`each(batch, logits)` over the (W, T) `windows`: perplexity()'s loop (eval mode, block by
+    block for an onloaded model), its number unused."""
+    from qat.eval.perplexity import perplexity
+
+    perplexity(model, windows.reshape(-1), window=windows.shape[1], max_windows=windows.shape[0],
+               batch_size=batch_size, on_logits=each)
 
 
 @torch.no_grad()
