@@ -77,14 +77,16 @@ def run_row(name: str, overrides: list[str]) -> dict:
     cmd = [sys.executable, "train.py", *overrides, "logger=none",
            "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    start = time.perf_counter()
+    load_start, start = os.getloadavg()[0], time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
         sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
         raise SystemExit(f"{name}: train.py exited {done.returncode}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    # the 1-minute load average before and after: above ~2 on 2 cores, something else ran beside
     return {"name": name, "command": "python train.py " + " ".join(overrides),
-            "seconds": round(time.perf_counter() - start), **metrics}
+            "seconds": round(time.perf_counter() - start),
+            "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)], **metrics}
 
 
 def _fmt(value, digits=3):

@@ -120,6 +120,20 @@ def test_ood_set_is_windowed_separately(tok):
         tiny_module(tok).ood_dataloader()
 
 
+def test_validation_windows_are_the_end_of_the_train_split_and_never_trained_on(tok):
+    train, _ = split_entries(tiny_texts(), 0.05)
+    ids = tokenize(tok, train)
+    dm = tiny_module(tok, val_windows=2)
+    assert torch.equal(dm.val_blocks, ids[-128:].view(2, 64))
+    n = (ids.numel() - 128) // 64
+    assert torch.equal(dm.train_blocks, ids[: n * 64].view(n, 64))
+    assert tiny_module(tok).val_blocks is None
+    with pytest.raises(ValueError, match=r"data\.val_windows=1000000"):
+        tiny_module(tok, val_windows=10**6)
+    with pytest.raises(ValueError, match=r"data\.val_windows must be an integer >= 0"):
+        DataSpec(**{**TINY, "val_windows": -1})
+
+
 # --- user files ---------------------------------------------------------------------------------
 
 def write_paragraphs(path, n, words=40):

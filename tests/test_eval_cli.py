@@ -178,3 +178,30 @@ def test_a_run_with_an_ood_set_measures_it_as_qat_eval_does(tmp_path, monkeypatc
     for key in ("kl_mean", "kl_p99", "top1", "cloze_acc"):
         assert metrics[f"ood_{key}"] == pytest.approx(ood[key], rel=1e-5), key
     assert metrics["fp_ood_cloze_acc"] == fp["cloze_acc"]
+
+
+def test_a_run_with_validation_windows_scores_them_never_having_trained_on_them(tmp_path,
+                                                                                  monkeypatch):
+    """data.val_windows: the float model's and the final model's perplexity (and KL) on windows
+    cut from the end of the training split, the float one equal to a direct computation."""
+    from conftest import compose_train
+
+    from qat.data import DataSpec
+    from qat.lightning.data import TextDataModule
+    from qat.models import ModelSpec, load_model
+    from qat.train import train
+
+    monkeypatch.setenv("QAT_CACHE", str(tmp_path / "cache"))
+    metrics = train(compose_train(["model=tiny", "data=tiny", "logger=none",
+                                   "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+                                   "recipe=w4g128", "eval.kl_top_k=64", "data.val_windows=2"]),
+                    run_dir=tmp_path / "run")
+    model, tokenizer = load_model(ModelSpec(name="tiny"))
+    data = TextDataModule(DataSpec(name="tiny", eval_window=64, block_size=64, val_windows=2),
+                          tokenizer)
+    data.setup()
+    fp = by_hand_ppl(model, data.val_blocks.reshape(-1), 64, 2)
+    assert metrics["fp_val_ppl"] == pytest.approx(fp, rel=1e-5)
+    assert metrics["val_ppl"] != pytest.approx(metrics["fp_val_ppl"])  # the quantized model's
+    assert metrics["val_ppl"] != pytest.approx(metrics["ppl"])  # another set
+    assert metrics["val_kl_mean"] > 0 and 0 < metrics["val_top1"] <= 1

@@ -40,6 +40,9 @@ class DataSpec:
     ood: str | None = None  # second eval set: builtin name or a local file
     ood_fraction: float = 0.05  # protocol: last 5% of Shakespeare's plays = 2 plays
     ood_windows: int = 32
+    # > 0: that many eval_window-token windows cut from the end of the training split, never
+    # trained or calibrated on: val_ppl, the score settings are chosen on (not the reported windows)
+    val_windows: int = 0
     generated_samples: int = 0  # > 0: train on this many teacher-written sequences (data-free)
     generation_temperature: float = 1.0  # sampling temperature of those sequences
 
@@ -62,7 +65,7 @@ class DataSpec:
                 raise ValueError(f"data.{field} must be a number in (0, 1), got {value!r}")
         for field, low in (("block_size", 2), ("batch_size", 1), ("eval_window", 2),
                            ("eval_windows", 1), ("eval_batch_size", 1), ("num_workers", 0),
-                           ("ood_windows", 1), ("generated_samples", 0)):
+                           ("ood_windows", 1), ("val_windows", 0), ("generated_samples", 0)):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"data.{field} must be an integer >= {low}, got {value!r}")

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Tokens:
     """train_blocks (N, block_size); eval_ids (M,) and eval_blocks (eval_windows, eval_window);
-    ood_ids / ood_blocks / ood_texts when data.ood is set (else None); eval_texts: the held-out
-    entries."""
+    ood_ids / ood_blocks / ood_texts when data.ood is set (else None); val_blocks (val_windows,
+    eval_window) from the end of the training split when data.val_windows > 0 (else None);
+    eval_texts: the held-out entries."""
 
     train_blocks: torch.Tensor
     eval_ids: torch.Tensor
@@ -31,6 +32,7 @@ class Tokens:
     n_eval_entries: int = 0
     eval_texts: list[str] | None = None  # the held-out entries (the cloze task's source)
     ood_texts: list[str] | None = None
+    val_blocks: torch.Tensor | None = None  # never in train_blocks
 
 
 def check_positions(spec: DataSpec, max_positions: int | None) -> None:
@@ -53,6 +55,7 @@ def load_tokens(spec: DataSpec, tokenizer) -> Tokens:
         raise ValueError(f"{where}: {len(texts)} entries cannot be split by "
                          f"data.eval_fraction={s.eval_fraction} into non-empty train and eval")
     train_ids = tokenize(tokenizer, train)
+    train_ids, val_blocks = _cut_validation(train_ids, s, where)
     n_blocks = train_ids.numel() // s.block_size
     if n_blocks == 0:
         raise ValueError(f"{where}: the train split has {train_ids.numel()} tokens, fewer than "
@@ -60,7 +63,8 @@ def load_tokens(spec: DataSpec, tokenizer) -> Tokens:
     eval_ids = tokenize(tokenizer, held_out)
     out = Tokens(train_ids[: n_blocks * s.block_size].view(n_blocks, s.block_size), eval_ids,
                  _windows(eval_ids, s, s.eval_windows, where),
-                 n_train_entries=len(train), n_eval_entries=len(held_out), eval_texts=held_out)
+                 n_train_entries=len(train), n_eval_entries=len(held_out), eval_texts=held_out,
+                 val_blocks=val_blocks)
     if s.ood is not None:
         _, ood_texts = split_entries(load_texts(s.ood, s.text_field, "data.ood"), s.ood_fraction)
         out.ood_ids, out.ood_texts = tokenize(tokenizer, ood_texts), ood_texts
@@ -68,6 +72,19 @@ def load_tokens(spec: DataSpec, tokenizer) -> Tokens:
     log.info("data: %d train blocks of %d; eval %d tokens -> %d windows of %d",
              n_blocks, s.block_size, eval_ids.numel(), out.eval_blocks.shape[0], s.eval_window)
     return out
+
+
+def _cut_validation(train_ids: torch.Tensor, spec: DataSpec, where: str
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training tokens less their last data.val_windows windows, and those windows."""
+    n = spec.val_windows * spec.eval_window
+    if n == 0:
+        return train_ids, None
+    if train_ids.numel() < n + spec.block_size:
+        raise ValueError(f"data.val_windows={spec.val_windows}: {where}'s train split has "
+                         f"{train_ids.numel()} tokens, fewer than {n} for the validation windows "
+                         f"and one block of data.block_size={spec.block_size} to train on")
+    return train_ids[:-n], train_ids[-n:].reshape(spec.val_windows, spec.eval_window)
 
 
 def _windows(ids: torch.Tensor, spec: DataSpec, max_windows: int, where: str) -> torch.Tensor:

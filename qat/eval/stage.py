@@ -162,9 +162,9 @@ class SetBaseline:
     cloze: Any = None  # qat.eval.cloze.ClozeResult
 
 
-# metrics.json's prefix per eval set: the in-domain windows ("fp_ppl", "kl_mean", ...) and
-# data.ood's ("fp_ood_ppl", "ood_ppl", "ood_kl_mean", ...)
-SET_PREFIXES = {"eval": "", "ood": "ood_"}
+# metrics.json's prefix per eval set: the in-domain windows ("fp_ppl", "kl_mean", ...),
+# data.ood's ("fp_ood_ppl", "ood_ppl", "ood_kl_mean", ...) and data.val_windows' ("val_ppl", ...)
+SET_PREFIXES = {"eval": "", "ood": "ood_", "val": "val_"}
 
 
 @dataclass
@@ -185,8 +185,8 @@ class FloatBaseline:
 
 def float_baseline(model: torch.nn.Module, tokenizer, tokens, data: DataSpec,
                    spec) -> FloatBaseline:
-    """The float model's perplexity on the run's eval windows and, with data.ood, on the
-    out-of-domain ones (with eval.kl its top-k from the same pass), and its cloze accuracy on
+    """The float model's perplexity on the run's eval windows and, with data.ood or
+    data.val_windows, on the out-of-domain or validation ones (with eval.kl its top-k from the same pass), and its cloze accuracy on
     items of each set's held-out text, each cached under `spec.cache_fp_ppl`
     (`tokens`: qat.data.tokens.Tokens; `spec`: qat.eval.spec.EvalSpec)."""
     from qat.eval.cloze import cloze_items
@@ -195,6 +195,8 @@ def float_baseline(model: torch.nn.Module, tokenizer, tokens, data: DataSpec,
     sets = {"eval": (tokens.eval_ids, tokens.eval_blocks, tokens.eval_texts)}
     if tokens.ood_blocks is not None:
         sets["ood"] = (tokens.ood_ids, tokens.ood_blocks, tokens.ood_texts)
+    if getattr(tokens, "val_blocks", None) is not None:
+        sets["val"] = (None, tokens.val_blocks, None)
     out = FloatBaseline({})
     for name, (ids, blocks, texts) in sets.items():
         label = is_rank_zero() and f"float ppl{' (' + name + ')' if name != 'eval' else ''}"
@@ -227,7 +229,8 @@ def final_quality(model: torch.nn.Module, tokenizer, baseline: FloatBaseline, dt
     """The model as exported (the rest rounded to `dtype`) on what `baseline` measured the float
     model on, per set (SET_PREFIXES): its distance to the float model (kl_mean, kl_p99, kl_max,
     top1, kl_top_k), its cloze result (cloze_acc, cloze_nll, cloze_items), and for the
-    out-of-domain set its perplexity (ood_ppl; the in-domain one is the run's `ppl`)."""
+    out-of-domain and validation sets their perplexity (ood_ppl, val_ppl; the in-domain one is
+    the run's `ppl`)."""
     from contextlib import nullcontext
 
     from qat.eval.cloze import cloze_accuracy

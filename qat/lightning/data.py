@@ -47,6 +47,7 @@ class TextDataModule(L.LightningDataModule):
         self.eval_blocks: torch.Tensor | None = None
         self.ood_ids: torch.Tensor | None = None
         self.ood_blocks: torch.Tensor | None = None
+        self.val_blocks: torch.Tensor | None = None  # data.val_windows > 0: never trained on
         self.n_train_entries = self.n_eval_entries = 0
         self._train_loader: ResumableLoader | None = None
         self._resume_state: dict[str, int] | None = None  # data position from a checkpoint
@@ -61,7 +62,7 @@ class TextDataModule(L.LightningDataModule):
 
     def use(self, tokens: Tokens) -> None:
         for name in ("train_blocks", "eval_ids", "eval_blocks", "ood_ids", "ood_blocks",
-                     "n_train_entries", "n_eval_entries"):
+                     "val_blocks", "n_train_entries", "n_eval_entries"):
             setattr(self, name, getattr(tokens, name))
 
     def prepare_data(self) -> None:

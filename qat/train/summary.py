@@ -39,18 +39,20 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
             rows.append((label, f"{metrics[key]:.3f}"))
     if "fp_ppl" in metrics:
         rows.append(("vs float", f"{100 * (metrics['ppl'] / metrics['fp_ppl'] - 1):+.1f}%"))
-    if "ood_ppl" in metrics:
-        rows.append(("out-of-domain ppl", f"{metrics['ood_ppl']:.3f}" + (
-            f" (float {metrics['fp_ood_ppl']:.3f}, "
-            f"{100 * (metrics['ood_ppl'] / metrics['fp_ood_ppl'] - 1):+.1f}%)"
-            if metrics.get("fp_ood_ppl") else "")))
+    for prefix, label in (("ood_", "out-of-domain"), ("val_", "validation")):
+        if f"{prefix}ppl" in metrics:
+            ppl, fp = metrics[f"{prefix}ppl"], metrics.get(f"fp_{prefix}ppl")
+            rows.append((f"{label} ppl", f"{ppl:.3f}" + (
+                f" (float {fp:.3f}, {100 * (ppl / fp - 1):+.1f}%)" if fp else "")))
     if "kl_mean" in metrics:
         rows.append(("KL to float", f"{metrics['kl_mean']:.4f} nats/token mean, "
                      f"{metrics['kl_p99']:.3f} p99, {metrics['kl_max']:.2f} max"))
         rows.append(("top-1 vs float", f"{100 * metrics['top1']:.1f}% of tokens"))
-    if "ood_kl_mean" in metrics:
-        rows.append(("out-of-domain", f"KL {metrics['ood_kl_mean']:.4f} mean, "
-                     f"{metrics['ood_kl_p99']:.3f} p99; top-1 {100 * metrics['ood_top1']:.1f}%"))
+    for prefix, label in (("ood_", "out-of-domain"), ("val_", "validation")):
+        if f"{prefix}kl_mean" in metrics:
+            rows.append((label, f"KL {metrics[prefix + 'kl_mean']:.4f} mean, "
+                         f"{metrics[prefix + 'kl_p99']:.3f} p99; "
+                         f"top-1 {100 * metrics[prefix + 'top1']:.1f}%"))
     if "cloze_acc" in metrics:
         rows.append(("cloze accuracy", (f"{100 * metrics['fp_cloze_acc']:.1f}% float -> "
                                         if "fp_cloze_acc" in metrics else "")
