@@ -320,7 +320,9 @@ def _write(rows: dict[str, dict]) -> None:
                    "token, to the float model), top-1 agreement and cloze accuracy (wiki): the "
                    "run's final evaluation, else bench/quick_eval.py's evaluation of an export "
                    "of the same command, trained again (section \"Distance to the float model\", "
-                   "where its own ppl is); blank where neither measured it.\n\n" + table(rows))
+                   "where its own ppl is: for the GPTQ and AWQ rows that is today's GPTQ "
+                   "(act order) and AWQ, lower than the older ppl here); blank where neither "
+                   "measured it.\n\n" + table(rows))
 
 
 if __name__ == "__main__":

@@ -40,10 +40,16 @@ REFERENCE = "smollm2-135m"
 NOTES = ("The RTN rows were evaluated before the fix of Q's rest bucket (a3c4d7b: a model sure of "
          "a top-k token read as infinitely far); re-measured after it, RTN W4 gives wiki KL mean "
          "0.43709 (0.43710 before), Shakespeare 0.45869 (0.45870), p99 and top-1 unchanged. The "
-         "reruns' perplexities differ from the quality table's where its rows ran on another "
-         "machine or an older recipe (W4 block row: 14.346 here, 14.244 there on the AVX-512 "
-         "Xeon; W3: 16.901 vs 16.921). Not measured yet (time): the W2 best row, GPTQ and AWQ: "
-         "`python bench/quick_eval.py RUNS_DIR --train` trains and evaluates them.")
+         "W2 block row and the GPTQ and AWQ rows (2026-12-07, alone, load average 1.6-1.9 from "
+         "this job's own 2 threads) ran through `--train`, without the run-end KL, cloze and export "
+         "passes that qat-eval repeats. The reruns' perplexities differ from the quality table's "
+         "where its rows ran on another machine or an older recipe: W4 block row 14.346 here, "
+         "14.244 there (AVX-512 Xeon); W3 16.901 vs 16.921; W2 33.027 vs 33.173; the table's GPTQ "
+         "rows predate ptq.act_order=true (W4 17.159 here vs 18.100, W3 25.051 vs 32.485, W2 1786 "
+         "vs 6666) and its AWQ rows the current AWQ (16.570 vs 17.024, 25.707 vs 25.334, 707.8 vs "
+         "724.5). Cloze accuracy on 200 items has a standard error of about 3.4 points: AWQ W4's "
+         "60.5% against GPTQ W4's 66.0% is within two of them, while KL and top-1 order the rows "
+         "as perplexity does.")
 
 
 def evaluate(source: str, out: Path) -> dict:
