@@ -195,7 +195,7 @@ def float_baseline(model: torch.nn.Module, tokenizer, tokens, data: DataSpec,
     sets = {"eval": (tokens.eval_ids, tokens.eval_blocks, tokens.eval_texts)}
     if tokens.ood_blocks is not None:
         sets["ood"] = (tokens.ood_ids, tokens.ood_blocks, tokens.ood_texts)
-    if getattr(tokens, "val_blocks", None) is not None:
+    if tokens.val_blocks is not None:
         sets["val"] = (None, tokens.val_blocks, None)
     out = FloatBaseline({})
     for name, (ids, blocks, texts) in sets.items():
