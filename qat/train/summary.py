@@ -23,6 +23,10 @@ def run_facts(cfg: DictConfig, specs, report: PrepareReport | None, measured: di
     return out
 
 
+# the eval sets beside the in-domain windows: metrics.json prefix, label
+OTHER_SETS = (("ood_", "out-of-domain"), ("val_", "validation"))
+
+
 def summary(metrics: dict[str, Any], run_dir: Path) -> str:
     rows = [("model", metrics["model"]), ("recipe", metrics["recipe"]),
             ("scheme", metrics["scheme"]), ("steps", metrics["steps"]),
@@ -39,7 +43,7 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
             rows.append((label, f"{metrics[key]:.3f}"))
     if "fp_ppl" in metrics:
         rows.append(("vs float", f"{100 * (metrics['ppl'] / metrics['fp_ppl'] - 1):+.1f}%"))
-    for prefix, label in (("ood_", "out-of-domain"), ("val_", "validation")):
+    for prefix, label in OTHER_SETS:
         if f"{prefix}ppl" in metrics:
             ppl, fp = metrics[f"{prefix}ppl"], metrics.get(f"fp_{prefix}ppl")
             rows.append((f"{label} ppl", f"{ppl:.3f}" + (
@@ -48,7 +52,7 @@ def summary(metrics: dict[str, Any], run_dir: Path) -> str:
         rows.append(("KL to float", f"{metrics['kl_mean']:.4f} nats/token mean, "
                      f"{metrics['kl_p99']:.3f} p99, {metrics['kl_max']:.2f} max"))
         rows.append(("top-1 vs float", f"{100 * metrics['top1']:.1f}% of tokens"))
-    for prefix, label in (("ood_", "out-of-domain"), ("val_", "validation")):
+    for prefix, label in OTHER_SETS:
         if f"{prefix}kl_mean" in metrics:
             rows.append((label, f"KL {metrics[prefix + 'kl_mean']:.4f} mean, "
                          f"{metrics[prefix + 'kl_p99']:.3f} p99; "
