@@ -6,4 +6,4 @@ cd "$(dirname "$0")"
 bash scripts/setup.sh
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # no OpenMP busy-waiting on shared cores
 . "${QAT_VENV:-.venv}/bin/activate"
-exec python train.py "$@"
+exec python train.py budget=short "$@"  # the recipes carry their quality budgets; this is the ~10-min one
