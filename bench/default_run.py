@@ -3,7 +3,7 @@ slower than the baseline plus the export's own time).
 
     python bench/default_run.py --baseline 7c5188a --pairs 2
 
-The job is `bash run.sh`'s (`python train.py`, the default recipe on the embedded model; setup
+The job is `bash run.sh`'s (`python train.py budget=short`, the default recipe on the embedded model; setup
 skipped: this interpreter runs both). Each commit runs from its own git worktree under --work;
 runs alternate baseline, HEAD, baseline, HEAD ... so that machine noise hits both alike, and the
 float-ppl cache is cleared before each so that both do the same work. Per run: wall seconds and
@@ -65,7 +65,9 @@ def run_once(tree: Path, out: Path) -> dict:
     load = os.getloadavg()
     start = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:
-        child = subprocess.Popen([sys.executable, "train.py", "hydra.verbose=qat.train",
+        # run.sh's budget: `budget=short` where the commit has it (before it, the recipe's own)
+        short = ["budget=short"] if (tree / "qat" / "conf" / "budget" / "short.yaml").exists() else []
+        child = subprocess.Popen([sys.executable, "train.py", *short, "hydra.verbose=qat.train",
                                   f"hydra.run.dir={out}"], cwd=tree, env=env, stdout=log,
                                  stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)

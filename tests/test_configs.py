@@ -134,6 +134,24 @@ def test_recipe_values_win_over_train_yaml_and_cli_wins_over_recipe():
     assert build_specs(compose_train(["recipe=w3g64", "quant.weight.bits=5"])).quant.weight.bits == 5
 
 
+
+@pytest.mark.parametrize("recipe", ["w4g64_kd", "w3g64_kd", "w2g64_kd"])
+def test_the_short_budget_wins_over_the_recipe_and_the_cli_over_it(recipe):
+    """run.sh's budget=short is applied after the recipe (whose own budget is the quality one),
+    and a value on the command line still wins over it."""
+    from omegaconf import OmegaConf
+
+    short = OmegaConf.load(CONF / "budget" / "short.yaml")
+    own = compose_train([f"recipe={recipe}"])
+    cut = compose_train([f"recipe={recipe}", "budget=short"])
+    for key in ("blockwise.samples", "blockwise.epochs", "trainer.max_steps"):
+        assert OmegaConf.select(cut, key) == OmegaConf.select(short, key)
+    assert own.trainer.max_steps > cut.trainer.max_steps
+    assert own.blockwise.samples * own.blockwise.epochs > cut.blockwise.samples * cut.blockwise.epochs
+    assert compose_train([f"recipe={recipe}", "budget=short", "trainer.max_steps=3"]
+                         ).trainer.max_steps == 3
+    assert "budget=short" in (CONF.parents[1] / "run.sh").read_text()
+
 @pytest.mark.parametrize("override,field", [
     ("quant.weight.bits=9", "quant.weight.bits"),
     ("quant.weight.bits=1", "quant.weight.bits"),
