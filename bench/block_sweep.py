@@ -72,17 +72,19 @@ def run(config: dict, recipe: str = RECIPE) -> dict:
         train_blocks(model, float_model, ids, spec, seed=0)
     budget = f"{specs.blockwise.samples}x{specs.blockwise.epochs}"  # the recipe's, unless overridden
     return {"start": start, "skip": skip, **config, "blocks": BLOCKS, "samples_x_epochs": budget,
-            "before": round(before, 5),
-            "after": round(error(), 5), "seconds": round(time.perf_counter() - t0)}
+            "before": round(before, 5), "after": round(error(), 5),
+            "seconds": round(time.perf_counter() - t0)}
 
 
-KEYS = ("start", "skip", "blocks", "samples_x_epochs", "before", "after", "seconds", "recipe", "command", "note")
+KEYS = ("start", "skip", "blocks", "samples_x_epochs", "before", "after", "seconds", "recipe",
+        "command", "note")
 
 
 def table(rows: list[dict]) -> str:
     out = [{"recipe": r["recipe"].removeprefix("recipe="), "start": r["start"],
             "settings": ", ".join(f"{k}={v}" for k, v in r.items() if k not in KEYS) or "defaults",
-            "block stage": "no" if r["skip"] else r.get("samples_x_epochs", "yes"), "error before": f"{r['before']:.5f}",
+            "block stage": "no" if r["skip"] else r.get("samples_x_epochs", "yes"),
+            "error before": f"{r['before']:.5f}",
             "error after": f"{r['after']:.5f}", "after / before": f"{r['after'] / r['before']:.3f}",
             "seconds": r["seconds"], "command": f"`{r['command']}`"} for r in rows]
     return markdown_table(out, ["recipe", "start", "settings", "block stage", "error before",

@@ -3,8 +3,8 @@ slower than the baseline plus the export's own time).
 
     python bench/default_run.py --baseline 7c5188a --pairs 2
 
-The job is `bash run.sh`'s (`python train.py budget=short`, the default recipe on the embedded model; setup
-skipped: this interpreter runs both). Each commit runs from its own git worktree under --work;
+The job is `bash run.sh`'s (`python train.py budget=short`, the default recipe on the embedded
+model; setup skipped: this interpreter runs both). Each commit runs from its own git worktree under --work;
 runs alternate baseline, HEAD, baseline, HEAD ... so that machine noise hits both alike, and the
 float-ppl cache is cleared before each so that both do the same work. Per run: wall seconds and
 peak RSS of the child (os.wait4), its stages from the `stage:` marks (`hydra.verbose=qat.train`)

@@ -134,7 +134,6 @@ def test_recipe_values_win_over_train_yaml_and_cli_wins_over_recipe():
     assert build_specs(compose_train(["recipe=w3g64", "quant.weight.bits=5"])).quant.weight.bits == 5
 
 
-
 @pytest.mark.parametrize("recipe", ["w4g64_kd", "w3g64_kd", "w2g64_kd"])
 def test_the_short_budget_wins_over_the_recipe_and_the_cli_over_it(recipe):
     """run.sh's budget=short is applied after the recipe (whose own budget is the quality one),
@@ -151,6 +150,7 @@ def test_the_short_budget_wins_over_the_recipe_and_the_cli_over_it(recipe):
     assert compose_train([f"recipe={recipe}", "budget=short", "trainer.max_steps=3"]
                          ).trainer.max_steps == 3
     assert "budget=short" in (CONF.parents[1] / "run.sh").read_text()
+
 
 @pytest.mark.parametrize("override,field", [
     ("quant.weight.bits=9", "quant.weight.bits"),
