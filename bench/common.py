@@ -49,6 +49,15 @@ def section(name: str) -> str | None:
     return text.split(start, 1)[1].split(end, 1)[0].strip()
 
 
+def previous_stamp(name: str) -> str | None:
+    """The machine and date section `name` names ("... on STAMP. Default model"): a --table
+    rebuild keeps them, since it measures nothing."""
+    import re
+
+    found = re.search(r"` on (.*?)\. Default model", section(name) or "")
+    return found.group(1) if found else None
+
+
 def update_section(name: str, body: str) -> None:
     """Replace (or append) the BENCHMARKS.md section between `<!-- name:start/end -->` markers."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

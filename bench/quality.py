@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table, update_section, write_json  # noqa: E402
+from common import (RESULTS, machine, markdown_table, previous_stamp, update_section,  # noqa: E402
+                    write_json)
 from recipes import RESULT_FILE as RECIPE_RESULTS  # noqa: E402
 from recipes import run_row  # noqa: E402
 
@@ -269,17 +270,7 @@ def _locked():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _previous_stamp() -> str | None:
-    """The machine and date the section names now: a --table rebuild keeps them."""
-    import re
-
-    from common import section
-
-    found = re.search(r"`python bench/quality.py` on (.*?)\. Default model", section("quality") or "")
-    return found.group(1) if found else None
-
-
-STAMP = _previous_stamp()
+STAMP = previous_stamp("quality")
 
 
 def _write(rows: dict[str, dict]) -> None:

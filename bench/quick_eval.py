@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, markdown_table, update_section, write_json  # noqa: E402
+from common import (RESULTS, ROOT, machine, markdown_table, previous_stamp,  # noqa: E402
+                    update_section, write_json)
 from quality import ROWS  # noqa: E402
 
 RESULT_FILE = RESULTS / "quick_eval.json"
@@ -112,7 +113,9 @@ def main(argv: list[str]) -> None:
             rows[name] = row_of(name, run_dir, evaluate(str(run_dir), run_dir / "eval.json"))
             write_json(RESULT_FILE, [rows[n] for n in ["float", *NAMES] if n in rows])
     write_json(RESULT_FILE, [rows[n] for n in ["float", *NAMES] if n in rows])
-    update_section("quick_eval", section(rows))
+    fresh = argv != ["--table"]
+    update_section("quick_eval", section(rows, machine() if fresh else
+                                         previous_stamp("quick_eval") or machine()))
 
 
 def cells(result: dict, name: str) -> dict:
@@ -124,7 +127,7 @@ def cells(result: dict, name: str) -> dict:
             "float cloze": f"{100 * fp['cloze_acc']:.1f}%" if "cloze_acc" in fp else ""}
 
 
-def section(rows: dict[str, dict]) -> str:
+def section(rows: dict[str, dict], stamp: str) -> str:
     table = []
     for name in ["float", *NAMES]:
         if name not in rows:
@@ -140,7 +143,7 @@ def section(rows: dict[str, dict]) -> str:
     any_row = next(iter(rows.values()))["eval"]["results"]
     items = {k: v.get("cloze_items") for k, v in any_row.items()}
     return ("## Distance to the float model and cloze accuracy (issue 33)\n\n"
-            f"`python bench/quick_eval.py RUNS_DIR` on {machine()}. Default model (SmolLM2-135M); "
+            f"`python bench/quick_eval.py RUNS_DIR` on {stamp}. Default model (SmolLM2-135M); "
             "each row's run evaluated by `qat-eval RUN_DIR --reference smollm2-135m` (the "
             "fake-quantized model as exported; its export gives the same numbers to 1e-3): "
             "perplexity on the protocol (wiki 64 x 512, "
