@@ -47,11 +47,12 @@ MISSES = {
                      "recipe_w4g64_e2e_all) gives validation 14.266 against 14.276 but a worse "
                      "KL to the float model (validation 0.1047 against 0.0898) and wiki 14.147: "
                      "not taken. Next: more scales-only steps (20 -> 60 gained 0.116).",
-    "recipe W3 g64": "Measured 2026-12-07 (128 x 6 blocks, 60 scales-only KD steps): 1.172x "
-                     "wiki (validation 1.174x), 1.389x Shakespeare in 41 of its 60 minutes, from "
-                     "1.253x at 32 x 6 and 20 steps; the block stage ends at 17.098, the KD loss "
-                     "is flat over the 60 steps (0.288 -> 0.308, batch noise). Next: the other 19 "
-                     "minutes on end-to-end steps that train the weights too, chosen on val_ppl.",
+    "recipe W3 g64": "Measured 2026-12-07 (128 x 6 blocks, 120 scales-only KD steps, 54 of its "
+                     "60 minutes): 1.156x wiki (validation 1.160x), 1.379x Shakespeare; 60 "
+                     "steps gave 1.172x, 32 x 6 and 20 steps 1.253x. The block stage ends at "
+                     "17.098 and each doubling of the end-to-end steps still gains (1.18 ppl for "
+                     "the first 60, 0.21 for the next 60). Next: the end-to-end stage in "
+                     "resumable chunks past 60 minutes, or a faster block stage to free time.",
     "recipe W2 g64": "Measured 2026-12-07 (128 x 6 blocks, 40 steps): 2.168x, from 2.44x at "
                      "128 x 4 and 20 steps; the block stage ends at 34.98 (38.58), the KD loss "
                      "still falls at step 40 (1.066 -> 0.970). Out of domain it is 3.97x. Next: "
