@@ -33,12 +33,12 @@ from common import RESULTS, machine, markdown_table, update_section, write_json 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_FILE = RESULTS / "moe_upcycle.json"
 ROUTER_STD = 0.02
-ROWS = {  # name -> (model: dense | moe, overrides); the kd rows on run.sh's budget (budget=short)
-    "dense_w4g64_kd": ("dense", ["recipe=w4g64_kd", "budget=short", "export=true"]),
-    "moe_w4g64_kd": ("moe", ["recipe=w4g64_kd", "budget=short", "export=true"]),
+KD = ["recipe=w4g64_kd", "budget=short"]  # the kd rows on run.sh's budget
+ROWS = {  # name -> (model: dense | moe, overrides)
+    "dense_w4g64_kd": ("dense", [*KD, "export=true"]),
+    "moe_w4g64_kd": ("moe", [*KD, "export=true"]),
     # the alternative block target: the quantized block's experts take the float block's routing
-    "moe_w4g64_kd_float_routing": ("moe", ["recipe=w4g64_kd", "budget=short",
-                                           "blockwise.routing=float", "export=true"]),
+    "moe_w4g64_kd_float_routing": ("moe", [*KD, "blockwise.routing=float", "export=true"]),
     "dense_gptq_w4g64": ("dense", ["recipe=gptq_w4g64", "trainer.max_steps=0", "export=true"]),
     "moe_gptq_w4g64": ("moe", ["recipe=gptq_w4g64", "trainer.max_steps=0", "export=true"]),
 }

@@ -48,8 +48,8 @@ NOTES = ("The RTN rows were evaluated before the fix of Q's rest bucket (a3c4d7b
          "14.244 there (AVX-512 Xeon); W3 16.901 vs 16.921; W2 33.027 vs 33.173; the table's GPTQ "
          "W2 row predates ptq.act_order=true (1786 here vs 6666; its W4 and W3 rows, rerun "
          "2026-12-07, equal these: 17.159, 25.051) and its AWQ rows the current AWQ (16.570 vs "
-         "17.024, 25.707 vs 25.334, 707.8 vs 724.5). Cloze accuracy on 200 items has a standard error of about 3.4 points: AWQ W4's "
-         "60.5% against GPTQ W4's 66.0% is within two of them, while KL and top-1 order the rows "
+         "17.024, 25.707 vs 25.334, 707.8 vs 724.5). Cloze accuracy on 200 items has a standard "
+         "error of about 3.4 points: AWQ W4's 60.5% against GPTQ W4's 66.0% is within two of them, while KL and top-1 order the rows "
          "as perplexity does.")
 
 
@@ -113,9 +113,8 @@ def main(argv: list[str]) -> None:
             rows[name] = row_of(name, run_dir, evaluate(str(run_dir), run_dir / "eval.json"))
             write_json(RESULT_FILE, [rows[n] for n in ["float", *NAMES] if n in rows])
     write_json(RESULT_FILE, [rows[n] for n in ["float", *NAMES] if n in rows])
-    fresh = argv != ["--table"]
-    update_section("quick_eval", section(rows, machine() if fresh else
-                                         previous_stamp("quick_eval") or machine()))
+    kept = previous_stamp("quick_eval") if argv == ["--table"] else None  # a rebuild measures nothing
+    update_section("quick_eval", section(rows, kept or machine()))
 
 
 def cells(result: dict, name: str) -> dict:
