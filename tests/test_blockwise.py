@@ -312,9 +312,23 @@ def test_killed_block_stage_resumes_at_the_next_block_exactly(tmp_path):
         assert torch.equal(want[key], got[key]), key
 
 
-def test_block_files_of_another_config_are_refused(tmp_path):
-    train(compose_train(TINY + ["trainer.max_steps=0"]), run_dir=tmp_path)
+@pytest.mark.parametrize("override", ["blockwise.epochs=3", "optim.trainable=scales"])
+def test_block_files_of_another_config_are_refused(tmp_path, override):
+    # optim.trainable=scales saves each trained block as integer codes, the others as weights:
+    # a resume under the other form must name the field, not fail inside load_state_dict
+    train(compose_train(TINY + ["trainer.max_steps=0", "optim.trainable=all"]), run_dir=tmp_path)
     (tmp_path / "checkpoints" / "last.ckpt").unlink()
-    with pytest.raises(ConfigError, match="blockwise.epochs"):
-        train(compose_train(TINY + ["trainer.max_steps=0", "blockwise.epochs=3",
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        train(compose_train(TINY + ["trainer.max_steps=0", "optim.trainable=all", override,
                                     "ckpt_path=last"]), run_dir=tmp_path)
+
+
+def test_block_files_resume_under_another_optimizer_setting(tmp_path):
+    # weights and all save the same block files; lr does not shape them: both resume
+    train(compose_train(TINY + ["trainer.max_steps=0", "optim.trainable=weights"]),
+          run_dir=tmp_path)
+    (tmp_path / "checkpoints" / "last.ckpt").unlink()
+    resumed = train(compose_train(TINY + ["trainer.max_steps=0", "optim.trainable=all",
+                                          "optim.lr=1e-3", "ckpt_path=last"]), run_dir=tmp_path)
+    assert resumed["blockwise"]["resumed_blocks"] == resumed["blockwise"]["blocks"] > 0

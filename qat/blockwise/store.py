@@ -58,9 +58,13 @@ class BlockStore:
 
     @classmethod
     def of_run(cls, run_dir: Path, run_config: dict[str, Any]) -> "BlockStore":
-        """The block stage's files of a run, tied to everything that shapes the blocks."""
-        return cls(Path(run_dir) / "checkpoints" / "blockwise",
-                   {k: run_config.get(k) for k in SHAPED_BY})
+        """The block stage's files of a run, tied to everything that shapes the blocks: also the
+        form they are saved in (optim.trainable=scales keeps a trained block's integer codes, not
+        its weights), so that a resume under the other form is refused by name."""
+        config = {k: run_config.get(k) for k in SHAPED_BY}
+        trainable = (run_config.get("optim") or {}).get("trainable")
+        config["optim"] = {"trainable": "scales" if trainable == "scales" else "weights or all"}
+        return cls(Path(run_dir) / "checkpoints" / "blockwise", config)
 
     def _progress(self) -> dict[str, Any]:
         path = self.directory / PROGRESS
