@@ -46,8 +46,9 @@ MISSES = {
                      "minutes (optim.trainable=all, lr 5e-5, 120 steps, 42 min; row "
                      "recipe_w4g64_e2e_all) gives validation 14.266 against 14.276 but a worse "
                      "KL to the float model (validation 0.1047 against 0.0898) and wiki 14.147: "
-                     "not taken. Next: the end-to-end scale lr at 2e-4 (at W3 it took validation "
-                     "15.844 -> 15.663) and more scales-only steps (20 -> 60 gained 0.116).",
+                     "not taken. Scale lr 2e-4 (row recipe_w4g64_slr2e-4): validation 14.269, KL "
+                     "0.0943, wiki 14.109: a tie, not taken. Next: more scales-only steps "
+                     "(20 -> 60 gained 0.116).",
     "recipe W3 g64": "Measured 2026-12-07 (128 x 6 blocks, 120 scales-only KD steps at scale lr "
                      "2e-4, 51 of its 60 minutes): 1.143x wiki (validation 1.147x), 1.369x "
                      "Shakespeare. The end-to-end settings were chosen on validation ppl: scale "
