@@ -141,7 +141,7 @@ ORDER = ([n for n in ROWS if n.startswith("rtn")] + ["gptq_w3g64", "qat_kd_w3g64
          + [n for n in ROWS if n.startswith(("awq", "qat_w", "gptq_w8", "qat_kd_w8"))]
          + ["prune2of4_qat_kd_w4g64", "qat_kd_w3g64_awq_lr1e-4", "qat_kd_w4g64_awq_lr1e-4"]
          + [f"{m}_w{b}g64" for b in (4, 3, 2) for m in ("block_qat_kd", "kd_same_time")]
-         + [f"recipe_w{b}g64" for b in (4, 3, 2)] + ["recipe_w4g64_e2e_all", "recipe_w3g64_slr1e-4", "recipe_w4g64_slr2e-4"])
+         + [n for n in ROWS if n.startswith("recipe_")])
 RESULT_FILE = RESULTS / "quality.json"
 QUICK_EVAL = RESULTS / "quick_eval.json"  # bench/quick_eval.py: KL, top-1, cloze of the exports
 
