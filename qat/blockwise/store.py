@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qat.io import atomic_path, first_difference, write_json
+from qat.quant.swap import keeps_codes_only
 
 PROGRESS = "progress.json"
 INIT = "init.safetensors"
@@ -63,7 +64,8 @@ class BlockStore:
         its weights), so that a resume under the other form is refused by name."""
         config = {k: run_config.get(k) for k in SHAPED_BY}
         trainable = (run_config.get("optim") or {}).get("trainable")
-        config["optim"] = {"trainable": "scales" if trainable == "scales" else "weights or all"}
+        config["optim"] = {"trainable": "scales" if keeps_codes_only(trainable)
+                           else "weights or all"}
         return cls(Path(run_dir) / "checkpoints" / "blockwise", config)
 
     def _progress(self) -> dict[str, Any]:

@@ -172,6 +172,12 @@ def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:
 TRAINABLE = ("weights", "scales", "all")
 
 
+def keeps_codes_only(trainable: str) -> bool:
+    """optim.trainable=scales: the float weights never train again after the block stage, so a
+    trained block keeps its integer codes alone (and is saved that way)."""
+    return trainable == "scales"
+
+
 def set_trainable(model: nn.Module, trainable: str) -> None:
     """optim.trainable for the end-to-end stage.
 
@@ -188,11 +194,11 @@ def set_trainable(model: nn.Module, trainable: str) -> None:
         model.requires_grad_(False)
     for module in fake_quant_modules(model):
         fq = module.weight_fake_quant
-        if trainable == "scales":
+        if keeps_codes_only(trainable):
             fq.freeze_codes(module.weight_like())
         for p in fq.learn_grid(module.weight_like(), zero_point=trainable == "all"):
             p.requires_grad_(True)
-        if trainable == "scales":
+        if keeps_codes_only(trainable):
             module.hold_codes()  # the float weight can no longer change the output
 
 

@@ -32,7 +32,7 @@ from qat.models.structure import decoder_blocks
 from qat.prune.pruner import prune_structured
 from qat.prune.spec import STRUCTURED
 from qat.ptq import quantize_model
-from qat.quant import plan, prepare, set_fake_quant_enabled, set_trainable
+from qat.quant import keeps_codes_only, plan, prepare, set_fake_quant_enabled, set_trainable
 from qat.train import ranks, steps, streamed
 from qat.train.specs import ConfigError, build_specs
 from qat.train.summary import run_facts, summary
@@ -157,7 +157,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 ptq_report is not None and loaded is None, device,
                 before_block=streamed.thaw(model, store if specs.quant.init in streamed.CALIBRATED
                                            else None) if loaded is not None else None,
-                after_block=streamed.hold if specs.optim.trainable == "scales" else None)
+                after_block=streamed.hold if keeps_codes_only(specs.optim.trainable) else None)
             float_model = None
         elif store is not None and store.exists() and not follower:  # resumed after the blocks
             block_report = store.report()
