@@ -138,6 +138,12 @@ ROWS["recipe_w3g64_slr1e-4"] = ("recipe w3g64_kd, e2e scale lr 1e-4", 3,
 ROWS["recipe_w4g64_slr2e-4"] = ("recipe w4g64_kd, e2e scale lr 2e-4", 4,
                                 [*W4_128X4, "trainer.max_steps=60", "optim.scale_lr=2e-4",
                                  *MEASURE])
+# W2 before its end-to-end stage grew (40 -> 90 steps, scale lr 1e-4 -> 2e-4, chosen on validation
+# ppl, 29.930 -> 26.958); recipe_w2g64 ran as `recipe=w2g64_kd optim.scale_lr=2e-4
+# trainer.max_steps=90` before the recipe took those values (its `ran_as`)
+ROWS["recipe_w2g64_e2e40"] = ("recipe w2g64_kd, 40 steps at scale lr 1e-4", 2,
+                              ["recipe=w2g64_kd", "optim.scale_lr=1e-4", "trainer.max_steps=40",
+                               *MEASURE])
 DERIVED = {f"block_qat_w{b}g64": f"block_qat_kd_w{b}g64" for b in (4, 3, 2)}
 # rows measured by resuming another row's finished block stage (the same config, so the same
 # blocks: the resume test checks that to tolerance 0); their wall time adds that row's block part
