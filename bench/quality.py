@@ -80,10 +80,14 @@ KD_SAME_TIME_STEPS = {4: 150, 3: 100, 2: 140}
 # the W3 rows before block_qat_kd_w3g64_awq ran the w3g64_kd recipe's earlier GPTQ start, pinned
 # here so that their commands still reproduce them
 W3_GPTQ_START = ["quant.init=gptq"]
+# the w3g64_kd and w2g64_kd recipes' end-to-end scale lr before 2026-12-07 (2e-4 since), pinned in
+# the rows measured before so that their commands still reproduce them
+SCALE_LR_BEFORE = ["optim.scale_lr=1e-4"]
 for _bits in (4, 3, 2):
     ROWS[f"block_qat_kd_w{_bits}g64"] = ("block_qat_kd", _bits,
                                          [f"recipe=w{_bits}g64_kd", *BLOCK_BUDGET]
-                                         + (W3_GPTQ_START if _bits == 3 else []))
+                                         + (W3_GPTQ_START if _bits == 3 else [])
+                                         + (SCALE_LR_BEFORE if _bits < 4 else []))
     ROWS[f"block_qat_w{_bits}g64"] = ("block_qat", _bits, ROWS[f"block_qat_kd_w{_bits}g64"][2])
     ROWS[f"kd_same_time_w{_bits}g64"] = (
         "kd_same_time", _bits, [f"recipe=w{_bits}g64_kd", "blockwise=none",
@@ -96,14 +100,15 @@ for _what in ("weights", "all"):
         ["recipe=w3g64_kd", *BLOCK_BUDGET[:2], "trainer.max_steps=60", f"optim.trainable={_what}",
          "optim.lr=1e-4", *W3_GPTQ_START, "blockwise.lr=3e-4"])
 # W3 from the AWQ start with a higher block learning rate and more epochs (best in
-# bench/block_sweep.py: 0.0526 vs 0.0626 for the GPTQ start at the defaults), default 32 samples:
-# the w3g64_kd recipe's settings since it measured best (its overrides spell them out)
+# bench/block_sweep.py: 0.0526 vs 0.0626 for the GPTQ start at the defaults), 32 samples (the
+# default then): the w3g64_kd recipe's settings since it measured best (its overrides spell them out)
 ROWS["block_qat_kd_w3g64_awq"] = ("block_qat_kd (awq start, block lr 1e-3 x 6 epochs)", 3,
                                   ["recipe=w3g64_kd", "quant.init=awq", "blockwise.lr=1e-3",
-                                   "blockwise.epochs=6", "trainer.max_steps=20"])
+                                   "blockwise.epochs=6", "trainer.max_steps=20",
+                                   "blockwise.samples=32", *SCALE_LR_BEFORE])
 # W2 at the block lr the sweep found best (1e-3, the default since): the same budget otherwise
 ROWS["block_qat_kd_w2g64_lr1e-3"] = ("block_qat_kd (block lr 1e-3)", 2,
-                                     ["recipe=w2g64_kd", *BLOCK_BUDGET[:3]])
+                                     ["recipe=w2g64_kd", *BLOCK_BUDGET[:3], *SCALE_LR_BEFORE])
 # W4 at the block lr the sweep found best (1e-3, the default since): the w4g64_kd recipe with the
 # row budget (bench/block_sweep.py: 0.0144 vs 0.0160 at 3e-4 on the first 3 blocks)
 ROWS["block_qat_kd_w4g64_lr1e-3"] = ("block_qat_kd (block lr 1e-3)", 4,
