@@ -190,15 +190,16 @@ def set_trainable(model: nn.Module, trainable: str) -> None:
         raise ValueError(f"optim.trainable={trainable!r} is not one of {TRAINABLE}")
     if trainable == "weights":
         return
-    if trainable == "scales":
+    codes_only = keeps_codes_only(trainable)
+    if codes_only:
         model.requires_grad_(False)
     for module in fake_quant_modules(model):
         fq = module.weight_fake_quant
-        if keeps_codes_only(trainable):
+        if codes_only:
             fq.freeze_codes(module.weight_like())
         for p in fq.learn_grid(module.weight_like(), zero_point=trainable == "all"):
             p.requires_grad_(True)
-        if keeps_codes_only(trainable):
+        if codes_only:
             module.hold_codes()  # the float weight can no longer change the output
 
 
