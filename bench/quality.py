@@ -149,6 +149,17 @@ ROWS["recipe_w4g64_slr2e-4"] = ("recipe w4g64_kd, e2e scale lr 2e-4", 4,
 ROWS["recipe_w2g64_e2e40"] = ("recipe w2g64_kd, 40 steps at scale lr 1e-4", 2,
                               ["recipe=w2g64_kd", "optim.scale_lr=1e-4", "trainer.max_steps=40",
                                *MEASURE])
+# W2 with its end-to-end stage training the weights too (optim.trainable=all, weight lr 1e-4 from
+# w2g64): ParetoQ finds that below 3 bits the weights move far from their float values
+ROWS["recipe_w2g64_e2e_all"] = ("recipe w2g64_kd, e2e all x 90 steps", 2,
+                                ["recipe=w2g64_kd", "optim.trainable=all", *MEASURE])
+# mixed precision (issue 34): per-block widths chosen by sensitivity under a stored-bits budget,
+# the W2 recipe's schedule; the budget halfway between the uniform W2 and W3 rows' stored bits
+UNIFORM = [f"recipe_w{b}g64" for b in (2, 3, 4)]
+MIXED = {"mixed_w2w3_2.789": ("recipe w2g64_kd, widths 2|3 at 2.789 bits", 2,
+                              ["recipe=w2g64_kd", "quant.budget_bits=2.789",
+                               "quant.budget_choices=[2,3]", *MEASURE])}
+ROWS.update(MIXED)
 DERIVED = {f"block_qat_w{b}g64": f"block_qat_kd_w{b}g64" for b in (4, 3, 2)}
 # rows measured by resuming another row's finished block stage (the same config, so the same
 # blocks: the resume test checks that to tolerance 0); their wall time adds that row's block part
@@ -160,8 +171,9 @@ ORDER = ([n for n in ROWS if n.startswith("rtn")] + ["gptq_w3g64", "qat_kd_w3g64
          + [n for n in ROWS if n.startswith(("awq", "qat_w", "gptq_w8", "qat_kd_w8"))]
          + ["prune2of4_qat_kd_w4g64", "qat_kd_w3g64_awq_lr1e-4", "qat_kd_w4g64_awq_lr1e-4"]
          + [f"{m}_w{b}g64" for b in (4, 3, 2) for m in ("block_qat_kd", "kd_same_time")]
-         + [n for n in ROWS if n.startswith("recipe_")])
+         + [n for n in ROWS if n.startswith("recipe_")] + list(MIXED))
 RESULT_FILE = RESULTS / "quality.json"
+BITS_PLOT = RESULTS / "quality_bits.png"
 QUICK_EVAL = RESULTS / "quick_eval.json"  # bench/quick_eval.py: KL, top-1, cloze of the exports
 
 
@@ -192,15 +204,90 @@ def _known() -> dict[str, dict]:
     return rows
 
 
-def _bpw(row: dict) -> str:
+def stored_bits(row: dict) -> float | None:
+    """Stored bits per quantized weight: the run's own (metrics since issue 34), else the uniform
+    width's: one bf16 scale per 64 weights (per output row for W8), a packed zero point if asym."""
+    if row.get("bits_per_weight"):
+        return row["bits_per_weight"]
     bits = row.get("bits")
     if bits is None:
-        return ""
-    # one bf16 scale per 64 weights (per output row for W8), plus a packed zero point when asym
-    asym = "asym" in row.get("scheme", "")
+        return None
     if bits == 8:
-        return "8.023"  # one bf16 scale per row of 576 (1536 for down_proj) inputs
-    return f"{bits + 16 / 64 + (bits / 64 if asym else 0):.3f}"
+        return 8.023  # one bf16 scale per row of 576 (1536 for down_proj) inputs
+    return bits + 16 / 64 + (bits / 64 if "asym" in row.get("scheme", "") else 0)
+
+
+def _bpw(row: dict) -> str:
+    bits = stored_bits(row)
+    return "" if bits is None else f"{bits:.3f}"
+
+
+def uniform_line(points: list[tuple[float, float]], bits: float) -> float | None:
+    """The ppl of the straight line between the two uniform widths around `bits` (None outside
+    them): the bar a mixed-precision point has to beat to count."""
+    for (lo, lo_ppl), (hi, hi_ppl) in zip(points, points[1:]):
+        if lo <= bits <= hi:
+            return lo_ppl + (hi_ppl - lo_ppl) * (bits - lo) / (hi - lo)
+    return None
+
+
+def bits_section(rows: dict[str, dict]) -> str:
+    """Quality against stored bits per weight: the recipe rows (one width each) and the mixed
+    rows, each judged against the uniform line; the same points drawn in BITS_PLOT."""
+    uniform = sorted((stored_bits(rows[n]), rows[n]["ppl"]) for n in UNIFORM if n in rows)
+    out = []
+    for name in [*UNIFORM, *MIXED]:
+        r = rows.get(name)
+        if r is None:
+            continue
+        bits, fp = stored_bits(r), r.get("fp_ppl")
+        line = uniform_line(uniform, bits) if name in MIXED else None
+        verdict = "" if name not in MIXED else "outside the uniform range" if line is None else \
+            f"{'beats' if r['ppl'] < line else 'misses'} the line by {100 * abs(1 - r['ppl'] / line):.1f}%"
+        shakespeare = r.get("shakespeare_ppl"), r.get("fp_shakespeare_ppl")
+        out.append({"row": name, "scheme": r.get("scheme", ""), "bits/weight": f"{bits:.3f}",
+                    "ppl": f"{r['ppl']:.3f}", "x float": f"{r['ppl'] / fp:.3f}" if fp else "",
+                    "Shakespeare x float": f"{shakespeare[0] / shakespeare[1]:.3f}"
+                    if all(shakespeare) else "",
+                    "uniform line": f"{line:.3f}" if line else "", "verdict": verdict,
+                    "command": f"`{r['command']}`"})
+    if not out:
+        return ""
+    _plot_bits(rows, uniform)
+    return ("## Quality against stored bits per weight (issue 34)\n\n"
+            "Stored bits per quantized weight count the codes, the bf16 scales and the packed zero "
+            "points (what `quant.budget_bits` holds a mixed run to). A mixed-precision row counts "
+            "only where it beats the straight line between the uniform recipe rows around it "
+            f"(`uniform line`). Plot: `{BITS_PLOT.relative_to(RESULTS.parent.parent)}`.\n\n"
+            + markdown_table(out, ["row", "scheme", "bits/weight", "ppl", "x float",
+                                   "Shakespeare x float", "uniform line", "verdict", "command"]))
+
+
+def _plot_bits(rows: dict[str, dict], uniform: list[tuple[float, float]]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(*zip(*uniform), "o-", color="tab:blue", label="uniform width (recipe rows)")
+    mixed = [(stored_bits(rows[n]), rows[n]["ppl"], n) for n in MIXED if n in rows]
+    if mixed:
+        ax.plot([m[0] for m in mixed], [m[1] for m in mixed], "s", color="tab:orange",
+                label="mixed precision")
+    for bits, ppl, name in mixed:
+        ax.annotate(name, (bits, ppl), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    fp = next((r["fp_ppl"] for r in rows.values() if r.get("fp_ppl")), None)
+    if fp:
+        ax.axhline(fp, color="black", linestyle=":", label=f"float ({fp:.2f})")
+    ax.set_xlabel("stored bits per quantized weight (scales and zero points counted)")
+    ax.set_ylabel("wiki perplexity (lower is better)")
+    ax.set_title("SmolLM2-135M: quality against stored bits")
+    ax.legend()
+    temporary = BITS_PLOT.with_suffix(".tmp.png")
+    fig.tight_layout()
+    fig.savefig(temporary, metadata={"Software": None})
+    temporary.replace(BITS_PLOT)
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -347,6 +434,7 @@ def _write(rows: dict[str, dict]) -> None:
                    "where its own ppl is: for the GPTQ and AWQ rows that is today's GPTQ "
                    "(act order) and AWQ, lower than the older ppl here); blank where neither "
                    "measured it.\n\n" + table(rows))
+    update_section("quality_bits", bits_section(rows))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def test_budget_bits_is_met(tmp_path):
     cfg = compose_train(TINY + ["recipe=w4g128", "model.num_layers=4", "trainer.max_steps=0",
                                 "quant.budget_bits=3.6", "quant.budget_choices=[2,3,4]",
                                 "eval.fp_ppl=false"])
-    train(cfg, run_dir=tmp_path)
+    metrics = train(cfg, run_dir=tmp_path)
     layers = json.loads((tmp_path / "quant_report.json").read_text())["layers"]
     shapes = {"q_proj": 128 * 128, "k_proj": 64 * 128, "v_proj": 64 * 128, "o_proj": 128 * 128,
               "gate_proj": 256 * 128, "up_proj": 256 * 128, "down_proj": 128 * 256}
@@ -48,6 +48,7 @@ def test_budget_bits_is_met(tmp_path):
         width = int(scheme.split()[0][1:])
         total, bits = total + n, bits + n * bits_per_weight(width, 128, True)
     assert bits / total <= 3.6
+    assert metrics["bits_per_weight"] == pytest.approx(bits / total)  # what the run reports
     assert len(set(layers.values())) >= 2  # 4 equal blocks cannot all take one width at 3.6
 
 

@@ -279,6 +279,17 @@ def drop_optimizer(trainer) -> None:
             group["params"] = []
 
 
+def stored_bits_per_weight(layers) -> float:
+    """Mean stored bits per quantized weight, scales and zero points counted (the measure a
+    mixed-precision budget is held to): what quality is plotted against across widths."""
+    from qat.eval.footprint import estimated_bits_per_weight
+
+    numel = [layer.in_features * layer.out_features for layer in layers]
+    stored = sum(n * estimated_bits_per_weight(layer.spec, layer.in_features)
+                 for n, layer in zip(numel, layers))
+    return stored / sum(numel)
+
+
 def write_reports(run_dir: Path, specs: Specs, model, report, ptq_report, block_report,
                   shrunk) -> dict[str, Any]:
     """quant_report.json, ptq_report.json, blockwise_report.json, prune_report.json; returns
@@ -286,6 +297,8 @@ def write_reports(run_dir: Path, specs: Specs, model, report, ptq_report, block_
     out: dict[str, Any] = {}
     if report is not None:
         write_json(run_dir / "quant_report.json", report.to_dict())
+        if quantized := [layer for layer in report.layers if layer.spec is not None]:
+            out["bits_per_weight"] = stored_bits_per_weight(quantized)
     if ptq_report is not None:
         write_json(run_dir / "ptq_report.json", ptq_report.to_dict())
         out["ptq_seconds"] = round(ptq_report.seconds, 1)
