@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, markdown_table, update_section, write_json  # noqa: E402
+from common import (RESULTS, ROOT, machine, markdown_table, previous_stamp,  # noqa: E402
+                    update_section, write_json)
 
 KD_STEPS = 20  # the same optimizer-step budget for the KD and the CE run
 # the *_kd recipes before their block stage (issue 34): these overrides compose the config the
@@ -117,7 +118,7 @@ def _table(rows: list[dict], baseline: float | None) -> str:
 
 def main(argv: list[str]) -> None:
     if argv == ["--table"]:  # rewrite the BENCHMARKS.md sections from the stored results only
-        write_sections({r["name"]: r for r in json.loads(RESULT_FILE.read_text())})
+        write_sections({r["name"]: r for r in json.loads(RESULT_FILE.read_text())}, rebuild=True)
         return
     names = []
     for arg in argv or ["distill"]:
@@ -135,15 +136,17 @@ def main(argv: list[str]) -> None:
         write_sections(results)
 
 
-def write_sections(results: dict[str, dict]) -> None:
+def write_sections(results: dict[str, dict], rebuild: bool = False) -> None:
+    """rebuild (--table): each section keeps the machine and date it was measured on."""
     fresh = [r["fp_ppl"] for r in results.values()
              if r.get("fp_ppl") and not r.get("fp_ppl_stale")]
     baseline = fresh[0] if fresh else None
     for group, rows in GROUPS.items():
         have = [results[n] for n in rows if n in results]
+        stamp = rebuild and previous_stamp(f"recipes_{group}") or machine()
         if have:
             update_section(f"recipes_{group}", f"## Recipes: {group}\n\n"
-                           f"`python bench/recipes.py {group}` on {machine()}. Default model "
+                           f"`python bench/recipes.py {group}` on {stamp}. Default model "
                            f"(SmolLM2-135M), eval protocol of `../shared/reference/eval-protocol.md` "
                            f"(wiki, 64 windows of 512). {NOTES.get(group, '')}\n\n"
                            + _table(have, baseline))
