@@ -84,22 +84,31 @@ W3_GPTQ_START = ["quant.init=gptq"]
 # the w3g64_kd and w2g64_kd recipes' end-to-end scale lr before 2026-12-07 (2e-4 since), pinned in
 # the rows measured before so that their commands still reproduce them
 SCALE_LR_BEFORE = ["optim.scale_lr=1e-4"]
+# the w2g64_kd recipe's end-to-end stage trained the scales alone before 2026-12-07 evening
+W2_SCALES_BEFORE = ["optim.trainable=scales"]
+# rows calibrated by GPTQ before act order became its default (2026-12-02) pin it off
+NO_ACT_ORDER = ["ptq.act_order=false"]
+for _row in ("gptq_w2g64", "gptq_w8ch", *(f"{m}_w{b}g64" for m in ("qat", "qat_kd") for b in (4, 3, 2)),
+               "prune2of4_qat_kd_w4g64"):
+    ROWS[_row][2].extend(NO_ACT_ORDER)
 for _bits in (4, 3, 2):
     ROWS[f"block_qat_kd_w{_bits}g64"] = ("block_qat_kd", _bits,
                                          [f"recipe=w{_bits}g64_kd", *BLOCK_BUDGET]
                                          + (W3_GPTQ_START if _bits == 3 else [])
-                                         + (SCALE_LR_BEFORE if _bits < 4 else []))
+                                         + (SCALE_LR_BEFORE if _bits < 4 else [])
+                                         + (W2_SCALES_BEFORE if _bits == 2 else []))
     ROWS[f"block_qat_w{_bits}g64"] = ("block_qat", _bits, ROWS[f"block_qat_kd_w{_bits}g64"][2])
     ROWS[f"kd_same_time_w{_bits}g64"] = (
         "kd_same_time", _bits, [f"recipe=w{_bits}g64_kd", "blockwise=none",
                                 f"trainer.max_steps={KD_SAME_TIME_STEPS[_bits]}",
-                                "optim.trainable=weights", "optim.lr=1e-4"])
+                                "optim.trainable=weights", "optim.lr=1e-4",
+                                *(SCALE_LR_BEFORE if _bits < 4 else [])])
 # W3: after the block stage, end-to-end KD of the weights (not only the scales), 60 steps
 for _what in ("weights", "all"):
     ROWS[f"block_qat_kd_w3g64_{_what}"] = (
         f"block_qat_kd (e2e {_what}, lr 1e-4)", 3,
         ["recipe=w3g64_kd", *BLOCK_BUDGET[:2], "trainer.max_steps=60", f"optim.trainable={_what}",
-         "optim.lr=1e-4", *W3_GPTQ_START, "blockwise.lr=3e-4"])
+         "optim.lr=1e-4", *W3_GPTQ_START, "blockwise.lr=3e-4", *SCALE_LR_BEFORE])
 # W3 from the AWQ start with a higher block learning rate and more epochs (best in
 # bench/block_sweep.py: 0.0526 vs 0.0626 for the GPTQ start at the defaults), 32 samples (the
 # default then): the w3g64_kd recipe's settings since it measured best (its overrides spell them out)
@@ -109,7 +118,8 @@ ROWS["block_qat_kd_w3g64_awq"] = ("block_qat_kd (awq start, block lr 1e-3 x 6 ep
                                    "blockwise.samples=32", *SCALE_LR_BEFORE])
 # W2 at the block lr the sweep found best (1e-3, the default since): the same budget otherwise
 ROWS["block_qat_kd_w2g64_lr1e-3"] = ("block_qat_kd (block lr 1e-3)", 2,
-                                     ["recipe=w2g64_kd", *BLOCK_BUDGET[:3], *SCALE_LR_BEFORE])
+                                     ["recipe=w2g64_kd", *BLOCK_BUDGET[:3], *SCALE_LR_BEFORE,
+                                      *W2_SCALES_BEFORE])
 # W4 at the block lr the sweep found best (1e-3, the default since): the w4g64_kd recipe with the
 # row budget (bench/block_sweep.py: 0.0144 vs 0.0160 at 3e-4 on the first 3 blocks)
 ROWS["block_qat_kd_w4g64_lr1e-3"] = ("block_qat_kd (block lr 1e-3)", 4,
