@@ -220,12 +220,15 @@ def stored_bits(row: dict) -> float | None:
     width's: one bf16 scale per 64 weights (per output row for W8), a packed zero point if asym."""
     if row.get("bits_per_weight"):
         return row["bits_per_weight"]
-    bits = row.get("bits")
-    if bits is None:
+    if row.get("bits") is None:
         return None
-    if bits == 8:
+    if row["bits"] == 8:
         return 8.023  # one bf16 scale per row of 576 (1536 for down_proj) inputs
-    return bits + 16 / 64 + (bits / 64 if "asym" in row.get("scheme", "") else 0)
+    from qat.eval.footprint import estimated_bits_per_weight
+    from qat.eval.report import parse_scheme
+
+    spec = parse_scheme(row.get("scheme", "")) or parse_scheme(f"W{row['bits']} g64 sym")
+    return estimated_bits_per_weight(spec)
 
 
 def _bpw(row: dict) -> str:
