@@ -4,9 +4,10 @@ python bench/block_sweep.py '[{"start": "gptq"}, {"start": "rtn", "lr": 1e-3}]' 
 
 Each config truncates the model to its first BLOCKS decoder blocks, prepares the recipe's scheme
 (w3g64_kd unless --recipe names another), applies the start (`rtn` = the min/max grid, `gptq`,
-`awq`; "skip": true measures the start alone), runs the block stage with the given `blockwise.*` overrides, and reports the mean squared
-error of the truncated model's last hidden state against the float model's on 16 held-out training
-sequences (before and after the block stage). Minutes per config, not the hours of a full row: a
+`awq`; "skip": true measures the start alone), runs the block stage with the given `blockwise.*`
+overrides (a dotted key such as "quant.weight.symmetric" is passed as it is), and reports the mean
+squared error of the truncated model's last hidden state against the float model's on 16 held-out
+training sequences (before and after the block stage). Minutes per config, not the hours of a full row: a
 proxy for choosing block-stage settings, not a perplexity. Rows go to bench/results/block_sweep.json.
 """
 from __future__ import annotations
@@ -43,8 +44,10 @@ def run(config: dict, recipe: str = RECIPE) -> dict:
 
     config = dict(config)
     start, skip = config.pop("start"), config.pop("skip", False)
+    # a dotted key is a full override (e.g. "quant.weight.symmetric": false); others are blockwise.*
     cfg = compose_train([f"recipe={recipe}", "logger=none", f"quant.init={'null' if start == 'rtn' else start}"]
-                        + [f"blockwise.{k}={v}" for k, v in config.items()])
+                        + [f"{k if '.' in k else 'blockwise.' + k}={_value(v)}"
+                           for k, v in config.items()])
     specs = build_specs(cfg)
     torch.manual_seed(0)
     model, tokenizer = load_checked(specs.model)
@@ -74,6 +77,11 @@ def run(config: dict, recipe: str = RECIPE) -> dict:
     return {"start": start, "skip": skip, **config, "blocks": BLOCKS, "samples_x_epochs": budget,
             "before": round(before, 5), "after": round(error(), 5),
             "seconds": round(time.perf_counter() - t0)}
+
+
+def _value(v) -> str:
+    """A JSON value as Hydra reads it (false, not Python's False)."""
+    return json.dumps(v) if isinstance(v, bool) or v is None else str(v)
 
 
 KEYS = ("start", "skip", "blocks", "samples_x_epochs", "before", "after", "seconds", "recipe",

@@ -36,3 +36,18 @@ def test_recipe_runs_in_bfloat16_near_float32(recipe, tmp_path):
         assert math.isfinite(half[key])
         assert half[key] == pytest.approx(full[key], rel=RTOL), key
     assert half["steps"] == full["steps"] == 1
+
+
+def test_bf16_mixed_trains_and_scores_like_float32(tmp_path):
+    """trainer.precision=bf16-mixed (autocast) trains, and the protocol's perplexity ignores it:
+    the same untrained model scores exactly the same under either precision."""
+    common = ["recipe=w4g64_kd", "blockwise=none", *COMMON]
+    scored = {p: train(compose_train([*common, "trainer.max_steps=0", f"trainer.precision={p}"]),
+                       run_dir=tmp_path / f"{p}-0")["ppl"] for p in ("32-true", "bf16-mixed")}
+    assert scored["bf16-mixed"] == scored["32-true"]
+    full = train(compose_train([*common, "trainer.max_steps=2"]), run_dir=tmp_path / "fp32")
+    mixed = train(compose_train([*common, "trainer.max_steps=2", "trainer.precision=bf16-mixed"]),
+                  run_dir=tmp_path / "mixed")
+    assert mixed["steps"] == full["steps"] == 2
+    assert math.isfinite(mixed["ppl"]) and mixed["ppl"] != scored["32-true"]
+    assert mixed["ppl"] == pytest.approx(full["ppl"], rel=RTOL)

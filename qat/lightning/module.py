@@ -159,7 +159,11 @@ class QATModule(L.LightningModule):
         self._val_nll, self._val_tokens = 0.0, 0
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        nll, count = window_nll(self.model, batch["input_ids"])
+        # the protocol's perplexity does not depend on trainer.precision: bf16-mixed trains
+        # faster, but its autocast would also round the evaluation's matmuls
+        ids = batch["input_ids"]
+        with torch.autocast(ids.device.type, enabled=False):
+            nll, count = window_nll(self.model, ids)
         self._val_nll += nll.item()
         self._val_tokens += count
 
