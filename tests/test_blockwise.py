@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,26 @@ def test_block_stage_lowers_every_blocks_loss(tiny_llama, spec):
         assert m.weight_fake_quant.static and not m.weight_fake_quant.learned_grid
 
 
+def test_block_stage_in_bfloat16_trains_like_float32(tiny_llama):
+    """blockwise.compute_dtype=bfloat16 runs the training steps under autocast: the errors it
+    reports stay float32 (the same before training), and it trains about as far."""
+    spec = BlockwiseSpec(enabled=True, samples=8, batch_size=2, epochs=4, lr=1e-4, scale_lr=1e-4,
+                         progress=False)
+    ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    reports = {}
+    for dtype in ("float32", "bfloat16"):
+        model, float_model = _tiny_quantized(copy.deepcopy(tiny_llama), WeightSpec(bits=4,
+                                                                                   group_size=64))
+        reports[dtype] = train_blocks(model, float_model, ids, replace(spec, compute_dtype=dtype),
+                                      seed=0).blocks
+    full, half = reports["float32"], reports["bfloat16"]
+    assert full[0].loss_before == half[0].loss_before
+    for a, b in zip(full, half):
+        assert b.loss_after != a.loss_after  # the steps did run in bfloat16
+        assert b.loss_after < 0.9 * b.loss_before
+        assert b.loss_after == pytest.approx(a.loss_after, rel=0.1)
+
+
 def test_logit_lens_of_the_last_block_is_the_models_own_head(tiny_llama):
     """Applied to the last block's output, the lens gives the model's logits exactly."""
     from qat.blockwise.train import logit_lens
@@ -250,6 +271,7 @@ def test_bad_blockwise_values_fail_before_work(tmp_path):
                             ("blockwise.kd_temperature=0", "blockwise.kd_temperature"),
                             ("blockwise.kd_tokens=0", "blockwise.kd_tokens"),
                             ("blockwise.epochs=0", "blockwise.epochs"),
+                            ("blockwise.compute_dtype=float16", "blockwise.compute_dtype"),
                             ("optim.trainable=everything", "optim.trainable"),
                             ("prune=nm", "prune.pattern")):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -8,6 +8,7 @@ from typing import Any
 INPUTS = ("quantized", "both")
 ROUTINGS = ("own", "float")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -35,6 +36,9 @@ class BlockwiseSpec:
     train_weights: bool = True  # false: only the grid (scales, zero points) trains
     inputs: str = "quantized"  # quantized: the quantized chain's inputs | both: also the float inputs
     cache_dtype: str = "float32"  # cached block inputs and targets (bfloat16 halves their memory)
+    # the training steps' matmuls under torch.autocast in this dtype (bfloat16: faster where the
+    # hardware has it, AVX-512 BF16 / AMX / GPUs); targets, losses and reported errors stay float32
+    compute_dtype: str = "float32"
     # MoE blocks: own: the quantized block routes its own inputs | float: its experts take the
     # tokens (and weights) the float block's router chose for the target (teacher-forced routing)
     routing: str = "own"
@@ -76,6 +80,8 @@ class BlockwiseSpec:
             _fail("routing", self.routing, f"choose one of {list(ROUTINGS)}")
         if self.cache_dtype not in CACHE_DTYPES:
             _fail("cache_dtype", self.cache_dtype, f"choose one of {list(CACHE_DTYPES)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            _fail("compute_dtype", self.compute_dtype, f"choose one of {list(COMPUTE_DTYPES)}")
         for name in ("enabled", "train_weights", "progress"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "it must be true or false")

@@ -219,19 +219,24 @@ def train_block(block: nn.Module, inputs: _Inputs, q_in: torch.Tensor, target: t
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: cosine(s, spec.steps_per_block))
             n, bs = q_in.shape[0], spec.batch_size
+            autocast = torch.autocast(next(block.parameters()).device.type,
+                                      dtype=DTYPES[spec.compute_dtype],
+                                      enabled=spec.compute_dtype != "float32")
             for _ in range(spec.epochs):
                 order = torch.randperm(n, generator=generator)
                 for start in range(0, n - bs + 1, bs):
                     idx = order[start:start + bs]
                     goal = target[idx].float()
                     route = routing.of(idx) if routing is not None else None
-                    out = inputs.call(block, q_in[idx], route)
-                    loss = F.mse_loss(out, goal)
-                    if lens is not None:
-                        loss = loss + spec.kd_weight * _kd_term(lens, out, goal, spec,
-                                                                divergence, generator)
-                    if fp_in is not None:
-                        loss = loss + F.mse_loss(inputs.call(block, fp_in[idx], route), goal)
+                    with autocast:
+                        out = inputs.call(block, q_in[idx], route)
+                        loss = F.mse_loss(out, goal)
+                        if lens is not None:
+                            loss = loss + spec.kd_weight * _kd_term(lens, out, goal, spec,
+                                                                    divergence, generator)
+                        if fp_in is not None:
+                            loss = loss + F.mse_loss(inputs.call(block, fp_in[idx], route),
+                                                     goal)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"blockwise: loss is {loss.item()} at step "
                                                  f"{steps}; lower blockwise.lr / scale_lr")
