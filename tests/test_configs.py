@@ -165,6 +165,8 @@ def test_the_short_budget_wins_over_the_recipe_and_the_cli_over_it(recipe):
     ("distill.temperature=0", "distill.temperature"),
     ("distill.teacher.dtype=int4", "distill.teacher.dtype"),
     ("data.generated_samples=-1", "data.generated_samples"),
+    ("data.generated_share=0", "data.generated_share"),
+    ("data.generated_share=1.5", "data.generated_share"),
     ("export.dtype=int8", "export.dtype"),
 ])
 def test_bad_values_name_the_field(override, field):

@@ -9,6 +9,7 @@ import torch
 
 from qat.distill import (JSD, DistillSpec, Distiller, ForwardKL, HiddenStateLoss, ReverseKL,
                          chunked_token_loss, freeze)
+from qat.data.tokens import mix_blocks
 from qat.distill.teacher_text import generated_blocks
 from qat.distill.losses import shifted_targets
 from qat.train import ConfigError, train
@@ -224,9 +225,25 @@ def test_teacher_generated_text_is_sampled_once_and_cached(tiny_llama, tmp_path)
     assert not torch.equal(first, other)
 
 
-def test_data_free_run_trains_on_teacher_text(tmp_path):
+def test_teacher_text_mixes_evenly_into_the_first_blocks():
+    real = torch.arange(40).view(10, 4)
+    generated = -torch.arange(1, 13).view(3, 4)
+    mixed = mix_blocks(real, generated, 0.25)  # 3 generated among 9 of the split's blocks
+    assert mixed.shape == (12, 4)
+    is_generated = mixed[:, 0] < 0
+    assert is_generated.tolist() == [False, False, False, True] * 3  # evenly spaced
+    assert torch.equal(mixed[is_generated], generated)  # each once, in order
+    assert torch.equal(mixed[~is_generated], real[:9])  # the split's first blocks, in order
+    assert torch.equal(mix_blocks(real, generated, 1.0), generated)
+    with pytest.raises(ValueError, match="data.generated_share"):
+        mix_blocks(real, generated, 0.2)  # 12 of the split's blocks needed, 10 there
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_data_free_run_trains_on_teacher_text(tmp_path, share):
     cfg = compose_train(TINY + ["recipe=w4g128_kd", "trainer.max_steps=2", "logger=none",
                                 "data.generated_samples=6", "data.block_size=32",
+                                f"data.generated_share={share}",
                                 "blockwise.samples=4", "blockwise.seq_len=32"])
     metrics = train(cfg, run_dir=tmp_path)
     assert metrics["steps"] == 2 and math.isfinite(metrics["ppl"])

@@ -45,6 +45,9 @@ class DataSpec:
     val_windows: int = 0
     generated_samples: int = 0  # > 0: train on this many teacher-written sequences (data-free)
     generation_temperature: float = 1.0  # sampling temperature of those sequences
+    # the share of the training blocks the teacher-written ones make: 1.0 trains on them alone;
+    # below 1 they are interleaved evenly with the split's first blocks (mix_blocks)
+    generated_share: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.path, str) and not self.path.strip():
@@ -74,6 +77,9 @@ class DataSpec:
         temp = self.generation_temperature
         if not isinstance(temp, (int, float)) or isinstance(temp, bool) or not temp > 0:
             raise ValueError(f"data.generation_temperature must be a number > 0, got {temp!r}")
+        share = self.generated_share
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 1:
+            raise ValueError(f"data.generated_share must be a number in (0, 1], got {share!r}")
         if self.ood is not None and (not isinstance(self.ood, str) or not self.ood):
             raise ValueError(f"data.ood must be null, a builtin name {sorted(BUILTIN_CORPORA)} or a "
                              f"local file, got {self.ood!r}")

@@ -94,6 +94,25 @@ def _windows(ids: torch.Tensor, spec: DataSpec, max_windows: int, where: str) ->
     return eval_windows(ids, spec.eval_window, max_windows)
 
 
+def mix_blocks(real: torch.Tensor, generated: torch.Tensor, share: float) -> torch.Tensor:
+    """Training blocks of which `share` are the `generated` ones, spread evenly among the first
+    blocks of `real` in order (share 1: `generated` alone). Why the split is cut there rather than
+    kept whole: every stage reads the first blocks (calibration, the block stage) or a shuffle of
+    all (end to end), and each must see the same mix."""
+    n = generated.shape[0]
+    if share >= 1:
+        return generated
+    total = round(n / share)
+    if total - n > real.shape[0]:
+        raise ValueError(f"data.generated_share={share}: {n} generated blocks need {total - n} "
+                         f"blocks of the training split beside them, it has {real.shape[0]}")
+    is_generated = torch.tensor([(i + 1) * n // total > i * n // total for i in range(total)])
+    mixed = torch.empty(total, *real.shape[1:], dtype=real.dtype)
+    mixed[is_generated] = generated.to(real.dtype)
+    mixed[~is_generated] = real[: total - n]
+    return mixed
+
+
 def calibration_ids(train_blocks: torch.Tensor, samples: int, seq_len: int, owner: str = "ptq"
                     ) -> torch.Tensor:
     """(samples, seq_len) consecutive training tokens: the first `samples` windows of the split."""

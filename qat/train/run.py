@@ -75,9 +75,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         float_model = steps.float_reference(model, teacher, specs) \
             if specs.blockwise.enabled and ckpt_path is None and not follower else None
         if specs.data.generated_samples:
+            from qat.data.tokens import mix_blocks
             from qat.distill.teacher_text import teacher_written
 
-            tokens.train_blocks = teacher_written(teacher, model, tokenizer, specs.data)
+            tokens.train_blocks = mix_blocks(tokens.train_blocks, teacher_written(
+                teacher, model, tokenizer, specs.data), specs.data.generated_share)
         # 2. the float baseline, before pruning and PTQ change the weights
         baseline = None
         if specs.eval.fp_ppl and not follower:
