@@ -58,24 +58,13 @@ MISSES = {
                      "training the weights too (optim.trainable=all, lr 1e-4, 60 steps) 16.816 "
                      "against 16.040 for scales only: not taken. Next: out of domain (1.369x) is "
                      "the larger gap; a scale lr above 2e-4 is untried.",
-    "recipe W2 g64": "Measured 2026-12-07 (128 x 6 blocks, 90 KD steps training weights at lr "
-                     "1e-4 and scales at 2e-4, 56 min): 1.846x (validation 1.860x), from 1.960x "
-                     "with the scales alone (row recipe_w2g64_scales, validation 26.958 against "
-                     "25.414; the same block stage, 34.978, in both) and 2.168x with 40 steps at "
-                     "scale lr 1e-4 (recipe_w2g64_e2e40). Training the weights lost at W3 "
-                     "(16.816 against 16.040) and wins at W2, as ParetoQ finds (2-bit QAT "
-                     "rebuilds the weights, 3-bit only compensates). The KD loss still falls at "
-                     "step 90 (1.066 -> 0.860); out of domain it is 3.68x either way. The 60 "
-                     "minutes are spent (the block stage took 20-24 min in three runs), so the "
-                     "next step buys time for more steps: fewer block epochs (128 x 4 scored "
-                     "0.143 against 0.135 on the first 3 blocks) or bf16 compute where the CPU "
-                     "has it; the teacher's top-k cache saves 29% of a step but costs as much "
-                     "to build when each block is read once, as here. "
-                     "ParetoQ's stretched 2-bit levels (+-0.5 and +-1.5 steps) need a "
-                     "half-integer zero point, which pack-quantized's int32 zero points cannot "
-                     "store: not exportable, not built. Where 0.47 more stored bits per weight "
-                     "are affordable, 14 of 30 blocks at W3 (row mixed_w2w3_2.789, chosen by "
-                     "sensitivity) reach 1.362x on the same schedule.",
+    "recipe W2 g64": "Measured 2026-12-07 night (128 x 6 blocks, 140 KD steps training weights "
+                     "and scales under bf16 autocast, 51 min): 1.751x (validation 1.773x); in "
+                     "float32 only 90 steps fit (row recipe_w2g64_fp32: 1.846x, validation "
+                     "25.414 against 24.219), so on a CPU without native bf16 the bar needs the "
+                     "time found elsewhere. Out of domain it is 3.57x. ParetoQ's stretched 2-bit "
+                     "levels need a half-integer zero point, which pack-quantized's int32 zero "
+                     "points cannot store: not exportable, not built.",
 }
 
 

@@ -31,9 +31,10 @@ KD_ALONE = ["quant.init=rtn", "blockwise=none", "optim.trainable=weights", "opti
 GROUPS: dict[str, dict[str, list[str]]] = {
     "distill": {
         "w2g64_ce": ["recipe=w2g64", f"trainer.max_steps={KD_STEPS}"],
-        # w2g64_kd as it was when the row ran (KD alone from round-to-nearest): the recipe has
-        # since gained an AWQ start, a block stage and a scales-only end-to-end stage
-        "w2g64_kd": ["recipe=w2g64_kd", *KD_ALONE, f"trainer.max_steps={KD_STEPS}"],
+        # w2g64_kd as it was when the row ran (KD alone from round-to-nearest, float32): the
+        # recipe has since gained an AWQ start, a block stage and bf16 end to end where native
+        "w2g64_kd": ["recipe=w2g64_kd", *KD_ALONE, f"trainer.max_steps={KD_STEPS}",
+                     "trainer.precision=32-true"],
     },
     "prune": {
         "2of4_magnitude": ["recipe=float", "prune=nm", "prune.method=magnitude",

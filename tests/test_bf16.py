@@ -7,8 +7,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from conftest import compose_train
+from qat.lightning.trainer import trainer_precision
+from qat.models.placement import native_bf16
 from qat.train import train
 
 RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "qat" / "conf"
@@ -51,3 +55,15 @@ def test_bf16_mixed_trains_and_scores_like_float32(tmp_path):
     assert mixed["steps"] == full["steps"] == 2
     assert math.isfinite(mixed["ppl"]) and mixed["ppl"] != scored["32-true"]
     assert mixed["ppl"] == pytest.approx(full["ppl"], rel=RTOL)
+    assert (full["precision"], mixed["precision"]) == ("32-true", "bf16-mixed")
+
+
+def test_auto_precision_is_bf16_mixed_only_where_bf16_is_native(tmp_path):
+    native = native_bf16(torch.device("cpu"))
+    assert trainer_precision(OmegaConf.create({"precision": "auto", "accelerator": "cpu"})) \
+        == ("bf16-mixed" if native else "32-true")
+    for given in ("32-true", "bf16-mixed"):
+        assert trainer_precision(OmegaConf.create({"precision": given})) == given
+    metrics = train(compose_train(["recipe=w4g64_kd", "blockwise=none", *COMMON,
+                                   "trainer.precision=auto"]), run_dir=tmp_path)
+    assert metrics["precision"] == ("bf16-mixed" if native else "32-true")

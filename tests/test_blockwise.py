@@ -15,6 +15,7 @@ import torch
 from conftest import compose_train
 from qat.format.grid import qrange
 from qat.blockwise import BlockwiseSpec, train_blocks
+from qat.models.placement import native_bf16
 from qat.export.load import load_quantized
 from qat.export.writer import export_model
 from qat.train import ConfigError, train
@@ -144,7 +145,7 @@ def test_block_stage_in_bfloat16_trains_like_float32(tiny_llama):
                          progress=False)
     ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
     reports = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "auto"):
         model, float_model = _tiny_quantized(copy.deepcopy(tiny_llama), WeightSpec(bits=4,
                                                                                    group_size=64))
         reports[dtype] = train_blocks(model, float_model, ids, replace(spec, compute_dtype=dtype),
@@ -155,6 +156,8 @@ def test_block_stage_in_bfloat16_trains_like_float32(tiny_llama):
         assert b.loss_after != a.loss_after  # the steps did run in bfloat16
         assert b.loss_after < 0.9 * b.loss_before
         assert b.loss_after == pytest.approx(a.loss_after, rel=0.1)
+    native = "bfloat16" if native_bf16(torch.device("cpu")) else "float32"  # what auto picks
+    assert [b.loss_after for b in reports["auto"]] == [b.loss_after for b in reports[native]]
 
 
 def test_logit_lens_of_the_last_block_is_the_models_own_head(tiny_llama):

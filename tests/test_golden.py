@@ -34,7 +34,7 @@ ADDED = {"ptq_report.json": {"tokens"}}
 # metrics added since 7c5188a: the final model's distance to the float model and the cloze task
 # (issue 33), the stored bits per quantized weight (issue 34)
 ADDED_METRICS = {"kl_mean", "kl_p99", "kl_max", "top1", "kl_top_k", "cloze_acc", "cloze_nll",
-                 "cloze_items", "fp_cloze_acc", "bits_per_weight"}
+                 "cloze_items", "fp_cloze_acc", "bits_per_weight", "precision"}
 # model card lines added since 7c5188a (the base model's name for qat-eval, the distance to the
 # float model): export_bytes counts the card, so it grows by exactly these lines
 CARD_ADDED = ("qat_base_model:", "| KL to the float model", "| top-1 token agreement",

@@ -8,7 +8,7 @@ from typing import Any
 INPUTS = ("quantized", "both")
 ROUTINGS = ("own", "float")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -37,7 +37,8 @@ class BlockwiseSpec:
     inputs: str = "quantized"  # quantized: the quantized chain's inputs | both: also the float inputs
     cache_dtype: str = "float32"  # cached block inputs and targets (bfloat16 halves their memory)
     # the training steps' matmuls under torch.autocast in this dtype (bfloat16: faster where the
-    # hardware has it, AVX-512 BF16 / AMX / GPUs); targets, losses and reported errors stay float32
+    # hardware has it, AVX-512 BF16 / AMX / GPUs; auto: bfloat16 there, float32 elsewhere);
+    # targets, losses and reported errors stay float32
     compute_dtype: str = "float32"
     # MoE blocks: own: the quantized block routes its own inputs | float: its experts take the
     # tokens (and weights) the float block's router chose for the target (teacher-forced routing)

@@ -28,7 +28,7 @@ from qat.models.experts import forced_routing, recorded_routing
 from qat.models.blocks import capture_block_inputs, device_of, fake_quant_disabled, hidden_of
 from qat.io import release_memory
 from qat.models.onload import held
-from qat.models.placement import block_on, residents_on
+from qat.models.placement import block_on, native_bf16, residents_on
 from qat.models.structure import decoder_blocks
 from qat.quant.modules import FakeQuantLinear
 
@@ -219,9 +219,11 @@ def train_block(block: nn.Module, inputs: _Inputs, q_in: torch.Tensor, target: t
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: cosine(s, spec.steps_per_block))
             n, bs = q_in.shape[0], spec.batch_size
-            autocast = torch.autocast(next(block.parameters()).device.type,
-                                      dtype=DTYPES[spec.compute_dtype],
-                                      enabled=spec.compute_dtype != "float32")
+            device = next(block.parameters()).device
+            compute = spec.compute_dtype if spec.compute_dtype != "auto" else (
+                "bfloat16" if native_bf16(device) else "float32")
+            autocast = torch.autocast(device.type, dtype=DTYPES[compute],
+                                      enabled=compute != "float32")
             for _ in range(spec.epochs):
                 order = torch.randperm(n, generator=generator)
                 for start in range(0, n - bs + 1, bs):

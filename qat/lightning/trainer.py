@@ -13,6 +13,7 @@ from qat.lightning.checkpointing import AtomicCheckpointIO, last_good_checkpoint
 from qat.lightning.data import TextDataModule
 from qat.lightning.module import DivergenceError, QATModule
 from qat.lightning.spec import CheckpointSpec
+from qat.models.placement import native_bf16, stage_device
 from qat.quant import set_fake_quant_enabled
 
 
@@ -53,9 +54,20 @@ def build_trainer(cfg: DictConfig, checkpoint: CheckpointSpec, run_dir: Path,
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=every,
                                          save_last=True, save_top_k=-1))
     # the DataModule shards each global batch itself (same order for 1 or N processes)
-    return instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+    return instantiate(cfg.trainer, precision=trainer_precision(cfg.trainer), logger=logger,
+                       callbacks=callbacks,
                        default_root_dir=str(run_dir), enable_checkpointing=bool(every),
                        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False)
+
+
+def trainer_precision(trainer_cfg: DictConfig) -> str:
+    """trainer.precision as Lightning takes it; `auto`: bf16-mixed where the trainer's device
+    computes bf16 natively, 32-true elsewhere (where bf16 would be emulated, and slower)."""
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    if precision != "auto":
+        return precision
+    device = stage_device("auto", trainer_cfg.get("accelerator", "auto"), "trainer.accelerator")
+    return "bf16-mixed" if native_bf16(device) else "32-true"
 
 
 def fit(trainer: L.Trainer, module: QATModule, data: TextDataModule, ckpt_path: Path | None,

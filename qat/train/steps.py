@@ -260,7 +260,7 @@ def training_facts(cfg: DictConfig, specs: Specs, trainer, module, train_seconds
     steps = trainer.global_step
     out = dict(steps=steps, tokens=steps * specs.data.batch_size * specs.data.block_size
                * cfg.trainer.get("accumulate_grad_batches", 1) * trainer.world_size,
-               train_seconds=train_seconds,
+               train_seconds=train_seconds, precision=str(trainer.precision),
                first_loss=module.loss_history[0] if module.loss_history else None,
                last_loss=module.loss_history[-1] if module.loss_history else None)
     if ckpt_path is not None:
