@@ -49,8 +49,14 @@ MISSES = {
                      "more in-domain training costs the text it never saw. Also not taken at "
                      "128 x 4: the weights training too (row recipe_w4g64_e2e_all: validation "
                      "14.266, KL worse) and scale lr 2e-4 (recipe_w4g64_slr2e-4: 14.269, a "
-                     "tie). Next: a calibration and KD mix beyond wiki (the out-of-domain cost), "
-                     "and 1.03x needs ~0.13 ppl more than any budget here moved.",
+                     "tie). The asymmetric grid (row recipe_w4g64_asym, 2026-12-07 night, the "
+                     "recipe with quant.weight.symmetric=false, 4.31 stored bits per weight "
+                     "against 4.25): RTN start 17.440 (sym 19.458) -> block stage 14.459 -> "
+                     "14.046 = 1.034x, validation 14.051, Shakespeare 1.076x (met there), KL "
+                     "0.068 against 0.081, 55 min. Next: make it the recipe's grid (the default "
+                     "run's too: golden, bench pins and the run.sh numbers move with it), then "
+                     "bf16 end to end (trainer.precision=auto, 1.5x a step here) for more steps, "
+                     "and data.generated_share (built, unmeasured) for the text it never saw.",
     "recipe W3 g64": "Measured 2026-12-07 (128 x 6 blocks, 120 scales-only KD steps at scale lr "
                      "2e-4, 51 of its 60 minutes): 1.143x wiki (validation 1.147x), 1.369x "
                      "Shakespeare. The end-to-end settings were chosen on validation ppl: scale "
