@@ -30,6 +30,7 @@ from qat.blockwise import BlockwiseSpec, train_blocks  # noqa: E402
 from qat.distill import DistillSpec  # noqa: E402
 from qat.distill.teacher import Distiller  # noqa: E402
 from qat.models import ModelSpec, load_model  # noqa: E402
+from qat.models.placement import native_bf16  # noqa: E402
 from qat.quant import QuantConfig, WeightSpec, prepare  # noqa: E402
 
 SCHEME = WeightSpec(bits=2, group_size=64, symmetric=False)
@@ -89,8 +90,7 @@ def main() -> None:
                                "block": "block stage (per optimizer step)"}[stage],
                      "float32 s/step": f"{fp32:.3f}", "bf16 s/step": f"{bf16:.3f}",
                      "speed-up": f"{fp32 / bf16:.2f}x", "samples": len(times[f"{stage}_fp32"])})
-    bf16_isa = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if os.path.exists(
-        "/proc/cpuinfo") else None
+    bf16_isa = native_bf16(torch.device("cpu"))  # AVX-512 BF16 or AMX
     result = {"model": args.model, "scheme": "W2 g64 asym", "batch": f"{BATCH} x {SEQ}",
               "rows": rows, "machine": machine(), "avx512_bf16": bf16_isa,
               "threads": torch.get_num_threads(), "load_average": load, "command": command()}

@@ -13,6 +13,7 @@ host (`cpu`) every function here is a no-op: CPU runs are what they were.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -51,11 +52,16 @@ def native_bf16(device: torch.device) -> bool:
     elsewhere it is emulated and slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags, read once (every block of the block stage asks)."""
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+        return frozenset()
 
 
 def to_device(value: Any, device: torch.device) -> Any:
