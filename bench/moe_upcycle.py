@@ -33,7 +33,8 @@ from common import RESULTS, machine, markdown_table, update_section, write_json 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_FILE = RESULTS / "moe_upcycle.json"
 ROUTER_STD = 0.02
-KD = ["recipe=w4g64_kd", "budget=short"]  # the kd rows on run.sh's budget
+# the kd rows on run.sh's budget, on w4g64_kd's grid and precision when they ran (2026-12-07)
+KD = ["recipe=w4g64_kd", "budget=short", "quant.weight.symmetric=true", "trainer.precision=32-true"]
 ROWS = {  # name -> (model: dense | moe, overrides)
     "dense_w4g64_kd": ("dense", [*KD, "export=true"]),
     "moe_w4g64_kd": ("moe", [*KD, "export=true"]),

@@ -96,7 +96,8 @@ def run_row(name: str, overrides: list[str]) -> dict:
     # the 1-minute load average before and after: above ~2 on 2 cores, something else ran beside
     return {"name": name, "command": "python train.py " + " ".join(overrides),
             "seconds": round(time.perf_counter() - start),
-            "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)], **metrics}
+            "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+            "machine": machine(), **metrics}  # the CPU: wall times compare only on one
 
 
 def _fmt(value, digits=3):

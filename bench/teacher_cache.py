@@ -3,7 +3,8 @@
     python bench/teacher_cache.py [--steps 8] [--k 64 256]
 
 The default model (SmolLM2-135M, vocabulary 49152, its teacher onloaded from its files) through
-`python train.py recipe=w4g64_kd blockwise=none quant.init=rtn trainer.max_steps=STEPS` with the
+`python train.py recipe=w4g64_kd quant.weight.symmetric=true trainer.precision=32-true
+blockwise=none quant.init=rtn trainer.max_steps=STEPS` with the
 perplexities and the export off, once with the teacher run in every step (the baseline, in the
 same invocation) and once per k with the cache. Each run is a child process; per stage it records
 seconds and peak RSS (VmHWM, reset at each stage mark as bench/memory.py does).
@@ -30,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, command, machine, markdown_table, update_section, write_json  # noqa: E402
 from memory import PeakPerStage  # noqa: E402
 
-OVERRIDES = ["recipe=w4g64_kd", "blockwise=none", "quant.init=rtn", "eval.fp_ppl=false",
-             "eval.stage_ppl=false", "export.enabled=false", "logger=none",
-             "trainer.enable_progress_bar=false"]
+# the symmetric grid in float32: w4g64_kd's when the table was measured (2026-12-07)
+OVERRIDES = ["recipe=w4g64_kd", "quant.weight.symmetric=true", "trainer.precision=32-true",
+             "blockwise=none", "quant.init=rtn", "eval.fp_ppl=false", "eval.stage_ppl=false",
+             "export.enabled=false", "logger=none", "trainer.enable_progress_bar=false"]
 
 
 class TimedStages(PeakPerStage):
@@ -102,8 +104,8 @@ def section(result: dict) -> str:
         "## The teacher's top-k cache against onloading the teacher (issue 30)",
         "",
         f"`{result['command']}` on {result['machine']}, load average before "
-        f"{result['load_before']}. SmolLM2-135M (vocabulary 49152), `recipe=w4g64_kd "
-        "blockwise=none quant.init=rtn`, data.batch_size 4 x 256 tokens; k=0 is the teacher "
+        f"{result['load_before']}. SmolLM2-135M (vocabulary 49152), "
+        f"`{' '.join(OVERRIDES[:6])}`, data.batch_size 4 x 256 tokens; k=0 is the teacher "
         "onloaded from its files and run in every step (the baseline, same invocation). "
         "`cache_s`: building the cache (one batched teacher forward per block the run reads); "
         "`step_s`: end-to-end seconds per step; `total_s`: both; `break_even_epochs`: how many "

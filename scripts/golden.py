@@ -44,6 +44,9 @@ VARIANTS = {
     "generated": ["recipe=w4g64", "data.generated_samples=4", "eval.quantized_before=true"],
     "rtn_0steps": ["recipe=w4g64", "trainer.max_steps=0"],  # codes and export: exact on any CPU
 }
+# recipes whose defaults moved since 7c5188a recorded them, pinned back to what it ran: w4g64_kd
+# went asymmetric with bf16 autocast (issue 34, 2026-12-08)
+RECORDED_AS = {"w4g64_kd": ["quant.weight.symmetric=true", "trainer.precision=32-true"]}
 VOLATILE = {"train_seconds", "ptq_seconds", "export_dir", "command", "resumed_from", "seconds"}
 
 
@@ -78,7 +81,7 @@ def record(name: str, workdir: Path) -> dict:
     import torch
 
     run_dir = workdir / name
-    overrides = VARIANTS.get(name, [f"recipe={name}"])
+    overrides = VARIANTS.get(name, [f"recipe={name}", *RECORDED_AS.get(name, [])])
     cfg = _compose([*COMMON, *overrides])
     if cfg.blockwise.get("enabled"):
         cfg = _compose([*COMMON, *overrides, *BLOCKS])

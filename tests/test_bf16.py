@@ -49,7 +49,8 @@ def test_bf16_mixed_trains_and_scores_like_float32(tmp_path):
     scored = {p: train(compose_train([*common, "trainer.max_steps=0", f"trainer.precision={p}"]),
                        run_dir=tmp_path / f"{p}-0")["ppl"] for p in ("32-true", "bf16-mixed")}
     assert scored["bf16-mixed"] == scored["32-true"]
-    full = train(compose_train([*common, "trainer.max_steps=2"]), run_dir=tmp_path / "fp32")
+    full = train(compose_train([*common, "trainer.max_steps=2", "trainer.precision=32-true"]),
+                 run_dir=tmp_path / "fp32")
     mixed = train(compose_train([*common, "trainer.max_steps=2", "trainer.precision=bf16-mixed"]),
                   run_dir=tmp_path / "mixed")
     assert mixed["steps"] == full["steps"] == 2
@@ -64,6 +65,6 @@ def test_auto_precision_is_bf16_mixed_only_where_bf16_is_native(tmp_path):
         == ("bf16-mixed" if native else "32-true")
     for given in ("32-true", "bf16-mixed"):
         assert trainer_precision(OmegaConf.create({"precision": given})) == given
-    metrics = train(compose_train(["recipe=w4g64_kd", "blockwise=none", *COMMON,
-                                   "trainer.precision=auto"]), run_dir=tmp_path)
+    assert compose_train(["recipe=w4g64_kd"]).trainer.precision == "auto"  # the default recipe's
+    metrics = train(compose_train(["recipe=w4g64_kd", "blockwise=none", *COMMON]), run_dir=tmp_path)
     assert metrics["precision"] == ("bf16-mixed" if native else "32-true")

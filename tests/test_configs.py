@@ -7,6 +7,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from qat.lightning.trainer import trainer_precision
 from qat.train.specs import ConfigError, build_specs
 from conftest import compose_train
 
@@ -114,7 +115,8 @@ def test_group_option_composes(group, option):
     elif group == "trainer":
         if option == "fsdp" and not __import__("torch").cuda.is_available():
             pytest.skip("Lightning's FSDP needs CUDA (tests/test_ddp.py instantiates its strategy)")
-        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        trainer = instantiate(cfg.trainer, precision=trainer_precision(cfg.trainer), logger=False,
+                              enable_checkpointing=False)  # as qat.lightning.trainer builds it
         assert trainer.max_steps == cfg.trainer.max_steps
     elif cfg.logger and cfg.logger.get("_target_"):
         logger = instantiate(cfg.logger, save_dir="/tmp/qat-logger-test")

@@ -119,8 +119,11 @@ TINY_KD = ["recipe=w4g64_kd", "model=tiny", "data=tiny", "logger=none", "trainer
            "eval.stage_ppl=false"]
 
 
-def test_a_run_with_the_full_cache_trains_as_with_the_teacher(tmp_path, monkeypatch):
-    live = train(compose_train(TINY_KD), run_dir=tmp_path / "live")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_run_with_the_full_cache_trains_as_with_the_teacher(precision, tmp_path, monkeypatch):
+    """Under bf16 autocast too: the cache is computed as the live teacher would be in the steps."""
+    args = [*TINY_KD, f"trainer.precision={precision}"]
+    live = train(compose_train(args), run_dir=tmp_path / "live")
     import qat.distill.teacher as teacher_module
 
     calls = []
@@ -131,7 +134,7 @@ def test_a_run_with_the_full_cache_trains_as_with_the_teacher(tmp_path, monkeypa
         return real(self, student, input_ids, labels, rows)
 
     monkeypatch.setattr(teacher_module.Distiller, "__call__", spy)
-    cached = train(compose_train(TINY_KD + ["distill.cache_top_k=512"]),
+    cached = train(compose_train(args + ["distill.cache_top_k=512"]),
                    run_dir=tmp_path / "cached")
     assert calls and all(t is None for t in calls)  # no step had a teacher to run
     assert cached["ppl"] == pytest.approx(live["ppl"], rel=1e-4)

@@ -147,6 +147,9 @@ def check_teacher_cache(specs: Specs, cfg: DictConfig) -> None:
                          "distill.cache_top_k=0 to run the teacher on every rank")
 
 
+MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning's autocast precisions
+
+
 def teacher_cache(teacher, specs: Specs, cfg: DictConfig, train_blocks: torch.Tensor,
                   run_dir: Path, device):
     """The teacher's top-k over the training blocks the end-to-end stage will read
@@ -155,14 +158,20 @@ def teacher_cache(teacher, specs: Specs, cfg: DictConfig, train_blocks: torch.Te
     from qat.eval.stage import fingerprint
     from qat.lightning.data import GlobalBatchSampler
 
+    from qat.lightning.trainer import trainer_precision
+
     spec = specs.distill
     steps = cfg.trainer.max_steps * cfg.trainer.get("accumulate_grad_batches", 1)
     rows = GlobalBatchSampler(train_blocks.shape[0], specs.data.batch_size, specs.data.seed) \
         .visited(steps) if steps > 0 else None
-    with placement.computing_on(teacher, device):
+    # the live teacher runs inside the steps' autocast: the cache computes as it would there
+    precision = trainer_precision(cfg.trainer)
+    autocast = torch.autocast(torch.device(device).type, dtype=MIXED.get(precision, torch.bfloat16),
+                              enabled=precision in MIXED)
+    with placement.computing_on(teacher, device), autocast:
         cache = build_cache(teacher, train_blocks, spec.cache_top_k, spec.temperature,
                             run_dir / "teacher_cache", rows=rows,
-                            teacher_id=fingerprint(teacher, train_blocks[:1]),
+                            teacher_id=f"{fingerprint(teacher, train_blocks[:1])} {precision}",
                             batch_size=specs.data.batch_size, chunk_size=spec.chunk_size or 1024,
                             progress=is_rank_zero())
     if is_rank_zero():
