@@ -188,26 +188,25 @@ MIXED = {"mixed_w2w3_2.789": ("recipe w2g64_kd, widths 2|3 at 2.789 bits", 2,
                               ["recipe=w2g64_kd", "quant.budget_bits=2.789",
                                "quant.budget_choices=[2,3]", *MEASURE])}
 ROWS.update(MIXED)
+
+def pin_before(recipe: str, current: str, before: dict[str, str]) -> None:
+    """Rows of `recipe` measured before its defaults moved (all but `current`, the recipe's own row)
+    get each `before` value they do not set themselves, so their commands still reproduce them."""
+    seen: set[int] = set()
+    for row, (_, _, ov) in ROWS.items():
+        if f"recipe={recipe}" in ov and row != current and id(ov) not in seen:
+            seen.add(id(ov))  # block_qat_* shares block_qat_kd_*'s list
+            ov.extend(f"{key}={value}" for key, value in before.items()
+                      if not any(o.startswith(f"{key}=") for o in ov))
+
+
 # the w2g64_kd recipe's end-to-end stage ran in float32 for 90 steps before 2026-12-07 night
-# (trainer.precision=auto and 140 steps since): the W2 rows measured before pin that
-W2_FP32_BEFORE = ["trainer.precision=32-true"]
-_pinned: set[int] = set()
-for _row, (_, _, _ov) in ROWS.items():
-    if "recipe=w2g64_kd" in _ov and _row != "recipe_w2g64" and id(_ov) not in _pinned:
-        _pinned.add(id(_ov))  # block_qat_w2g64 shares block_qat_kd_w2g64's list
-        _ov.extend(W2_FP32_BEFORE + ([] if any(o.startswith("trainer.max_steps=") for o in _ov)
-                                     else ["trainer.max_steps=90"]))
+# (trainer.precision=auto and 140 steps since)
+pin_before("w2g64_kd", "recipe_w2g64", {"trainer.precision": "32-true", "trainer.max_steps": "90"})
 # the w4g64_kd recipe trained the symmetric grid in float32 for 90 end-to-end steps before
-# 2026-12-08 (asymmetric, trainer.precision=auto and 150 steps since): the W4 rows measured
-# before pin each of these they do not set themselves
-W4_BEFORE = {"quant.weight.symmetric": "true", "trainer.precision": "32-true",
-             "trainer.max_steps": "90"}
-_pinned.clear()
-for _row, (_, _, _ov) in ROWS.items():
-    if "recipe=w4g64_kd" in _ov and _row != "recipe_w4g64" and id(_ov) not in _pinned:
-        _pinned.add(id(_ov))  # block_qat_w4g64 shares block_qat_kd_w4g64's list
-        _ov.extend(f"{key}={value}" for key, value in W4_BEFORE.items()
-                   if not any(o.startswith(f"{key}=") for o in _ov))
+# 2026-12-08 (asymmetric, trainer.precision=auto and 150 steps since)
+pin_before("w4g64_kd", "recipe_w4g64", {"quant.weight.symmetric": "true",
+                                        "trainer.precision": "32-true", "trainer.max_steps": "90"})
 DERIVED = {f"block_qat_w{b}g64": f"block_qat_kd_w{b}g64" for b in (4, 3, 2)}
 # rows measured by resuming another row's finished block stage (the same config, so the same
 # blocks: the resume test checks that to tolerance 0); their wall time adds that row's block part

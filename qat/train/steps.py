@@ -157,7 +157,6 @@ def teacher_cache(teacher, specs: Specs, cfg: DictConfig, train_blocks: torch.Te
     from qat.distill.cache import build_cache
     from qat.eval.stage import fingerprint
     from qat.lightning.data import GlobalBatchSampler
-
     from qat.lightning.trainer import trainer_precision
 
     spec = specs.distill
